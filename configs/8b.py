@@ -1,0 +1,14 @@
+"""Qwen3-8B backbone with the full 3D-ML recipe (MEL r_max 512, MLL, MRL)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _qwen3 import qwen3_config  # noqa: E402
+
+
+def get_config():
+    c = qwen3_config("8b")
+    c.lock()
+    return c

@@ -1,0 +1,224 @@
+"""Run configuration: one locked ml_collections ConfigDict per run, and its validation.
+
+Config files under configs/ define `get_config()`; they start from `base_config()` and set
+the model shape. Every field can be overridden on the command line as
+`--config.section.field=value`; unknown fields are rejected there by the lock.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import ml_collections
+
+# MLL exits of the recipe; those <= num_layers are used, plus num_layers itself.
+RECIPE_EXITS = (1, 2, 4, 8, 16, 24, 32, 40, 48)
+
+TASK_TYPES = ("retrieval", "clustering", "classification")
+
+# Logical axis name -> mesh axis (or axes, or None = replicated). One table for the run.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("rank", None),
+    ("layers", None),
+    ("norm", None),
+    ("exits", None),
+    ("texts", ("data", "fsdp")),
+    ("activation_embed", None),
+)
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot use; the message names the field and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a run has, with the recipe's defaults. Model files override the shape."""
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 151936
+    m.hidden_size = 1024
+    m.intermediate_size = 3072
+    m.num_layers = 28
+    m.num_heads = 16
+    m.num_kv_heads = 8
+    m.head_dim = 128
+    m.rope_theta = 1e6
+    m.rms_norm_eps = 1e-6
+    m.tie_word_embeddings = True
+    m.eos_token_id = 151645
+    m.mel = True  # factorized token embedding (MEL)
+    m.mel_r_max = 512
+    m.mel_r_min = 64
+    m.exits = ()  # () = the recipe's exits <= num_layers, plus num_layers
+    m.param_dtype = "float32"
+    m.compute_dtype = "bfloat16"
+    m.remat = "full"  # none | full | dots | attn_out
+    m.attention = "dense"  # dense (portable reference); faster kernels are added by name
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+
+    c.data = d = ml_collections.ConfigDict()
+    d.manifest = ""  # JSON/YAML manifest: dataset -> task type, prefixes
+    d.prepared_dir = ""  # output of tools/prepare_data.py
+    d.max_seq_length = 1024  # truncation length, EOS included
+    d.seq_len = 1024  # packed row length
+    d.samples_per_pack = 8  # the recipe's per-device batch
+    d.rows_per_pack = 24
+    d.max_negatives = 9  # largest per-task count (clustering)
+    d.packs_per_step = -1  # -1 = one pack per batch shard of the mesh
+    d.packing = "ffd"  # ffd | pad_to_longest
+    d.seed = 0
+    d.validation_fraction = 0.01
+    d.worker_count = 0
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 1e-5
+    o.min_lr = 1e-7
+    o.schedule = "cosine"  # cosine | constant_with_warmup
+    o.warmup_steps = 100
+    o.b1 = 0.9
+    o.b2 = 0.98
+    o.weight_decay = 0.01
+    o.grad_clip = 1.0
+    o.mel_lr = -1.0  # learning rate of the MEL factors; -1 = same as lr
+
+    c.loss = ls = ml_collections.ConfigDict()
+    ls.temperature = 0.05
+    ls.mrl_min_dim = 8
+    ls.kd_weight = 0.0
+    ls.teacher = ""  # HF directory of a frozen teacher; "" = no distillation
+    ls.in_batch_block_size = 0  # rows per block of the in-batch logits; 0 = no blocking
+
+    c.train = t = ml_collections.ConfigDict()
+    t.init_from = ""  # HF Qwen3 directory; "" = random init
+    t.epochs = 2
+    t.max_steps = -1  # -1 = epochs decide
+    t.seed = 0
+    t.log_every = 10
+    t.eval_every = 100
+    t.checkpoint_every = 500
+    t.keep_checkpoints = 3
+    return c
+
+
+def recipe_exits(num_layers: int) -> tuple[int, ...]:
+    """The MLL exits for a depth: recipe exits <= L, plus L."""
+    return tuple(sorted({e for e in RECIPE_EXITS if e <= num_layers} | {num_layers}))
+
+
+def model_exits(model: ml_collections.ConfigDict) -> tuple[int, ...]:
+    return tuple(model.exits) if len(model.exits) else recipe_exits(model.num_layers)
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks the config and returns it; raises ConfigError naming every bad field."""
+    errs = []
+    m = c.model
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+              "num_kv_heads", "head_dim"):
+        if not isinstance(m[f], int) or m[f] < 1:
+            errs.append(f"model.{f}={m[f]!r} must be a positive integer")
+    if not errs:
+        if m.num_heads % m.num_kv_heads:
+            errs.append(f"model.num_heads={m.num_heads} is not a multiple of "
+                        f"model.num_kv_heads={m.num_kv_heads}")
+        if m.head_dim % 2:
+            errs.append(f"model.head_dim={m.head_dim} must be even for RoPE")
+        for e in m.exits:
+            if not isinstance(e, int) or not 1 <= e <= m.num_layers:
+                errs.append(f"model.exits has {e!r}; exits must lie in [1, num_layers="
+                            f"{m.num_layers}]")
+        if m.mel:
+            if not 1 <= m.mel_r_min <= m.mel_r_max:
+                errs.append(f"model.mel_r_min={m.mel_r_min} must be in [1, mel_r_max="
+                            f"{m.mel_r_max}]")
+            if m.mel_r_max > min(m.vocab_size, m.hidden_size):
+                errs.append(f"model.mel_r_max={m.mel_r_max} exceeds min(vocab_size, hidden_size)"
+                            f"={min(m.vocab_size, m.hidden_size)}, the largest possible rank")
+    for f in ("param_dtype", "compute_dtype"):
+        if m[f] not in ("float32", "bfloat16"):
+            errs.append(f"model.{f}={m[f]!r} must be 'float32' or 'bfloat16'")
+    if m.remat not in ("none", "full", "dots", "attn_out"):
+        errs.append(f"model.remat={m.remat!r} must be one of none, full, dots, attn_out")
+    from mlembed_jax.model.attention import ATTENTION_IMPLS  # avoid a cycle at import
+
+    if m.attention not in ATTENTION_IMPLS:
+        errs.append(f"model.attention={m.attention!r} must be one of {sorted(ATTENTION_IMPLS)}")
+    for ax in ("data", "fsdp", "tensor"):
+        if not isinstance(c.mesh[ax], int) or (c.mesh[ax] < 1 and c.mesh[ax] != -1):
+            errs.append(f"mesh.{ax}={c.mesh[ax]!r} must be a positive integer or -1")
+    if sum(c.mesh[ax] == -1 for ax in ("data", "fsdp", "tensor")) > 1:
+        errs.append("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    d = c.data
+    if d.seq_len < 2 or d.max_seq_length < 2:
+        errs.append("data.seq_len and data.max_seq_length must be at least 2")
+    elif d.max_seq_length > d.seq_len:
+        errs.append(f"data.max_seq_length={d.max_seq_length} exceeds data.seq_len={d.seq_len}: "
+                    "a text could not fit in a packed row")
+    if d.packing not in ("ffd", "pad_to_longest"):
+        errs.append(f"data.packing={d.packing!r} must be 'ffd' or 'pad_to_longest'")
+    if c.optim.schedule not in ("cosine", "constant_with_warmup"):
+        errs.append(f"optim.schedule={c.optim.schedule!r} must be 'cosine' or "
+                    "'constant_with_warmup'")
+    if not c.loss.temperature > 0:
+        errs.append(f"loss.temperature={c.loss.temperature} must be > 0")
+    if c.loss.mrl_min_dim > m.hidden_size:
+        errs.append(f"loss.mrl_min_dim={c.loss.mrl_min_dim} exceeds model.hidden_size")
+    if errs:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+    return c
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Resolves -1 in the mesh config against the device count; errors name the mismatch."""
+    sizes = {ax: mesh_cfg[ax] for ax in ("data", "fsdp", "tensor")}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if num_devices % fixed:
+        raise ConfigError(f"mesh {sizes} does not divide the {num_devices} devices; "
+                          "set mesh.data/fsdp/tensor so their product divides the device count")
+    for ax, v in sizes.items():
+        if v == -1:
+            sizes[ax] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ConfigError(f"mesh {sizes} uses {math.prod(sizes.values())} devices but "
+                          f"{num_devices} are present; set one axis to -1 to take the rest")
+    return sizes
+
+
+def load_config_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a config file, applies {"a.b": value} overrides, validates."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location("_mlembed_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} has no get_config()")
+    c = module.get_config()
+    for key, value in (overrides or {}).items():
+        node = c
+        *parents, leaf = key.split(".")
+        try:
+            for p in parents:
+                node = node[p]
+            if leaf not in node:
+                raise KeyError(leaf)
+            node[leaf] = value
+        except (KeyError, AttributeError):
+            raise ConfigError(f"unknown config field {key!r}") from None
+    return validate(c)

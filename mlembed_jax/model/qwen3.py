@@ -1,0 +1,259 @@
+"""The Qwen3 embedding encoder: MEL token embedding, scanned decoder layers, MLL exits.
+
+Parameter paths mirror Hugging Face Qwen3 names (embed_tokens, layers/self_attn/q_proj, ...),
+with the layers stacked on a leading `layers` axis. Linear kernels are stored [in, out]
+(HF stores [out, in]); attention projections keep heads as their own axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from mlembed_jax.model.attention import get_attention
+from mlembed_jax.model.factorized_embed import FactorizedEmbed, PlainEmbed
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Static model description; `from_config` reads it off the run config's `model` section."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 128
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    mel: bool = False
+    mel_r_max: int = 512
+    mel_r_min: int = 64
+    exits: tuple[int, ...] = ()
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "dense"
+
+    def __post_init__(self):
+        from mlembed_jax.config import recipe_exits
+
+        if not self.exits:  # () means the recipe's exits for this depth
+            object.__setattr__(self, "exits", recipe_exits(self.num_layers))
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "EncoderConfig":
+        from mlembed_jax.config import model_exits
+
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: model_cfg[k] for k in fields if k in model_cfg}
+        kw["exits"] = model_exits(model_cfg)
+        return cls(**kw)
+
+    def truncated(self, num_layers: int) -> "EncoderConfig":
+        """The same model cut to its first `num_layers` layers (exits beyond it dropped)."""
+        if not 1 <= num_layers <= self.num_layers:
+            raise ValueError(f"cannot run {num_layers} layers of a {self.num_layers}-layer model")
+        exits = tuple(e for e in self.exits if e < num_layers) + (num_layers,)
+        return dataclasses.replace(self, num_layers=num_layers, exits=exits)
+
+
+def _remat_policy(name: str):
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "attn_out":
+        return jax.checkpoint_policies.save_only_these_names("attn_out")
+    return None  # "full": save nothing, recompute the whole layer
+
+
+class RMSNorm(nn.Module):
+    """x [..., dim] -> normalised in fp32, scaled, cast back to x's dtype (as HF Qwen3)."""
+
+    dim: int
+    eps: float
+    axis_name: str = "norm"
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                 (self.axis_name,)),
+                           (self.dim,), self.param_dtype)
+        return rms_norm(x, scale, self.eps)
+
+
+def rms_norm(x, scale, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope(x, positions, theta):
+    """Rotary embedding, HF's rotate-half layout. x [b, s, h, d], positions [b, s]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _dense(module, name, shape, axes, dtype, param_dtype, fan_in):
+    init = nn.initializers.normal(stddev=fan_in ** -0.5)
+    kernel = module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype)
+    return kernel.astype(dtype)
+
+
+class Attention(nn.Module):
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x, segment_ids, positions):
+        c, dt, pdt = self.cfg, _DTYPES[self.cfg.compute_dtype], _DTYPES[self.cfg.param_dtype]
+        d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        q = jnp.einsum("bse,ehd->bshd", x, self._proj("q_proj", (d, h, hd),
+                                                      ("embed", "heads", "head_dim")))
+        k = jnp.einsum("bse,ehd->bshd", x, self._proj("k_proj", (d, kv, hd),
+                                                      ("embed", "kv_heads", "head_dim")))
+        v = jnp.einsum("bse,ehd->bshd", x, self._proj("v_proj", (d, kv, hd),
+                                                      ("embed", "kv_heads", "head_dim")))
+        q = RMSNorm(hd, c.rms_norm_eps, "head_dim", pdt, name="q_norm")(q)
+        k = RMSNorm(hd, c.rms_norm_eps, "head_dim", pdt, name="k_norm")(k)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        out = get_attention(c.attention)(q, k, v, segment_ids).astype(dt)
+        out = checkpoint_name(out, "attn_out")
+        wo = _dense(self, "o_proj", (h, hd, d), ("heads", "head_dim", "embed"), dt, pdt, h * hd)
+        return jnp.einsum("bshd,hde->bse", out, wo)
+
+    def _proj(self, name, shape, axes):
+        c = self.cfg
+        return _dense(self, name, shape, axes, _DTYPES[c.compute_dtype], _DTYPES[c.param_dtype],
+                      shape[0])
+
+
+class MLP(nn.Module):
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c, dt, pdt = self.cfg, _DTYPES[self.cfg.compute_dtype], _DTYPES[self.cfg.param_dtype]
+        d, f = c.hidden_size, c.intermediate_size
+        gate = x @ _dense(self, "gate_proj", (d, f), ("embed", "mlp"), dt, pdt, d)
+        up = x @ _dense(self, "up_proj", (d, f), ("embed", "mlp"), dt, pdt, d)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return hidden @ _dense(self, "down_proj", (f, d), ("mlp", "embed"), dt, pdt, f)
+
+
+class DecoderLayer(nn.Module):
+    """One Qwen3 block. As a scan body: carry h [rows, seq, embed] -> (h, per-layer outputs)."""
+
+    cfg: EncoderConfig
+    return_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, h, segment_ids, positions, pool_index):
+        c, pdt = self.cfg, _DTYPES[self.cfg.param_dtype]
+        x = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", pdt, name="input_layernorm")(h)
+        h = h + Attention(c, name="self_attn")(x, segment_ids, positions)
+        x = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", pdt,
+                    name="post_attention_layernorm")(h)
+        h = h + MLP(c, name="mlp")(x)
+        h = nn.with_logical_constraint(h, ("batch", "length", "activation_embed"))
+        # Pool every layer's last tokens here ([texts, embed] is tiny), so all MLL exits come
+        # out of the one pass; the final norm is applied to them after the loop.
+        out = {"pooled": pool_last_tokens(h, pool_index)}
+        if self.return_hidden:
+            out["hidden"] = h
+        return h, out
+
+
+def pool_last_tokens(h: jax.Array, pool_index: jax.Array) -> jax.Array:
+    """h [packs*rows, seq, embed], pool_index [packs, texts] (flat row*seq+col within a pack)
+    -> [packs*texts, embed]. The gather stays inside each pack, so it never crosses shards."""
+    packs, texts = pool_index.shape
+    rows, seq, e = h.shape
+    flat = h.reshape(packs, (rows // packs) * seq, e)
+    pooled = jnp.take_along_axis(flat, pool_index[:, :, None], axis=1)
+    return pooled.reshape(packs * texts, e)
+
+
+class Qwen3Encoder(nn.Module):
+    """Packed token rows -> pooled last-token embeddings at every MLL exit.
+
+    Inputs: tokens, segment_ids, positions [rows, seq] int32 (see mlembed_jax/batch.py);
+    pool_index [packs, texts] int32; rank: MEL rank (int32 scalar, traced; None = r_max).
+    Returns {"pooled": [exits, packs*texts, embed] float32} and, with return_hidden, also
+    "hidden": [layers, rows, seq, embed] (the pre-norm output of every layer; the last one
+    with the final norm applied, as HF reports it).
+    """
+
+    cfg: EncoderConfig
+    return_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids, positions, pool_index, rank=None):
+        c = self.cfg
+        dt, pdt = _DTYPES[c.compute_dtype], _DTYPES[c.param_dtype]
+        if c.mel:
+            embed = FactorizedEmbed(c.vocab_size, c.hidden_size, c.mel_r_max, pdt, dt,
+                                    name="embed_tokens")
+        else:
+            embed = PlainEmbed(c.vocab_size, c.hidden_size, pdt, dt, name="embed_tokens")
+        h = nn.with_logical_constraint(embed(tokens, rank), ("batch", "length", "activation_embed"))
+
+        layer_cls = DecoderLayer
+        if c.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(c.remat), prevent_cse=False)
+        stack = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, self.return_hidden, name="layers")
+        h, per_layer = stack(h, segment_ids, positions, pool_index)
+
+        final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", pdt, name="norm")
+        exit_idx = jnp.asarray([e - 1 for e in c.exits], jnp.int32)
+        pooled = final_norm(per_layer["pooled"][exit_idx]).astype(jnp.float32)
+        pooled = nn.with_logical_constraint(pooled, ("exits", "texts", "activation_embed"))
+        out = {"pooled": pooled}
+        if self.return_hidden:
+            hidden = per_layer["hidden"]
+            out["hidden"] = hidden.at[-1].set(final_norm(h))
+        return out
+
+
+def padded_inputs(tokens, lengths):
+    """A plain right-padded batch as packed inputs: one text per row.
+
+    tokens [batch, seq], lengths [batch] -> (segment_ids, positions, pool_index [batch, 1]).
+    """
+    tokens = jnp.asarray(tokens)
+    seq = tokens.shape[1]
+    col = jnp.arange(seq)[None, :]
+    lengths = jnp.asarray(lengths)[:, None]
+    segment_ids = (col < lengths).astype(jnp.int32)
+    positions = jnp.broadcast_to(col, tokens.shape).astype(jnp.int32)
+    return segment_ids, positions, (lengths - 1).astype(jnp.int32)
+
+
+def param_count(params, exclude_embedding: bool = False) -> int:
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum(
+        int(x.size) for path, x in leaves
+        if not (exclude_embedding and "embed_tokens" in jax.tree_util.keystr(path))
+    )

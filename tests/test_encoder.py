@@ -1,0 +1,189 @@
+"""Encoder behaviour on packed rows, MEL ranks, compilation count and sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlembed_jax.config import base_config
+from mlembed_jax.model.attention import dense_masked_attention
+from mlembed_jax.model.encoder import encode, init_params, param_logical_axes
+from mlembed_jax.model.factorized_embed import mel_rank_set, sample_mel_rank, svd_factors
+from mlembed_jax.model.qwen3 import EncoderConfig, padded_inputs
+from mlembed_jax.sharding import activation_rules, batch_sharding, logical_shardings, make_mesh
+
+CFG = EncoderConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=4,
+                    num_heads=4, num_kv_heads=2, head_dim=16, mel=True, mel_r_max=32,
+                    mel_r_min=8, exits=(1, 2, 4))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0))
+
+
+def _texts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, CFG.vocab_size, n).astype(np.int32) for n in lengths]
+
+
+def _pack(texts, rows, seq):
+    """Packs texts greedily in order into `rows` rows (test-side packer, independent of ours)."""
+    tok = np.zeros((rows, seq), np.int32)
+    seg = np.zeros_like(tok)
+    pos = np.zeros_like(tok)
+    pool = []
+    r, c, s = 0, 0, 0
+    for t in texts:
+        if c + len(t) > seq:
+            r, c, s = r + 1, 0, 0
+        s += 1
+        tok[r, c:c + len(t)] = t
+        seg[r, c:c + len(t)] = s
+        pos[r, c:c + len(t)] = np.arange(len(t))
+        pool.append(r * seq + c + len(t) - 1)
+        c += len(t)
+    return tok, seg, pos, np.asarray(pool, np.int32)[None]
+
+
+def _alone(params, text, rank=None):
+    tok = jnp.asarray(text)[None]
+    seg, pos, pool = padded_inputs(tok, [len(text)])
+    return np.asarray(encode(params, CFG, tok, seg, pos, pool, rank=rank)["pooled"][:, 0])
+
+
+def test_alone_padded_and_packed_agree(params):
+    texts = _texts([5, 11, 3, 8, 13])
+    alone = np.stack([_alone(params, t) for t in texts], axis=1)  # [exits, texts, d]
+    seq = 16
+    padded = np.zeros((len(texts), seq), np.int32)
+    for i, t in enumerate(texts):
+        padded[i, :len(t)] = t
+    seg, pos, pool = padded_inputs(padded, [len(t) for t in texts])
+    out_pad = encode(params, CFG, padded, seg, pos, pool)["pooled"]
+    np.testing.assert_allclose(np.asarray(out_pad), alone, atol=1e-5)
+    tok, seg, pos, pool = _pack(texts, rows=3, seq=seq)
+    assert (seg.max(axis=1) >= 2).any(), "the test must put several texts in one row"
+    out_packed = encode(params, CFG, tok, seg, pos, pool)["pooled"]
+    np.testing.assert_allclose(np.asarray(out_packed), alone, atol=1e-5)
+
+
+def test_packed_text_never_sees_another(params):
+    texts = _texts([6, 7, 5])
+    tok, seg, pos, pool = _pack(texts, rows=1, seq=20)
+    base = np.asarray(encode(params, CFG, tok, seg, pos, pool, return_hidden=True)["hidden"])
+    # Change every token of text 2 (middle): texts 1 and 3 must not move at all.
+    tok2 = tok.copy()
+    tok2[seg == 2] = (tok2[seg == 2] % (CFG.vocab_size - 1)) + 1
+    moved = np.asarray(encode(params, CFG, tok2, seg, pos, pool, return_hidden=True)["hidden"])
+    for s in (1, 3):
+        np.testing.assert_array_equal(moved[:, seg == s], base[:, seg == s])
+    assert np.abs(moved[:, seg == 2] - base[:, seg == 2]).max() > 1e-3
+
+
+def test_dense_masked_equals_plain_causal_for_one_text_per_row():
+    rng = np.random.default_rng(1)
+    b, s, h, kv, d = 2, 9, 4, 2, 8
+    q = rng.normal(size=(b, s, h, d)).astype(np.float32)
+    k = rng.normal(size=(b, s, kv, d)).astype(np.float32)
+    v = rng.normal(size=(b, s, kv, d)).astype(np.float32)
+    out = np.asarray(dense_masked_attention(q, k, v, np.ones((b, s), np.int32)))
+    # Plain causal softmax attention in NumPy, kv heads repeated for GQA.
+    kr, vr = np.repeat(k, h // kv, axis=2), np.repeat(v, h // kv, axis=2)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, kr) / np.sqrt(d)
+    logits = np.where(np.tril(np.ones((s, s), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bhqk,bkhd->bqhd", p, vr)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_rank_r_equals_explicit_truncated_factors(params):
+    text = _texts([9])[0]
+    u, v = params["embed_tokens"]["U"], params["embed_tokens"]["V"]
+    for r in (8, 16, 32):
+        got = _alone(params, text, rank=r)
+        explicit = {**params, "embed_tokens": {"U": jnp.pad(u[:, :r], ((0, 0), (0, 32 - r))),
+                                               "V": v}}
+        np.testing.assert_allclose(got, _alone(explicit, text), atol=1e-5)
+        # And directly: the embedding rows U[t, :r] @ V[:r] of the MEL lookup.
+        from mlembed_jax.model.factorized_embed import FactorizedEmbed
+
+        emb = FactorizedEmbed(CFG.vocab_size, CFG.hidden_size, 32).apply(
+            {"params": params["embed_tokens"]}, jnp.asarray(text), r)
+        np.testing.assert_allclose(np.asarray(emb), np.asarray(u[text, :r] @ v[:r]), atol=1e-5)
+
+
+def test_changing_rank_does_not_recompile(params):
+    traces = []
+
+    @jax.jit
+    def f(p, tok, seg, pos, pool, rank):
+        traces.append(1)  # runs once per trace, i.e. per compilation
+        return encode(p, CFG, tok, seg, pos, pool, rank=rank)["pooled"]
+
+    tok = jnp.asarray(np.stack(_texts([8, 8])))
+    seg, pos, pool = padded_inputs(tok, [8, 8])
+    outs = [f(params, tok, seg, pos, pool, jnp.int32(r)) for r in (8, 16, 32, 8)]
+    assert len(traces) == 1
+    assert f._cache_size() == 1
+    assert not np.allclose(np.asarray(outs[0]), np.asarray(outs[1]))
+
+
+def test_rank_sampling_is_proportional_to_rank():
+    assert mel_rank_set(64, 512) == (64, 128, 256, 512)
+    keys = jax.random.split(jax.random.key(3), 20000)
+    ranks = np.asarray(jax.vmap(lambda k: sample_mel_rank(k, 64, 512))(keys))
+    freq = {r: np.mean(ranks == r) for r in (64, 128, 256, 512)}
+    # P(r) = r / (64 + 128 + 256 + 512) = r / 960; 20000 draws give std < 0.0035.
+    for r, f in freq.items():
+        assert abs(f - r / 960) < 0.015, (r, f)
+
+
+def test_svd_factors_best_low_rank():
+    w = np.random.default_rng(0).normal(size=(200, 32))
+    u, v = svd_factors(w, 32)
+    np.testing.assert_allclose(u @ v, w, atol=1e-4)
+    s = np.linalg.svd(w, compute_uv=False)
+    for r in (4, 16):
+        # Eckart-Young: the rank-r error's Frobenius norm is sqrt(sum of the dropped s^2).
+        err = np.linalg.norm(u[:, :r] @ v[:r] - w)
+        np.testing.assert_allclose(err, np.sqrt((s[r:] ** 2).sum()), rtol=1e-4)
+
+
+def test_sharded_on_8_devices_equals_one_device(params):
+    assert jax.device_count() == 8
+    c = base_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    mesh = make_mesh(c.mesh)
+    rules = c.mesh.logical_axis_rules
+    shardings = logical_shardings(param_logical_axes(CFG), mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    q_spec = sharded["layers"]["self_attn"]["q_proj"].sharding.spec
+    assert "fsdp" in q_spec and "tensor" in q_spec, q_spec
+    texts = _texts([5, 7, 3, 8, 6, 2, 9, 4])
+    tok = np.zeros((8, 10), np.int32)
+    for i, t in enumerate(texts):
+        tok[i, :len(t)] = t
+    seg, pos, pool = padded_inputs(tok, [len(t) for t in texts])
+    fn = jax.jit(lambda p, *a: encode(p, CFG, *a, rank=jnp.int32(16))["pooled"])
+    want = np.asarray(fn(params, tok, seg, pos, pool))
+    with activation_rules(mesh, rules):
+        args = [jax.device_put(x, batch_sharding(mesh, x.ndim)) for x in (tok, seg, pos, pool)]
+        got = fn(sharded, *args)
+    assert len(got.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def test_bf16_params_and_compute_run_close_to_fp32(params):
+    import dataclasses
+
+    bf = dataclasses.replace(CFG, param_dtype="bfloat16", compute_dtype="bfloat16", remat="dots")
+    p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    text = _texts([12])[0]
+    tok = jnp.asarray(text)[None]
+    seg, pos, pool = padded_inputs(tok, [12])
+    a = np.asarray(encode(p16, bf, tok, seg, pos, pool)["pooled"])
+    b = _alone(params, text)[:, None]
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() > 0.99, cos
