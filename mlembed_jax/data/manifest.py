@@ -1,0 +1,112 @@
+"""The dataset manifest: which datasets exist, their task type and instruction prefixes.
+
+A manifest is a JSON (or YAML) file mapping dataset name -> entry:
+
+    {"my_retrieval": {"task_type": "retrieval", "query_prefix": "query: "},
+     "my_clusters":  {"task_type": "clustering", "num_negatives": 5}}
+
+Per-type defaults follow the recipe: retrieval uses 7 hard negatives and the in-batch loss,
+clustering 9 negatives, classification 1 (both without in-batch loss). The manifest order
+defines each dataset's `dataset_id` in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+TASK_TYPES = ("retrieval", "clustering", "classification")
+DEFAULT_NEGATIVES = {"retrieval": 7, "clustering": 9, "classification": 1}
+_ENTRY_KEYS = {"task_type", "query_prefix", "document_prefix", "num_negatives"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, unreadable or inconsistent with the data files."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    task_type: str
+    query_prefix: str = ""
+    document_prefix: str = ""
+    num_negatives: int = 0  # resolved: the per-type default unless overridden
+
+    @property
+    def in_batch(self) -> bool:
+        """The in-batch loss applies to retrieval datasets only."""
+        return self.task_type == "retrieval"
+
+    def to_json(self) -> dict:
+        """The manifest entry (without the name, which is its key)."""
+        d = dataclasses.asdict(self)
+        del d["name"]
+        return d
+
+
+def parse_manifest(data: object, source: str = "<manifest>") -> dict[str, DatasetSpec]:
+    """Validates a parsed manifest mapping; returns name -> DatasetSpec in file order."""
+    if not isinstance(data, dict) or not data:
+        raise ManifestError(f"{source}: a manifest must be a non-empty mapping of dataset name "
+                            "-> {task_type: ...}")
+    specs = {}
+    for name, entry in data.items():
+        where = f"{source}: dataset {name!r}"
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ManifestError(f"{where}: names may hold letters, digits, '_', '-', '.' only")
+        if isinstance(entry, str):  # shorthand: "name": "retrieval"
+            entry = {"task_type": entry}
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{where}: entry must be a mapping, got {type(entry).__name__}")
+        unknown = set(entry) - _ENTRY_KEYS
+        if unknown:
+            raise ManifestError(f"{where}: unknown keys {sorted(unknown)}; allowed "
+                                f"{sorted(_ENTRY_KEYS)}")
+        task = entry.get("task_type")
+        if task not in TASK_TYPES:
+            raise ManifestError(f"{where}: task_type={task!r} must be one of {TASK_TYPES}")
+        negs = entry.get("num_negatives", DEFAULT_NEGATIVES[task])
+        if not isinstance(negs, int) or isinstance(negs, bool) or negs < 1:
+            raise ManifestError(f"{where}: num_negatives={negs!r} must be a positive integer")
+        prefixes = {}
+        for key in ("query_prefix", "document_prefix"):
+            value = entry.get(key, "")
+            if not isinstance(value, str):
+                raise ManifestError(f"{where}: {key} must be a string")
+            prefixes[key] = value
+        specs[name] = DatasetSpec(name=name, task_type=task, num_negatives=negs, **prefixes)
+    return specs
+
+
+def load_manifest(path: str) -> dict[str, DatasetSpec]:
+    """Reads a .json / .yaml / .yml manifest file."""
+    if not os.path.isfile(path):
+        raise ManifestError(f"manifest {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml  # optional; only YAML manifests need it
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse failure gets the file name
+        raise ManifestError(f"manifest {path!r} could not be parsed: {e}") from e
+    return parse_manifest(data, source=path)
+
+
+def check_files_match(specs: dict[str, DatasetSpec], file_names: list[str], where: str) -> None:
+    """Every data file needs a manifest entry and every entry a file; errors name them."""
+    missing_entry = sorted(set(file_names) - set(specs))
+    if missing_entry:
+        raise ManifestError(f"{where}: dataset file(s) without a manifest entry: "
+                            f"{', '.join(missing_entry)} (add them to the manifest with a "
+                            "task_type, or remove the files)")
+    missing_file = sorted(set(specs) - set(file_names))
+    if missing_file:
+        raise ManifestError(f"{where}: manifest lists dataset(s) with no data file: "
+                            f"{', '.join(missing_file)}")

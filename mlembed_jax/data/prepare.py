@@ -1,0 +1,396 @@
+"""Tokenise the recipe's parquet datasets into the prepared form the pipeline reads.
+
+Input: `<input_dir>/<name>.parquet` per dataset with columns query, passage,
+negative_1 .. negative_K (K >= 1), and a manifest (see manifest.py).
+
+Output (`<output_dir>/`):
+  <name>_query.parquet   query_input_ids list<int32>, passage int64, negative_1..K int64
+                         (doc ids into the corpus), one row per input row, same order.
+  <name>_docs.parquet    this dataset's unique documents (doc_id, input_ids): a shard.
+  <name>.done            JSON completion marker: fingerprint + stats (written last).
+  corpus.parquet         (doc_id int64, input_ids list<int32>) over all datasets, deduplicated,
+                         sorted by doc_id.
+  corpus_tokens.npy, corpus_offsets.npy, corpus_doc_ids.npy
+                         the same corpus as flat arrays, for memory-mapped random access.
+  prepared.json          manifest, tokenizer facts and per-dataset stats (written last).
+
+A doc id is a 63-bit hash of the document text (with its prefix), so datasets prepared in
+separate runs share ids without rewriting each other; collisions are detected at assembly.
+Every file is written to a temporary name and renamed, so a killed run never leaves a
+complete-looking half file; a dataset counts as done only once its marker exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mlembed_jax.data import manifest as manifest_lib
+from mlembed_jax.data import text_encoding
+
+FORMAT_VERSION = 1
+_NEG_RE = re.compile(r"^negative_(\d+)$")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row and the column."""
+
+
+# ----------------------------------------------------------------------------- reading
+def read_parquet(path: str) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - arrow raises several types for bad files
+        raise DataError(f"{path}: cannot read parquet file (corrupted or truncated?): "
+                        f"{type(e).__name__}: {e}") from e
+
+
+def negative_columns(table: pa.Table, path: str) -> list[str]:
+    """negative_1 .. negative_K, checked to be contiguous; at least negative_1."""
+    nums = sorted(int(m.group(1)) for c in table.column_names if (m := _NEG_RE.match(c)))
+    if not nums:
+        raise DataError(f"{path}: missing column 'negative_1' (need query, passage, "
+                        f"negative_1 .. negative_K; found {table.column_names})")
+    for want, got in enumerate(nums, start=1):
+        if want != got:
+            raise DataError(f"{path}: missing column 'negative_{want}' (negatives must be "
+                            f"numbered 1..K without gaps; found up to negative_{nums[-1]})")
+    return [f"negative_{i}" for i in nums]
+
+
+def _is_string_type(t: pa.DataType) -> bool:
+    return (pa.types.is_string(t) or pa.types.is_large_string(t)
+            or getattr(pa.types, "is_string_view", lambda _: False)(t))
+
+
+def check_text_column(table: pa.Table, column: str, path: str) -> list[str]:
+    """Returns the column as Python strings; errors name the first bad row."""
+    if column not in table.column_names:
+        raise DataError(f"{path}: missing column {column!r} (found {table.column_names})")
+    col = table.column(column)
+    if not _is_string_type(col.type):
+        valid = pc.indices_nonzero(pc.is_valid(col)) if len(col) else pa.array([])
+        row = valid[0].as_py() if len(valid) else 0
+        value = col[row].as_py() if len(col) else None
+        raise DataError(f"{path}: row {row}, column {column!r}: expected a string, got "
+                        f"{col.type} value {value!r}")
+    nulls = pc.indices_nonzero(pc.is_null(col))
+    if len(nulls):
+        raise DataError(f"{path}: row {nulls[0].as_py()}, column {column!r}: null text "
+                        f"({len(nulls)} null cells in this column)")
+    empty = pc.indices_nonzero(pc.equal(pc.utf8_trim_whitespace(col), ""))
+    if len(empty):
+        raise DataError(f"{path}: row {empty[0].as_py()}, column {column!r}: empty text "
+                        f"({len(empty)} empty cells in this column)")
+    return col.to_pylist()
+
+
+def doc_id_of(text: str) -> int:
+    """63-bit content hash: stable across runs and machines."""
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# ----------------------------------------------------------------------------- encoding
+_WORKER_TOK = None
+
+
+def _worker_init(tokenizer_json: str, max_len: int, eos: int):
+    global _WORKER_TOK
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.no_padding()
+    tok.no_truncation()
+    _WORKER_TOK = (tok, max_len, eos)
+
+
+def _worker_encode(texts: list[str]) -> list[np.ndarray]:
+    tok, max_len, eos = _WORKER_TOK
+    out = []
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        ids = enc.ids[: max_len - 1]
+        arr = np.empty(len(ids) + 1, np.int32)
+        arr[:-1] = ids
+        arr[-1] = eos
+        out.append(arr)
+    return out
+
+
+class Encoder:
+    """Encodes text lists on all cores (a process pool over the fast tokenizer's backend)."""
+
+    def __init__(self, tokenizer, max_seq_length: int, workers: int):
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.workers = max(1, workers)
+        self._pool = None
+        if self.workers > 1 and getattr(tokenizer, "is_fast", False):
+            import multiprocessing as mp
+
+            # spawn: the parent may hold jax/XLA threads, which fork would copy half-way.
+            ctx = mp.get_context("spawn")
+            self._pool = ctx.Pool(self.workers, initializer=_worker_init, initargs=(
+                tokenizer.backend_tokenizer.to_str(), max_seq_length, tokenizer.eos_token_id))
+
+    def encode(self, texts: list[str], desc: str) -> list[np.ndarray]:
+        from tqdm.auto import tqdm
+
+        chunk = 2048
+        chunks = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
+        out: list[np.ndarray] = []
+        with tqdm(total=len(texts), desc=desc, unit="text", file=sys.stderr,
+                  disable=len(texts) < 5000) as bar:
+            if self._pool is None:
+                results = (text_encoding.encode_texts(self.tokenizer, c, self.max_seq_length)
+                           for c in chunks)
+            else:
+                results = self._pool.imap(_worker_encode, chunks)
+            for res in results:
+                out.extend(res)
+                bar.update(len(res))
+        return out
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+
+# ----------------------------------------------------------------------------- writing
+def _list_array(arrays: list[np.ndarray]) -> pa.Array:
+    lengths = np.fromiter((len(a) for a in arrays), np.int64, len(arrays))
+    offsets = np.zeros(len(arrays) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def atomic_write_table(table: pa.Table, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(array: np.ndarray, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _length_stats(lengths: np.ndarray) -> dict:
+    if not len(lengths):
+        return {"count": 0}
+    q = np.percentile(lengths, [50, 90, 99])
+    return {"count": int(len(lengths)), "tokens": int(lengths.sum()),
+            "min": int(lengths.min()), "p50": float(q[0]), "p90": float(q[1]),
+            "p99": float(q[2]), "max": int(lengths.max())}
+
+
+def _tokenizer_fingerprint(tokenizer_dir: str) -> str:
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(tokenizer_dir)):
+        p = os.path.join(tokenizer_dir, name)
+        if os.path.isfile(p):
+            h.update(name.encode())
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- main entry
+@dataclasses.dataclass
+class PrepareResult:
+    output_dir: str
+    datasets: dict  # name -> stats dict
+    skipped: list  # names already done before this run
+    corpus_docs: int
+
+
+def prepare_dataset(path: str, spec: manifest_lib.DatasetSpec, encoder: Encoder,
+                    out_dir: str, fingerprint: dict) -> dict:
+    """Tokenises one dataset; writes its query file, doc shard and marker. Returns stats."""
+    table = read_parquet(path)
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the dataset has no rows")
+    neg_cols = negative_columns(table, path)
+    queries = check_text_column(table, "query", path)
+    doc_cols = ["passage"] + neg_cols
+    columns = {c: check_text_column(table, c, path) for c in doc_cols}
+
+    # Deduplicate documents within the dataset; ids are content hashes of prefixed text.
+    doc_index: dict[str, int] = {}
+    unique_docs: list[str] = []
+    id_columns = {}
+    for c in doc_cols:
+        ids = np.empty(table.num_rows, np.int64)
+        for i, text in enumerate(columns[c]):
+            full = spec.document_prefix + text
+            if full not in doc_index:
+                doc_index[full] = doc_id_of(full)
+                unique_docs.append(full)
+            ids[i] = doc_index[full]
+        id_columns[c] = ids
+
+    q_ids = encoder.encode([spec.query_prefix + q for q in queries], f"{spec.name} queries")
+    d_ids = encoder.encode(unique_docs, f"{spec.name} documents")
+    trunc_at = encoder.max_seq_length
+
+    query_table = pa.table({"query_input_ids": _list_array(q_ids),
+                            **{c: pa.array(id_columns[c]) for c in doc_cols}})
+    doc_table = pa.table({"doc_id": pa.array([doc_index[t] for t in unique_docs], pa.int64()),
+                          "input_ids": _list_array(d_ids)})
+    q_len = np.fromiter((len(a) for a in q_ids), np.int64, len(q_ids))
+    d_len = np.fromiter((len(a) for a in d_ids), np.int64, len(d_ids))
+    stats = {
+        "samples": table.num_rows,
+        "negative_columns": len(neg_cols),
+        "unique_documents": len(unique_docs),
+        "query_lengths": _length_stats(q_len),
+        "document_lengths": _length_stats(d_len),
+        "truncated_queries": int((q_len >= trunc_at).sum()),
+        "truncated_documents": int((d_len >= trunc_at).sum()),
+    }
+    atomic_write_table(query_table, os.path.join(out_dir, f"{spec.name}_query.parquet"))
+    atomic_write_table(doc_table, os.path.join(out_dir, f"{spec.name}_docs.parquet"))
+    marker = {"fingerprint": fingerprint, "stats": stats}
+    atomic_write_bytes(json.dumps(marker, indent=1).encode(),
+                       os.path.join(out_dir, f"{spec.name}.done"))
+    return stats
+
+
+def assemble_corpus(out_dir: str, names: list[str]) -> int:
+    """Merges the per-dataset doc shards into corpus.parquet + flat arrays. Returns #docs."""
+    tables = [read_parquet(os.path.join(out_dir, f"{n}_docs.parquet")) for n in names]
+    table = pa.concat_tables(tables)
+    ids = table.column("doc_id").to_numpy()
+    order = np.argsort(ids, kind="stable")
+    ids_sorted = ids[order]
+    keep = np.ones(len(ids_sorted), bool)
+    keep[1:] = ids_sorted[1:] != ids_sorted[:-1]
+    input_ids = table.column("input_ids").combine_chunks()
+    lists = input_ids.take(pa.array(order))
+    # Same id twice must mean the same text; different tokens would be a hash collision.
+    dup = np.flatnonzero(~keep)
+    for j in dup:
+        if lists[int(j)] != lists[int(j) - 1]:
+            raise DataError(f"doc id hash collision for doc_id {int(ids_sorted[j])}: two "
+                            "different documents share it; change one text slightly")
+    sel = pa.array(np.flatnonzero(keep))
+    corpus = pa.table({"doc_id": pa.array(ids_sorted[keep]), "input_ids": lists.take(sel)})
+    atomic_write_table(corpus, os.path.join(out_dir, "corpus.parquet"))
+    flat = corpus.column("input_ids").combine_chunks()
+    offsets = np.asarray(flat.offsets, dtype=np.int64)
+    tokens = np.asarray(flat.values, dtype=np.int32)
+    atomic_save_npy(tokens, os.path.join(out_dir, "corpus_tokens.npy"))
+    atomic_save_npy(offsets - offsets[0], os.path.join(out_dir, "corpus_offsets.npy"))
+    atomic_save_npy(ids_sorted[keep], os.path.join(out_dir, "corpus_doc_ids.npy"))
+    return corpus.num_rows
+
+
+def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_dir: str,
+                 max_seq_length: int = 1024, workers: int | None = None,
+                 verbose: bool = True) -> PrepareResult:
+    """Prepares every dataset of the manifest found in input_dir; skips finished ones."""
+    specs = manifest_lib.load_manifest(manifest_path)
+    if not os.path.isdir(input_dir):
+        raise DataError(f"input directory {input_dir!r} does not exist")
+    files = {f[: -len(".parquet")]: os.path.join(input_dir, f)
+             for f in sorted(os.listdir(input_dir)) if f.endswith(".parquet")}
+    manifest_lib.check_files_match(specs, list(files), where=input_dir)
+    tokenizer = text_encoding.load_tokenizer(tokenizer_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    tok_fp = _tokenizer_fingerprint(tokenizer_dir)
+
+    encoder = None
+    stats, skipped = {}, []
+    t0 = time.time()
+    try:
+        for name, spec in specs.items():
+            path = files[name]
+            st = os.stat(path)
+            fingerprint = {"version": FORMAT_VERSION, "tokenizer": tok_fp,
+                           "max_seq_length": max_seq_length, "spec": spec.to_json(),
+                           "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns}
+            marker = os.path.join(output_dir, f"{name}.done")
+            if os.path.exists(marker):
+                with open(marker) as f:
+                    done = json.load(f)
+                if done.get("fingerprint") == fingerprint:
+                    stats[name] = done["stats"]
+                    skipped.append(name)
+                    continue
+                os.remove(marker)  # inputs or settings changed: redo this dataset
+            if encoder is None:
+                encoder = Encoder(tokenizer, max_seq_length,
+                                  os.cpu_count() if workers is None else workers)
+            stats[name] = prepare_dataset(path, spec, encoder, output_dir, fingerprint)
+    finally:
+        if encoder is not None:
+            encoder.close()
+
+    names = list(specs)
+    info_path = os.path.join(output_dir, "prepared.json")
+    info = {"version": FORMAT_VERSION, "tokenizer_dir": tokenizer_dir,
+            "tokenizer_fingerprint": tok_fp, "eos_token_id": int(tokenizer.eos_token_id),
+            "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer),
+            "max_seq_length": max_seq_length,
+            "manifest": {n: specs[n].to_json() for n in names}, "datasets": stats}
+    old = None
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            old = json.load(f)
+    if len(skipped) == len(names) and old is not None and {
+            k: v for k, v in old.items() if k != "corpus_documents"} == info:
+        corpus_docs = old["corpus_documents"]
+    else:
+        if os.path.exists(info_path):
+            os.remove(info_path)  # the corpus is about to change: not complete until rewritten
+        corpus_docs = assemble_corpus(output_dir, names)
+        info["corpus_documents"] = corpus_docs
+        atomic_write_bytes(json.dumps(info, indent=1).encode(), info_path)
+    result = PrepareResult(output_dir, stats, skipped, corpus_docs)
+    if verbose:
+        print(format_summary(result, time.time() - t0))
+    return result
+
+
+def format_summary(result: PrepareResult, seconds: float) -> str:
+    lines = [f"prepared {len(result.datasets)} dataset(s) into {result.output_dir} in "
+             f"{seconds:.1f}s ({len(result.skipped)} already done, skipped); corpus: "
+             f"{result.corpus_docs} unique documents"]
+    head = (f"{'dataset':<28}{'samples':>9}{'q tokens':>10}{'q p50/p90/max':>16}"
+            f"{'docs':>8}{'d tokens':>11}{'d p50/p90/max':>17}{'trunc q/d':>11}")
+    lines.append(head)
+    tot_s = tot_t = 0
+    for name, s in result.datasets.items():
+        q, d = s["query_lengths"], s["document_lengths"]
+        q_dist = f"{q['p50']:.0f}/{q['p90']:.0f}/{q['max']}"
+        d_dist = f"{d['p50']:.0f}/{d['p90']:.0f}/{d['max']}"
+        trunc = f"{s['truncated_queries']}/{s['truncated_documents']}"
+        lines.append(f"{name:<28}{s['samples']:>9}{q['tokens']:>10}{q_dist:>16}"
+                     f"{s['unique_documents']:>8}{d['tokens']:>11}{d_dist:>17}{trunc:>11}")
+        tot_s += s["samples"]
+        tot_t += q["tokens"] + d["tokens"]
+    lines.append(f"total: {tot_s} samples, {tot_t} tokens (documents counted once per dataset)")
+    return "\n".join(lines)

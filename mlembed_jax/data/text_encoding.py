@@ -1,0 +1,49 @@
+"""Turning text into the token ids training sees: truncate, then append EOS (RECIPE.md).
+
+The encoding never relies on the tokenizer's post-processor: it encodes without special
+tokens, keeps the first `max_seq_length - 1` ids and appends `eos_token_id`, so every text
+ends with EOS (the last-token pooling position) whatever the tokenizer's template says.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class TokenizerError(ValueError):
+    """The tokenizer directory can't be used for training data."""
+
+
+def load_tokenizer(tokenizer_dir: str):
+    """Loads a local HF tokenizer directory (offline) and checks it has an EOS token."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the directory named
+        raise TokenizerError(f"could not load tokenizer from {tokenizer_dir!r}: {e}") from e
+    if tok.eos_token_id is None:
+        raise TokenizerError(
+            f"tokenizer {tokenizer_dir!r} has no EOS token (eos_token is None); every text "
+            "needs EOS appended for last-token pooling. Set eos_token in its "
+            "tokenizer_config.json (Qwen3 uses '<|im_end|>').")
+    return tok
+
+
+def encode_texts(tokenizer, texts: list[str], max_seq_length: int) -> list[np.ndarray]:
+    """Each text -> int32 ids of length <= max_seq_length, EOS last."""
+    if max_seq_length < 2:
+        raise ValueError(f"max_seq_length={max_seq_length} must be at least 2 (text + EOS)")
+    eos = tokenizer.eos_token_id
+    enc = tokenizer(list(texts), add_special_tokens=False, truncation=True,
+                    max_length=max_seq_length - 1)["input_ids"]
+    out = []
+    for ids in enc:
+        arr = np.empty(len(ids) + 1, np.int32)
+        arr[:-1] = ids
+        arr[-1] = eos
+        out.append(arr)
+    return out

@@ -1,0 +1,207 @@
+"""prepare_data: tokenisation parity with HF, outputs, rerun skipping, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_data_helpers import SMALL, TOKENIZER, data_config, make_inputs
+
+from mlembed_jax.data import DEMO_MANIFEST, DEMO_PREPARED, manifest as manifest_lib
+from mlembed_jax.data.pipeline import make_train_iterator
+from mlembed_jax.data.prepare import DataError, Encoder, prepare_data
+from mlembed_jax.data.prepared import load_prepared
+from mlembed_jax.data.text_encoding import TokenizerError, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER)
+
+
+def test_demo_tokenizer_ids_match_plain_hf_call(tokenizer):
+    """tokenizer(text, truncation, max_length) == prepare's ids, truncated text included."""
+    assert tokenizer.eos_token_id == 1 and tokenizer.pad_token_id == 0
+    assert len(tokenizer) <= 4096
+    texts = ["Deutschland", "Германия ドイツ", "  leading spaces and 東京 ",
+             "long " + "Zürich Москва " * 200]
+    L = 32
+    enc = Encoder(tokenizer, L, workers=1)
+    ours = enc.encode(texts, "t")
+    for text, ids in zip(texts, ours):
+        hf = tokenizer(text, truncation=True, max_length=L)["input_ids"]
+        assert ids.tolist() == hf
+        assert ids[-1] == 1 and len(ids) <= L
+    assert len(ours[-1]) == L  # the long text really was truncated
+    # The process pool (all cores) gives the same ids as in-process encoding.
+    pool = Encoder(tokenizer, L, workers=2)
+    try:
+        assert [a.tolist() for a in pool.encode(texts, "t")] == [a.tolist() for a in ours]
+    finally:
+        pool.close()
+
+
+def test_prepare_writes_outputs_dedups_and_skips_on_rerun(tmp_path, capsys):
+    raw, mpath, rows = make_inputs(str(tmp_path))
+    out = str(tmp_path / "prep")
+    res = prepare_data(raw, mpath, TOKENIZER, out, max_seq_length=48, workers=1)
+    summary = capsys.readouterr().out
+    for name in SMALL:
+        assert name in summary
+        assert os.path.exists(os.path.join(out, f"{name}_query.parquet"))
+        assert os.path.exists(os.path.join(out, f"{name}.done"))
+    assert res.skipped == []
+    corpus = pq.read_table(os.path.join(out, "corpus.parquet"))
+    assert corpus.column_names == ["doc_id", "input_ids"]
+    # Unique docs: every passage/negative text once; the shared passage counted once overall.
+    texts = {v for n in rows for r in rows[n] for k, v in r.items() if k != "query"}
+    assert corpus.num_rows == len(texts)
+    q = pq.read_table(os.path.join(out, "ret_query.parquet"))
+    assert q.num_rows == SMALL["ret"][1]
+    assert q.column_names == ["query_input_ids", "passage"] + [f"negative_{i}"
+                                                               for i in range(1, 11)]
+    info = json.load(open(os.path.join(out, "prepared.json")))
+    assert info["eos_token_id"] == 1 and set(info["datasets"]) == set(SMALL)
+    assert info["datasets"]["ret"]["samples"] == SMALL["ret"][1]
+
+    mtimes = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)}
+    res2 = prepare_data(raw, mpath, TOKENIZER, out, max_seq_length=48, workers=1,
+                        verbose=False)
+    assert sorted(res2.skipped) == sorted(SMALL)
+    assert mtimes == {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)}
+    # A half-finished dataset (marker gone, as after a kill) is redone, others skipped.
+    os.remove(os.path.join(out, "clu.done"))
+    res3 = prepare_data(raw, mpath, TOKENIZER, out, max_seq_length=48, workers=1,
+                        verbose=False)
+    assert sorted(res3.skipped) == ["cls", "ret"]
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_shipped_demo_data_loads():
+    specs = manifest_lib.load_manifest(DEMO_MANIFEST)
+    assert [s.task_type for s in specs.values()] == ["retrieval", "clustering",
+                                                     "classification"]
+    data = load_prepared(DEMO_PREPARED, 64, DEMO_MANIFEST)
+    assert sum(d.num_rows for d in data.datasets) > 2000
+    assert data.info["eos_token_id"] == 1
+
+
+def test_manifest_defaults_and_errors(tmp_path):
+    specs = manifest_lib.parse_manifest({"a": "retrieval", "b": {"task_type": "clustering"},
+                                         "c": {"task_type": "classification",
+                                               "num_negatives": 1, "query_prefix": "q: "}})
+    assert [s.num_negatives for s in specs.values()] == [7, 9, 1]
+    assert [s.in_batch for s in specs.values()] == [True, False, False]
+    with pytest.raises(manifest_lib.ManifestError, match="task_type='ranking'"):
+        manifest_lib.parse_manifest({"a": {"task_type": "ranking"}})
+    raw, mpath, _ = make_inputs(str(tmp_path), manifest_extra=None)
+    pq.write_table(pa.table({"query": ["x"], "passage": ["y"], "negative_1": ["z"]}),
+                   os.path.join(raw, "stray.parquet"))
+    with pytest.raises(manifest_lib.ManifestError, match="stray"):
+        prepare_data(raw, mpath, TOKENIZER, str(tmp_path / "p"), workers=1)
+
+
+# ---------------------------------------------------------------------------- bad inputs
+def _one_dataset(tmp_path, table: pa.Table):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(table, raw / "bad.parquet")
+    mpath = tmp_path / "m.json"
+    mpath.write_text(json.dumps({"bad": {"task_type": "retrieval"}}))
+    return str(raw), str(mpath)
+
+
+def _prep(tmp_path, table):
+    raw, mpath = _one_dataset(tmp_path, table)
+    return prepare_data(raw, mpath, TOKENIZER, str(tmp_path / "out"), workers=1, verbose=False)
+
+
+GOOD = {"query": ["q0", "q1", "q2"], "passage": ["p0", "p1", "p2"],
+        "negative_1": ["n0", "n1", "n2"]}
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"passage": None}, r"bad.parquet: missing column 'passage'"),
+    ({"negative_1": None}, r"bad.parquet: missing column 'negative_1'"),
+    ({"query": ["q0", None, "q2"]}, r"bad.parquet: row 1, column 'query': null text"),
+    ({"passage": ["p0", "p1", "   "]}, r"bad.parquet: row 2, column 'passage': empty text"),
+    ({"negative_1": [None, 7, 8]}, r"bad.parquet: row 1, column 'negative_1': expected a "
+                                   r"string, got int64 value 7"),
+])
+def test_bad_cells_name_file_row_column(tmp_path, change, pattern):
+    cols = dict(GOOD)
+    for k, v in change.items():
+        if v is None:
+            del cols[k]
+        else:
+            cols[k] = v
+    with pytest.raises(DataError, match=pattern):
+        _prep(tmp_path, pa.table(cols))
+
+
+def test_negative_columns_must_be_contiguous(tmp_path):
+    cols = dict(GOOD, negative_3=["a", "b", "c"])
+    with pytest.raises(DataError, match="missing column 'negative_2'"):
+        _prep(tmp_path, pa.table(cols))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupted_or_truncated_parquet(tmp_path, damage):
+    raw, mpath = _one_dataset(tmp_path, pa.table(GOOD))
+    path = os.path.join(raw, "bad.parquet")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2] if damage == "truncate" else b"not a parquet file" * 9)
+    with pytest.raises(DataError, match=r"bad.parquet: cannot read parquet file"):
+        prepare_data(raw, mpath, TOKENIZER, str(tmp_path / "out"), workers=1)
+
+
+def test_tokenizer_without_eos(tmp_path):
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(TOKENIZER, tok_dir)
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    cfg.pop("eos_token")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match="has no EOS token"):
+        load_tokenizer(str(tok_dir))
+    raw, mpath = _one_dataset(tmp_path, pa.table(GOOD))
+    with pytest.raises(TokenizerError, match="no EOS"):
+        prepare_data(raw, mpath, str(tok_dir), str(tmp_path / "out"), workers=1)
+
+
+def test_doc_id_absent_from_corpus(tmp_path):
+    raw, mpath, _ = make_inputs(str(tmp_path))
+    out = str(tmp_path / "prep")
+    prepare_data(raw, mpath, TOKENIZER, out, max_seq_length=48, workers=1, verbose=False)
+    path = os.path.join(out, "clu_query.parquet")
+    t = pq.read_table(path)
+    ids = t.column("negative_4").to_numpy().copy()
+    ids[5] = 12345  # no document has this id
+    t = t.set_column(t.column_names.index("negative_4"), "negative_4", pa.array(ids))
+    pq.write_table(t, path)
+    with pytest.raises(DataError, match=r"clu_query.parquet: row 5, column 'negative_4': doc "
+                                        r"id 12345 is absent from the corpus"):
+        load_prepared(out, 64)
+
+
+def test_dataset_smaller_than_one_batch(tmp_path):
+    raw, mpath, _ = make_inputs(str(tmp_path), datasets={
+        "big": ("retrieval", 120, 8), "tiny": ("clustering", 30, 9)})
+    out = str(tmp_path / "prep")
+    prepare_data(raw, mpath, TOKENIZER, out, max_seq_length=48, workers=1, verbose=False)
+    with pytest.raises(DataError, match=r"dataset 'tiny' .*tiny_query.parquet.* has 22 "
+                                        r"training rows .* fewer than one batch of 32"):
+        make_train_iterator(data_config(out), packs=8)
+
+
+def test_text_longer_than_seq_len_fails_loudly(tmp_path):
+    raw, mpath, _ = make_inputs(str(tmp_path), datasets={"ret": ("retrieval", 60, 8)})
+    out = str(tmp_path / "prep")
+    prepare_data(raw, mpath, TOKENIZER, out, max_seq_length=64, workers=1, verbose=False)
+    with pytest.raises(DataError, match=r"exceeds data.seq_len=8"):
+        load_prepared(out, 8)

@@ -1,0 +1,42 @@
+"""Tokenise the recipe's parquet datasets for training (see mlembed_jax/data/prepare.py).
+
+  python tools/prepare_data.py --input_dir data/raw --manifest data/manifest.json \
+      --tokenizer /path/to/Qwen3-0.6B --output_dir data/prepared [--max_seq_length 1024]
+
+Reruns skip datasets already prepared with the same inputs and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--input_dir", required=True, help="one <name>.parquet per dataset")
+    ap.add_argument("--manifest", required=True, help="JSON/YAML: name -> task_type, prefixes")
+    ap.add_argument("--tokenizer", required=True, help="local HF tokenizer directory")
+    ap.add_argument("--output_dir", required=True)
+    ap.add_argument("--max_seq_length", type=int, default=1024, help="EOS included")
+    ap.add_argument("--workers", type=int, default=None, help="default: all cores")
+    args = ap.parse_args(argv)
+
+    from mlembed_jax.data.manifest import ManifestError
+    from mlembed_jax.data.prepare import DataError, prepare_data
+    from mlembed_jax.data.text_encoding import TokenizerError
+
+    try:
+        prepare_data(args.input_dir, args.manifest, args.tokenizer, args.output_dir,
+                     max_seq_length=args.max_seq_length, workers=args.workers)
+    except (DataError, ManifestError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
