@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/python -m mlembed_jax.demo_encoder
+	$(BIN)/python -m mlembed_jax.train --config=configs/demo.py --workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # pytest exits 5 when it collected no tests; that must fail, not pass.
 test: setup

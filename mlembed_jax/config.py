@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1 = all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.num_devices = -1  # use the first N devices; -1 = all
     c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
 
     c.data = d = ml_collections.ConfigDict()
@@ -85,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.seed = 0
     d.validation_fraction = 0.01
     d.worker_count = 0
+    d.split_seed = 0  # held-out split seed; separate from data.seed so the split stays put
+    d.min_validation_samples = 32  # held-out floor for tiny datasets (at most half the rows)
+    d.spare_sample_slots = 2  # extra sample slots per pack so carried-over samples drain
+    d.prefetch = 2  # batches built ahead in a background thread (0 = none)
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-5

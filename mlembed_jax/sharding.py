@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mlembed_jax.config import mesh_shape
+from mlembed_jax.config import ConfigError, mesh_shape
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -22,6 +22,11 @@ BATCH_AXES = ("data", "fsdp")
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all), sizes from the config."""
     devices = list(devices if devices is not None else jax.devices())
+    n = mesh_cfg.get("num_devices", -1)
+    if n != -1:
+        if not 1 <= n <= len(devices):
+            raise ConfigError(f"mesh.num_devices={n} but {len(devices)} devices are present")
+        devices = devices[:n]
     sizes = mesh_shape(mesh_cfg, len(devices))
     try:
         from jax.experimental import mesh_utils

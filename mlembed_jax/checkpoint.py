@@ -1,0 +1,197 @@
+"""Orbax checkpoints of a run: train state, data-iterator state and config, saved together.
+
+Saves are asynchronous. Restores go through an abstract target carrying the *current* mesh's
+shardings, so a run resumes on another mesh or device count. A checkpoint of another model
+shape is caught by comparing the saved config first, with one clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import grain.python as grain
+import orbax.checkpoint as ocp
+
+from mlembed_jax.config import ConfigError
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+class Checkpointer:
+    """Wraps an orbax CheckpointManager at `workdir/checkpoints`."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=async_save),
+            item_names=("state", "data", "config"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_box, config, force: bool = False) -> bool:
+        """Starts an async save; `data_box` is a DataStateBox snapshot of this process."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.PyGrainCheckpointSave(data_box),
+            config=ocp.args.JsonSave(_json_safe(config.to_dict())),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def saved_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+
+    def restore(self, step: int, abstract_state, config, data_box):
+        """(state, data_box) of `step`, placed by the shardings in `abstract_state`."""
+        check_same_model(self.saved_config(step)["model"], config.model.to_dict(),
+                         f"{self.directory}/{step}")
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.PyGrainCheckpointRestore(data_box)))
+        return out["state"], out["data"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# Fields that change the parameter shapes; anything else (dtype of compute, remat, exits,
+# attention kernel) may differ between the saving and the resuming run.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                "num_kv_heads", "head_dim", "mel", "mel_r_max", "param_dtype")
+
+
+def check_same_model(saved: dict, current: dict, where: str) -> None:
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
+             for k in SHAPE_FIELDS if json.dumps(saved.get(k)) != json.dumps(current.get(k))]
+    if diffs:
+        raise ConfigError(
+            f"checkpoint {where} was saved by a different model ({'; '.join(diffs)}). Resume "
+            "with the config it was trained with, or use a fresh --workdir.")
+
+
+def abstract_with_shardings(abstract_state, shardings):
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+
+
+def resolve_checkpoint(path: str) -> tuple[str, int]:
+    """WORKDIR or WORKDIR/checkpoints/STEP (or WORKDIR/STEP) -> (checkpoints dir, step)."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    base = os.path.basename(path)
+    if base.isdigit():
+        step_dir = os.path.dirname(path)
+        return step_dir, int(base)
+    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(
+        os.path.join(path, "checkpoints")) else path
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) \
+        if os.path.isdir(ckpt_dir) else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint under {path!r}: expected a training workdir "
+                                "(with checkpoints/<step>) or a checkpoints/<step> directory")
+    return ckpt_dir, steps[-1]
+
+
+def load_trained(path: str):
+    """(config, params as host numpy arrays, step) from a training workdir or step directory.
+
+    Restores params only (no optimizer state) and nothing onto devices, so a tool can read a
+    checkpoint without the mesh it was trained on.
+    """
+    import ml_collections
+    import numpy as np
+
+    ckpt_dir, step = resolve_checkpoint(path)
+    step_dir = os.path.join(ckpt_dir, str(step))
+    config_path = os.path.join(step_dir, "config", "metadata")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{step_dir!r} is not a complete mlembed_jax checkpoint (no "
+                                "config item); was the save interrupted?")
+    with open(config_path) as f:
+        config_dict = json.load(f)
+    state_dir = os.path.join(step_dir, "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(state_dir)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    target = {"params": jax.tree_util.tree_map(
+        lambda m: np.empty(m.shape, m.dtype), tree["params"],
+        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))}
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=jax.tree_util.tree_map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+        partial_restore=True))
+    restored = {"state": restored}
+    config = ml_collections.ConfigDict(config_dict)
+    return config, restored["state"]["params"], step
+
+
+class TrainedParams:
+    """The params of a saved training state, restored one leaf at a time.
+
+    For tools that stream a large model (tools/export_hf.py): `load_trained` restores every
+    param at once, so writing its output would hold the model twice. Here `leaves` gives
+    {path tuple: (shape, dtype)} from the checkpoint's metadata and `read(path)` restores just
+    that one array as host numpy (an Orbax partial restore, no devices, no optimizer state).
+    `config` is the saved run config (ConfigDict), `step` the checkpoint's step and `workdir`
+    the training run directory it belongs to (where metrics.jsonl lives).
+    """
+
+    def __init__(self, path: str):
+        import ml_collections
+
+        ckpt_dir, step = resolve_checkpoint(path)
+        step_dir = os.path.join(ckpt_dir, str(step))
+        config_path = os.path.join(step_dir, "config", "metadata")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{step_dir!r} is not a complete mlembed_jax checkpoint (no "
+                                    "config item); was the save interrupted?")
+        with open(config_path) as f:
+            self.config = ml_collections.ConfigDict(json.load(f))
+        self.step = step
+        self.workdir = (os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints"
+                        else ckpt_dir)
+        self._state_dir = os.path.join(step_dir, "state")
+        self._checkpointer = ocp.PyTreeCheckpointer()
+        meta = self._checkpointer.metadata(self._state_dir)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        flat = jax.tree_util.tree_flatten_with_path(
+            tree["params"], is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
+        self.leaves = {tuple(k.key for k in p): (tuple(m.shape), m.dtype) for p, m in flat}
+
+    def read(self, path: tuple[str, ...]):
+        """One param array (e.g. ("layers", "mlp", "up_proj")) as a host numpy array."""
+        import numpy as np
+
+        if path not in self.leaves:
+            raise KeyError(f"checkpoint {self._state_dir!r} has no param {'/'.join(path)!r}; "
+                           f"it has {sorted('/'.join(p) for p in self.leaves)}")
+        shape, dtype = self.leaves[path]
+        target = jax.ShapeDtypeStruct(shape, dtype)  # a shape only: nothing allocated twice
+        for key in reversed(("params",) + path):
+            target = {key: target}
+        restored = self._checkpointer.restore(self._state_dir, args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=jax.tree_util.tree_map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+            partial_restore=True))
+        for key in ("params",) + path:
+            restored = restored[key]
+        return restored

@@ -1,0 +1,140 @@
+"""The train state, and the jitted, sharded train and eval steps.
+
+`state -> (state, metrics)` is pure: the step's RNG is folded in from the step number, the MEL
+rank is sampled inside the step, and the state is donated so params are updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mlembed_jax.batch import BatchGeometry, globalize_slots
+from mlembed_jax.loss import config_kwargs, nested_contrastive_loss
+from mlembed_jax.model.encoder import encode, param_logical_axes
+from mlembed_jax.model.factorized_embed import sample_mel_rank
+from mlembed_jax.model.qwen3 import EncoderConfig
+from mlembed_jax.sharding import batch_sharding, logical_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates done
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32 [2]: the run's base key; step keys are folded in from `step`
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """Everything static a step needs: model, geometry, optimiser, loss options, teacher."""
+
+    enc: EncoderConfig
+    geometry: BatchGeometry
+    tx: optax.GradientTransformation
+    schedule: Callable
+    loss_kwargs: dict
+    num_datasets: int | None = None
+    teacher: EncoderConfig | None = None
+
+
+def _forward(setup: StepSetup, params, batch, rank):
+    return encode(params, setup.enc, batch["tokens"], batch["segment_ids"], batch["positions"],
+                  batch["pool_index"], rank=rank)["pooled"]
+
+
+def _teacher_pooled(setup: StepSetup, teacher_params, batch):
+    if setup.teacher is None:
+        return None
+    out = encode(teacher_params, setup.teacher, batch["tokens"], batch["segment_ids"],
+                 batch["positions"], batch["pool_index"])["pooled"][-1]
+    return jax.lax.stop_gradient(out)
+
+
+def train_step(setup: StepSetup, state: TrainState, batch: dict, teacher_params=None):
+    """One update. Returns (new state, metrics: scalars and small arrays, fp32)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    rank = None
+    if setup.enc.mel:
+        rank = sample_mel_rank(key, setup.enc.mel_r_min, setup.enc.mel_r_max)
+    slots = globalize_slots(batch, setup.geometry)
+    teacher = _teacher_pooled(setup, teacher_params, batch)
+
+    def loss_fn(params):
+        pooled = _forward(setup, params, batch, rank)
+        return nested_contrastive_loss(pooled, slots, teacher_pooled=teacher,
+                                       num_datasets=setup.num_datasets, **setup.loss_kwargs)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
+    metrics["lr"] = jnp.asarray(setup.schedule(state.step), jnp.float32)
+    if rank is not None:
+        metrics["mel_rank"] = rank
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(setup: StepSetup, params, batch: dict, teacher_params=None, rank=None):
+    """Loss metrics on a batch at a fixed MEL rank (default r_max), plus retrieval accuracy at
+    the last exit and full width: `acc_in_batch` (own positive ranks first among all
+    positives of the batch; retrieval samples only, since clustering/classification
+    positives repeat across a batch) and `acc_hard` (positive beats every hard negative)."""
+    slots = globalize_slots(batch, setup.geometry)
+    pooled = _forward(setup, params, batch, rank)
+    _, metrics = nested_contrastive_loss(
+        pooled, slots, teacher_pooled=_teacher_pooled(setup, teacher_params, batch),
+        num_datasets=setup.num_datasets, **setup.loss_kwargs)
+    emb = pooled[-1] / jnp.linalg.norm(pooled[-1], axis=-1, keepdims=True).clip(1e-12)
+    q, p = emb[slots["query_text"]], emb[slots["positive_text"]]
+    valid = slots["sample_valid"]
+    sim = jnp.where(valid[None, :], q @ p.T, -jnp.inf)
+    pos_sim = jnp.sum(q * p, axis=-1)
+    hit_ib = jnp.argmax(sim, axis=-1) == jnp.arange(q.shape[0])
+    neg_sim = jnp.einsum("sd,snd->sn", q, emb[slots["negative_text"]])
+    hit_hard = jnp.all(jnp.where(slots["negative_valid"], neg_sim < pos_sim[:, None], True), -1)
+    n = jnp.maximum(valid.sum(), 1)
+    retrieval = valid & slots["in_batch"]
+    metrics = dict(metrics)
+    metrics["acc_in_batch"] = jnp.sum(hit_ib & retrieval) / jnp.maximum(retrieval.sum(), 1)
+    metrics["acc_hard"] = jnp.sum(hit_hard & valid) / n
+    # Chance level of the in-batch accuracy: 1 / (valid samples in the batch).
+    metrics["acc_in_batch_chance"] = 1.0 / n
+    return metrics
+
+
+def state_shardings(setup: StepSetup, mesh: Mesh, rules, abstract_state: TrainState):
+    """NamedShardings for every leaf of the state: params by the rules table, optimizer
+    moments like their params, scalars replicated."""
+    param_sh = logical_shardings(param_logical_axes(setup.enc), mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_sh = optax.tree_map_params(
+        setup.tx, lambda _, sh: sh, abstract_state.opt_state, param_sh,
+        transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+
+
+def batch_shardings(mesh: Mesh, geometry: BatchGeometry) -> dict:
+    return {k: batch_sharding(mesh, len(shape)) for k, (shape, _) in geometry.shapes().items()}
+
+
+def jit_steps(setup: StepSetup, mesh: Mesh, state_sh, teacher_sh=None):
+    """(train_step, eval_step) jitted with explicit shardings; the train state is donated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    b_sh = batch_shardings(mesh, setup.geometry)
+    train = jax.jit(
+        lambda s, b, t: train_step(setup, s, b, t),
+        in_shardings=(state_sh, b_sh, teacher_sh), out_shardings=(state_sh, replicated),
+        donate_argnums=(0,))
+    evaluate = jax.jit(
+        lambda p, b, t: eval_step(setup, p, b, t),
+        in_shardings=(state_sh.params, b_sh, teacher_sh), out_shardings=replicated)
+    return train, evaluate

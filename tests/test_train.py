@@ -1,0 +1,103 @@
+"""Training end to end: sharded equivalence, exact resume after SIGTERM, mesh changes,
+config errors, and the demo's validation loss falling."""
+
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mlembed_jax.config import ConfigError
+from mlembed_jax.metrics_log import read_metrics
+from mlembed_jax.train import run
+from train_helpers import (cli_args, final_params, run_cli, small_config, subprocess_env,
+                           train_losses)
+
+
+def test_8_device_mesh_matches_1_device(tmp_path):
+    # 4 packs per step in both runs, so the global batches are the same.
+    common = {"train.max_steps": 5, "data.packs_per_step": 4, "train.checkpoint_every": 100}
+    one = small_config(**common, **{"mesh.num_devices": 1})
+    eight = small_config(**common, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    assert run(one, str(tmp_path / "one")) == 0
+    assert run(eight, str(tmp_path / "eight")) == 0
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "eight")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-4, (step, a[step], b[step])
+
+
+def test_sigterm_then_resume_equals_straight_run(tmp_path):
+    steps = 40
+    kw = {"train.max_steps": steps, "train.checkpoint_every": 1000}
+    straight = run_cli(tmp_path / "straight", **kw)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(cli_args(work, **kw), env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and max(train_losses(work), default=0) < 3:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    stopped_at, _ = final_params(work)
+    assert 3 <= stopped_at < steps, "SIGTERM must land mid-run for this test to mean anything"
+
+    resumed = run_cli(work, **kw)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from" in resumed.stdout
+    a, b = train_losses(tmp_path / "straight"), train_losses(work)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    (sa, pa), (sb, pb) = final_params(tmp_path / "straight"), final_params(work)
+    assert sa == sb == steps
+    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_restore_onto_another_mesh(tmp_path):
+    base = {"train.max_steps": 5, "data.packs_per_step": 8, "train.checkpoint_every": 3}
+    straight = small_config(**base, **{"mesh.data": 8})
+    assert run(straight, str(tmp_path / "straight")) == 0
+    work = str(tmp_path / "switch")
+    first = small_config(**{**base, "train.max_steps": 3}, **{"mesh.data": 8})
+    assert run(first, work) == 0
+    second = small_config(**base, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
+    assert run(second, work) == 0
+    a, b = train_losses(tmp_path / "straight"), train_losses(work)
+    assert sorted(b) == [1, 2, 3, 4, 5]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-4, (s, a[s], b[s])
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+    work = str(tmp_path / "w")
+    assert run(small_config(**{"train.max_steps": 1}), work) == 0
+    other = small_config(**{"train.max_steps": 2, "model.hidden_size": 96})
+    with pytest.raises(ConfigError, match="model.hidden_size: checkpoint 64, config 96"):
+        run(other, work)
+
+
+def test_cli_override_takes_effect_and_unknown_is_rejected(tmp_path):
+    ok = run_cli(tmp_path / "ok", **{"train.max_steps": 2})
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert sorted(train_losses(tmp_path / "ok")) == [1, 2]
+    bad = run_cli(tmp_path / "bad", **{"train.max_steps": 2, "model.num_layerz": 3})
+    assert bad.returncode != 0
+    assert "num_layerz" in bad.stderr
+
+
+def test_demo_validation_loss_falls(tmp_path):
+    cfg = small_config(**{"train.max_steps": 150, "train.eval_every": 150,
+                          "train.checkpoint_every": 1000})
+    assert run(cfg, str(tmp_path)) == 0
+    val = {m["step"]: m for m in read_metrics(str(tmp_path)) if "val/total" in m}
+    assert sorted(val) == [0, 150]
+    assert val[150]["val/total"] < 0.8 * val[0]["val/total"], val
+    assert val[150]["val/acc_in_batch"] > 1.5 * val[150]["val/acc_in_batch_chance"], val[150]

@@ -1,0 +1,61 @@
+"""Small training runs on the shipped demo data, shared by the training tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+
+# A smaller model than the demo's, so each test run compiles and steps in seconds.
+SMALL = {
+    "model.hidden_size": 64, "model.intermediate_size": 128, "model.num_layers": 2,
+    "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 16,
+    "model.mel_r_max": 32, "model.mel_r_min": 8,
+    "train.log_every": 1, "train.eval_every": 0, "data.prefetch": 0,
+}
+
+
+def small_config(**overrides):
+    from mlembed_jax.config import load_config_file
+
+    return load_config_file(DEMO, {**SMALL, **overrides})
+
+
+def cli_args(workdir, **overrides) -> list[str]:
+    args = [sys.executable, "-m", "mlembed_jax.train", f"--config={DEMO}", f"--workdir={workdir}"]
+    for k, v in {**SMALL, **overrides}.items():
+        args.append(f"--config.{k}={v}")
+    return args
+
+
+def subprocess_env(devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(workdir, devices=1, timeout=300, **overrides) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_args(workdir, **overrides), env=subprocess_env(devices),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(workdir) -> dict[int, float]:
+    from mlembed_jax.metrics_log import read_metrics
+
+    return {m["step"]: m["train/total"] for m in read_metrics(str(workdir)) if "train/total" in m}
+
+
+def final_params(workdir):
+    """The params of the latest checkpoint, restored as host numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = os.path.join(str(workdir), "checkpoints")
+    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state",))
+    step = mngr.latest_step()
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, restored["state"]["params"]
