@@ -1,0 +1,40 @@
+"""The benchmark tool: a CPU smoke run (no timing assertions) and its FLOP count by hand."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+
+from mlembed_jax.flops import non_embedding_params, train_flops
+from train_helpers import ROOT, subprocess_env
+
+
+def test_flop_count_matches_hand_count():
+    m = ml_collections.ConfigDict(dict(hidden_size=64, intermediate_size=128, num_layers=4,
+                                       num_heads=4, num_kv_heads=2, head_dim=16))
+    # Per layer: q 64x64 + k,v 2 x 64x32 + o 64x64 = 12,288; q/k norms 2x16 = 32;
+    # MLP 3 x 64x128 = 24,576; two layer norms 2x64 = 128  -> 37,024.
+    # Four layers 148,096, plus the final norm 64 -> 148,160.
+    assert non_embedding_params(m) == 148_160
+    # Texts of 3 and 5 tokens: 8 tokens x 6 x 148,160 = 7,111,680 dense FLOPs.
+    # Attention pairs: 3*4/2 + 5*6/2 = 6 + 15 = 21 visible (query, key) pairs; per pair and
+    # layer 2 matmuls x 2 FLOPs x 4 heads x 16 dims = 256 forward, x3 for the backward:
+    # 21 x 256 x 3 x 4 layers = 64,512.
+    assert train_flops(m, [3, 5]) == 7_111_680 + 64_512
+
+
+def test_benchmark_cpu_smoke_with_torch_baseline():
+    args = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
+            f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", "--steps=2", "--warmup=1",
+            "--baseline=torch", "--compare_plain", "--config.data.seq_len=128",
+            "--config.data.max_seq_length=128", "--config.data.rows_per_pack=64"]
+    out = subprocess.run(args, env=subprocess_env(1), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    rows = [l for l in lines if l.startswith("| mlembed_jax") or l.startswith("| reference")]
+    assert len(rows) == 3, out.stdout
+    assert any(l.startswith("speed-up in useful tokens/s:") for l in lines)
+    assert "3D-ML overhead over plain" in out.stdout
+    assert "jax " in lines[0] and "flax " in lines[0]

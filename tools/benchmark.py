@@ -1,0 +1,88 @@
+"""Benchmark the full train step on the ANCHORS.md length mix, optionally against the
+PyTorch reference recipe on the same samples.
+
+    python tools/benchmark.py --config=configs/0.6b.py [--steps=20] [--warmup=3] \
+        [--baseline=torch] [--compare_plain] [--config.field=value ...]
+
+Prints step time (median), useful tokens/s, padding, MFU on useful tokens (hand-counted
+FLOPs, see mlembed_jax/flops.py), peak device memory, device and versions. On CPU it is a
+smoke run (tiny configs); its timings mean nothing for GPUs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mlembed_jax.benchmark import make_batches, plain_variant, run_jax  # noqa: E402
+from mlembed_jax.config import validate  # noqa: E402
+from mlembed_jax.data.global_batch import batch_shards  # noqa: E402
+from mlembed_jax.sharding import make_mesh  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def _gb(x):
+    return "n/a" if x is None else f"{x / 2**30:.1f} GB"
+
+
+def _row(name, median, tok_s, padding, mfu, peak):
+    mfu_s = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+    return f"| {name} | {median:.3f} s | {tok_s:,.0f} | {100 * padding:.0f}% | {mfu_s} | {_gb(peak)} |"
+
+
+def main(argv):
+    del argv
+    config = validate(FLAGS.config)
+    mesh = make_mesh(config.mesh)
+    packs = batch_shards(mesh)
+    steps = FLAGS.steps + FLAGS.warmup
+    geometry, batches = make_batches(config, steps, seed=0, packs=packs)
+    device = jax.devices()[0]
+    print(f"date: {datetime.date.today()}  device: {device.device_kind} x{mesh.devices.size}  "
+          f"jax {jax.__version__}  flax {flax.__version__}")
+    print(f"model: {config.model.num_layers} layers, d={config.model.hidden_size}; "
+          f"batch: {packs} pack(s) x {geometry.rows_per_pack} rows x {geometry.seq_len}, "
+          f"{config.data.samples_per_pack} samples per pack (benchmark length mix)")
+    print("| run | step (median) | useful tok/s | padding | MFU (useful) | peak mem |")
+    print("|---|---|---|---|---|---|")
+    ours = run_jax(config, batches, geometry, FLAGS.warmup, "mlembed_jax, 3D-ML")
+    print(_row(ours.name, ours.median_step, ours.tokens_per_s, ours.padding, ours.mfu(),
+               ours.peak_memory), flush=True)
+    if FLAGS.compare_plain:
+        plain = run_jax(plain_variant(config), batches, geometry, FLAGS.warmup,
+                        "mlembed_jax, plain contrastive")
+        print(_row(plain.name, plain.median_step, plain.tokens_per_s, plain.padding,
+                   plain.mfu(), plain.peak_memory), flush=True)
+        print(f"3D-ML overhead over plain: "
+              f"{100 * (ours.median_step / plain.median_step - 1):+.1f}% step time")
+    if FLAGS.baseline == "torch":
+        from torch_reference import run_reference
+
+        ref = run_reference(config, batches, FLAGS.warmup)
+        ref_mfu = None
+        if ours.mfu() is not None:  # same useful work per token, so MFU scales with tok/s
+            ref_mfu = ours.mfu() * ref["tokens_per_s"] / ours.tokens_per_s
+        print(_row(f"reference (torch {ref['torch']}, transformers {ref['transformers']})",
+                   ref["median_step"], ref["tokens_per_s"], ref["padding"], ref_mfu,
+                   ref["peak_memory"]))
+        print(f"speed-up in useful tokens/s: {ours.tokens_per_s / ref['tokens_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+    flags.DEFINE_integer("steps", 10, "timed steps")
+    flags.DEFINE_integer("warmup", 2, "untimed steps first (compilation, autotuning)")
+    flags.DEFINE_enum("baseline", None, ["torch"], "also time the PyTorch reference recipe")
+    flags.DEFINE_bool("compare_plain", False, "also time plain contrastive training")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
