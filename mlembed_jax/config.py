@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.max_seq_length = 1024  # truncation length, EOS included
     d.seq_len = 1024  # packed row length
     d.samples_per_pack = 8  # the recipe's per-device batch
-    d.rows_per_pack = 24
+    d.rows_per_pack = 19  # 19 x 1024 holds the ANCHORS length mix of 8 samples at ~92% fill
     d.max_negatives = 9  # largest per-task count (clustering)
     d.packs_per_step = -1  # -1 = one pack per batch shard of the mesh
     d.packing = "ffd"  # ffd | pad_to_longest

@@ -25,6 +25,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -273,6 +274,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     try:
         code = run(FLAGS.config, FLAGS.workdir)
     except ConfigError as e:

@@ -57,21 +57,29 @@ def _teacher_pooled(setup: StepSetup, teacher_params, batch):
     return jax.lax.stop_gradient(out)
 
 
-def train_step(setup: StepSetup, state: TrainState, batch: dict, teacher_params=None):
-    """One update. Returns (new state, metrics: scalars and small arrays, fp32)."""
+def step_rank(setup: StepSetup, state: TrainState):
+    """The MEL rank of this step (None with MEL off), from the step-folded RNG."""
+    if not setup.enc.mel:
+        return None
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    rank = None
-    if setup.enc.mel:
-        rank = sample_mel_rank(key, setup.enc.mel_r_min, setup.enc.mel_r_max)
+    return sample_mel_rank(key, setup.enc.mel_r_min, setup.enc.mel_r_max)
+
+
+def step_loss(setup: StepSetup, params, batch: dict, teacher_params=None, rank=None):
+    """(total loss, metrics) of the student `params` on a batch: what train_step
+    differentiates. The teacher's embeddings pass through stop_gradient."""
     slots = globalize_slots(batch, setup.geometry)
     teacher = _teacher_pooled(setup, teacher_params, batch)
+    pooled = _forward(setup, params, batch, rank)
+    return nested_contrastive_loss(pooled, slots, teacher_pooled=teacher,
+                                   num_datasets=setup.num_datasets, **setup.loss_kwargs)
 
-    def loss_fn(params):
-        pooled = _forward(setup, params, batch, rank)
-        return nested_contrastive_loss(pooled, slots, teacher_pooled=teacher,
-                                       num_datasets=setup.num_datasets, **setup.loss_kwargs)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+def train_step(setup: StepSetup, state: TrainState, batch: dict, teacher_params=None):
+    """One update. Returns (new state, metrics: scalars and small arrays, fp32)."""
+    rank = step_rank(setup, state)
+    (_, metrics), grads = jax.value_and_grad(
+        lambda p: step_loss(setup, p, batch, teacher_params, rank), has_aux=True)(state.params)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)

@@ -1,0 +1,98 @@
+"""The train step's gradient flow: teacher frozen, MEL factors trained, per-group lr."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_fixtures import make_hf_qwen3
+from mlembed_jax.data.pipeline import make_train_iterator
+from mlembed_jax.loss import config_kwargs
+from mlembed_jax.metrics_log import read_metrics
+from mlembed_jax.model.encoder import init_params
+from mlembed_jax.model.qwen3 import EncoderConfig
+from mlembed_jax.optim import make_optimizer
+from mlembed_jax.state_init import _fresh_state
+from mlembed_jax.train import run
+from mlembed_jax.train_step import StepSetup, step_loss, train_step
+from train_helpers import small_config
+
+
+@pytest.fixture(scope="module")
+def parts():
+    config = small_config()
+    it = make_train_iterator(config, 1, prefetch=0)
+    batches = [next(it)[0] for _ in range(3)]
+    enc = EncoderConfig.from_config(config.model)
+    return config, enc, it.global_geometry, batches
+
+
+def _setup(config, enc, geometry, teacher=None, **optim):
+    ocfg = config.optim.copy_and_resolve_references()
+    with ocfg.unlocked():
+        ocfg.update(optim)
+    tx, schedule = make_optimizer(ocfg, 10)
+    return StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
+                     loss_kwargs={**config_kwargs(config.loss), "kd_weight": 1.0},
+                     num_datasets=3, teacher=teacher)
+
+
+def test_no_gradient_reaches_the_teacher(parts):
+    config, enc, geometry, batches = parts
+    teacher_cfg = dataclasses.replace(enc, mel=False, exits=(enc.num_layers,))
+    teacher = init_params(teacher_cfg, jax.random.key(7))
+    setup = _setup(config, enc, geometry, teacher_cfg)
+    student = init_params(enc, jax.random.key(0))
+    grad_t = jax.grad(lambda t: step_loss(setup, student, batches[0], t, 16)[0])(teacher)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grad_t))
+    grad_s = jax.grad(lambda s: step_loss(setup, s, batches[0], teacher, 16)[0])(student)
+    assert float(jnp.abs(grad_s["embed_tokens"]["U"]).max()) > 0
+    _, metrics = step_loss(setup, student, batches[0], teacher, 16)
+    assert float(metrics["kd"]) > 0
+
+
+def test_mel_has_no_plain_table_and_its_factors_train(parts):
+    config, enc, geometry, batches = parts
+    setup = _setup(config, enc, geometry)
+    state = _fresh_state(setup, init_params(enc, jax.random.key(0)), 0)
+    assert set(state.params["embed_tokens"]) == {"U", "V"}  # W is never a parameter
+    before = state.params
+    step = jax.jit(lambda s, b: train_step(setup, s, b))
+    for b in batches:
+        state, m = step(state, b)
+        assert int(m["mel_rank"]) in (8, 16, 32)
+    for name in ("U", "V"):
+        assert not np.allclose(state.params["embed_tokens"][name],
+                               before["embed_tokens"][name])
+
+
+def test_mel_learning_rate_group(parts):
+    config, enc, geometry, batches = parts
+    setup = _setup(config, enc, geometry, mel_lr=0.0)
+    state = _fresh_state(setup, init_params(enc, jax.random.key(0)), 0)
+    before = state.params
+    step = jax.jit(lambda s, b: train_step(setup, s, b))
+    for b in batches[:2]:  # the first update has lr 0: warmup starts from zero
+        state, _ = step(state, b)
+    # lr 0 for the MEL group: U, V stay put (no weight decay either); the layers move.
+    np.testing.assert_array_equal(state.params["embed_tokens"]["U"],
+                                  before["embed_tokens"]["U"])
+    assert not np.allclose(state.params["layers"]["mlp"]["up_proj"],
+                           before["layers"]["mlp"]["up_proj"])
+
+
+def test_train_with_hf_init_and_hf_teacher(tmp_path):
+    """train.init_from and loss.teacher read real HF directories saved by transformers."""
+    student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
+    shape = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    make_hf_qwen3(student_dir, **shape)
+    make_hf_qwen3(teacher_dir, seed=1, **{**shape, "hidden_size": 96,
+                                          "num_hidden_layers": 3})
+    cfg = small_config(**{"train.max_steps": 2, "train.init_from": str(student_dir),
+                          "loss.teacher": str(teacher_dir), "loss.kd_weight": 1.0})
+    assert run(cfg, str(tmp_path / "w")) == 0
+    logged = [m for m in read_metrics(str(tmp_path / "w")) if "train/kd" in m]
+    assert len(logged) == 2 and all(m["train/kd"] > 0 for m in logged)
