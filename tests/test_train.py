@@ -32,7 +32,9 @@ def test_8_device_mesh_matches_1_device(tmp_path):
 
 def test_sigterm_then_resume_equals_straight_run(tmp_path):
     steps = 40
-    kw = {"train.max_steps": steps, "train.checkpoint_every": 1000}
+    # Prefetch on, as in real runs: the saved state must be the consumed position, not the
+    # prefetcher's.
+    kw = {"train.max_steps": steps, "train.checkpoint_every": 1000, "data.prefetch": 2}
     straight = run_cli(tmp_path / "straight", **kw)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
