@@ -91,8 +91,12 @@ def abstract_with_shardings(abstract_state, shardings):
 
 
 def resolve_checkpoint(path: str) -> tuple[str, int]:
-    """WORKDIR or WORKDIR/checkpoints/STEP (or WORKDIR/STEP) -> (checkpoints dir, step)."""
+    """WORKDIR, WORKDIR/STEP or WORKDIR/checkpoints/STEP -> (checkpoints dir, step)."""
     path = os.path.abspath(path)
+    head, tail = os.path.split(path)
+    if tail.isdigit() and not os.path.exists(path) \
+            and os.path.isdir(os.path.join(head, "checkpoints", tail)):
+        path = os.path.join(head, "checkpoints", tail)  # WORKDIR/STEP
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     base = os.path.basename(path)
@@ -115,32 +119,14 @@ def load_trained(path: str):
     Restores params only (no optimizer state) and nothing onto devices, so a tool can read a
     checkpoint without the mesh it was trained on.
     """
-    import ml_collections
-    import numpy as np
-
-    ckpt_dir, step = resolve_checkpoint(path)
-    step_dir = os.path.join(ckpt_dir, str(step))
-    config_path = os.path.join(step_dir, "config", "metadata")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{step_dir!r} is not a complete mlembed_jax checkpoint (no "
-                                "config item); was the save interrupted?")
-    with open(config_path) as f:
-        config_dict = json.load(f)
-    state_dir = os.path.join(step_dir, "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(state_dir)
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-    target = {"params": jax.tree_util.tree_map(
-        lambda m: np.empty(m.shape, m.dtype), tree["params"],
-        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))}
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target,
-        restore_args=jax.tree_util.tree_map(
-            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
-        partial_restore=True))
-    restored = {"state": restored}
-    config = ml_collections.ConfigDict(config_dict)
-    return config, restored["state"]["params"], step
+    source = TrainedParams(path)
+    params: dict = {}
+    for leaf_path in source.leaves:
+        node = params
+        for key in leaf_path[:-1]:
+            node = node.setdefault(key, {})
+        node[leaf_path[-1]] = source.read(leaf_path)
+    return source.config, params, source.step
 
 
 class TrainedParams:

@@ -1,0 +1,323 @@
+"""A trained checkpoint -> a Hugging Face Qwen3 directory at a chosen 3D-ML size (R, K, M).
+
+Output (DIR):
+  config.json                 Qwen3Model, num_hidden_layers = K (final norm kept)
+  model.safetensors           or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+  mel_factors.safetensors     factorized mode only: embed_tokens.U [vocab, R], .V [R, d]
+  tokenizer.json, tokenizer_config.json        appends EOS as training did (tokenizer_files)
+  modules.json, sentence_bert_config.json, 1_Pooling/, 2_Normalize/,
+  config_sentence_transformers.json            (sentence_transformers_files)
+  README.md                   model card (model_card)
+
+Weights stream: one checkpoint leaf is restored at a time, cut into HF tensors and written a
+shard at a time, so host memory holds one leaf plus one shard, never the model twice. The
+directory is built under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+
+import ml_dtypes
+import numpy as np
+
+from mlembed_jax.checkpoint import TrainedParams
+from mlembed_jax.config import model_exits
+from mlembed_jax.export.errors import ExportError, ExportWarning
+from mlembed_jax.export import model_card, sentence_transformers_files, tokenizer_files
+from mlembed_jax.export.training_sources import training_sources
+from mlembed_jax.loss import mrl_dims
+from mlembed_jax.model import hf_names
+from mlembed_jax.model.factorized_embed import mel_rank_set
+from mlembed_jax.model.qwen3 import EncoderConfig
+from mlembed_jax.model.safetensors_io import write_safetensors
+
+__all__ = ["ExportError", "ExportWarning", "Cut", "choose_cut", "export_checkpoint", "fold_mel",
+           "hf_config"]
+
+DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+MODES = ("compat", "factorized")
+MAX_SHARD_BYTES = 2 << 30  # small shards bound the export's host memory (HF's default is 5GB)
+FACTORS_FILE = "mel_factors.safetensors"
+# Qwen3's context length, used when the run did not start from an HF config that says.
+QWEN3_MAX_POSITIONS = 40960
+
+
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """The 3D-ML size of an export: MEL rank R (None without MEL), layers K, output dim M."""
+
+    rank: int | None
+    layers: int
+    dim: int
+
+
+def choose_cut(enc: EncoderConfig, mrl_min_dim: int, rank=None, layers=None, dim=None) -> Cut:
+    """Checks the requested (R, K, M) against the trained model; None means the full size.
+
+    Raises ExportError listing every impossible choice; warns (ExportWarning) for a choice the
+    model can run but was not trained for (a depth that is no MLL exit, a rank outside the MEL
+    rank set, a width that is no MRL dim).
+    """
+    errors, notes = [], []
+    if rank is not None and not enc.mel:
+        errors.append(f"--rank {rank}: this model was trained without MEL (model.mel=False), "
+                      "so it has no rank to choose")
+    elif enc.mel:
+        if rank is None:
+            rank = enc.mel_r_max
+        elif not 1 <= rank <= enc.mel_r_max:
+            errors.append(f"--rank {rank} is outside [1, r_max={enc.mel_r_max}] (the MEL "
+                          "factors have r_max columns)")
+        elif rank not in mel_rank_set(enc.mel_r_min, enc.mel_r_max):
+            notes.append(f"MEL rank {rank} was never sampled in training (ranks "
+                         f"{mel_rank_set(enc.mel_r_min, enc.mel_r_max)})")
+    layers = enc.num_layers if layers is None else layers
+    if not 1 <= layers <= enc.num_layers:
+        errors.append(f"--layers {layers} is outside [1, L={enc.num_layers}] (the model has "
+                      f"{enc.num_layers} layers)")
+    elif layers not in enc.exits:
+        notes.append(f"{layers} layers is not a trained MLL exit (exits {enc.exits}); its "
+                     "embeddings were never trained to be used")
+    dim = enc.hidden_size if dim is None else dim
+    if not 1 <= dim <= enc.hidden_size:
+        errors.append(f"--dim {dim} is outside [1, d={enc.hidden_size}] (the embedding width)")
+    elif dim not in (dims := mrl_dims(enc.hidden_size, mrl_min_dim)):
+        notes.append(f"dim {dim} is not a trained MRL dim ({sorted(dims)})")
+    if errors:
+        raise ExportError("cannot export this size:\n  " + "\n  ".join(errors))
+    for note in notes:
+        warnings.warn(f"exporting anyway: {note}", ExportWarning, stacklevel=3)
+    return Cut(rank=rank if enc.mel else None, layers=layers, dim=dim)
+
+
+def fold_mel(u: np.ndarray, v: np.ndarray, rank: int, dtype=np.float32,
+             rows_per_chunk: int = 16384) -> np.ndarray:
+    """U [vocab, r_max], V [r_max, d] -> W = U[:, :rank] @ V[:rank] as [vocab, d] `dtype`.
+
+    Multiplies in fp32, a block of rows at a time, so W (in its output dtype) is the only
+    full-size array made.
+    """
+    v = np.asarray(v[:rank], np.float32)
+    out = np.empty((u.shape[0], v.shape[1]), dtype)
+    for s in range(0, u.shape[0], rows_per_chunk):
+        out[s:s + rows_per_chunk] = np.asarray(u[s:s + rows_per_chunk, :rank], np.float32) @ v
+    return out
+
+
+def hf_config(enc: EncoderConfig, layers: int, dtype: str, special: dict,
+              max_position_embeddings: int) -> dict:
+    """config.json of a K-layer Qwen3Model with the trained model's shapes."""
+    torch_dtype = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
+    return {
+        "architectures": ["Qwen3Model"],
+        "model_type": "qwen3",
+        "vocab_size": enc.vocab_size,
+        "hidden_size": enc.hidden_size,
+        "intermediate_size": enc.intermediate_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": enc.num_heads,
+        "num_key_value_heads": enc.num_kv_heads,
+        "head_dim": enc.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": enc.rms_norm_eps,
+        "rope_theta": enc.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": layers,
+        "tie_word_embeddings": enc.tie_word_embeddings,  # as the backbone had it
+        "initializer_range": 0.02,
+        "use_cache": False,  # an encoder: one forward pass, no generation
+        "bos_token_id": None,
+        "eos_token_id": special["eos_token_id"],
+        "pad_token_id": special["pad_token_id"],
+        "torch_dtype": torch_dtype,  # transformers 4 reads this key ...
+        "dtype": torch_dtype,  # ... transformers 5 this one
+    }
+
+
+def _max_positions(config, max_seq_length: int) -> int:
+    """max_position_embeddings of the HF model training started from, if it is at hand."""
+    init = config.train.get("init_from", "")
+    n = QWEN3_MAX_POSITIONS
+    if init and os.path.isfile(os.path.join(init, "config.json")):
+        with open(os.path.join(init, "config.json")) as f:
+            n = int(json.load(f).get("max_position_embeddings", n))
+    return max(n, max_seq_length)
+
+
+# ----------------------------------------------------------------------------- weights
+def _tensor_order(num_layers: int) -> list[tuple[str, hf_names.NameRule, int | None]]:
+    """(HF name, rule, layer) in writing order: embedding, final norm, then each per-layer
+    tensor for layers 0..K-1, so every checkpoint leaf is read once and released."""
+    order = []
+    for rule in hf_names.RULES:
+        if rule.per_layer:
+            order += [(rule.hf.format(i=i), rule, i) for i in range(num_layers)]
+        else:
+            order.append((rule.hf, rule, None))
+    return order
+
+
+def _embedding(reader: TrainedParams, enc: EncoderConfig, cut: Cut, dtype) -> np.ndarray:
+    if enc.mel:
+        u, v = reader.read(("embed_tokens", "U")), reader.read(("embed_tokens", "V"))
+        return fold_mel(u, v, cut.rank, dtype)
+    return np.asarray(reader.read(("embed_tokens", "embedding")), dtype)
+
+
+def _hf_tensors(reader: TrainedParams, enc: EncoderConfig, cut: Cut, dtype):
+    """Yields (HF name, array in HF layout and `dtype`) in `_tensor_order`."""
+    cfg = enc.truncated(cut.layers)
+    leaf_path, leaf = None, None
+    for name, rule, layer in _tensor_order(cut.layers):
+        if rule.hf == "embed_tokens.weight":
+            x = _embedding(reader, enc, cut, dtype)
+        else:
+            if rule.ours != leaf_path:
+                leaf = None  # release the previous leaf before restoring the next
+                leaf, leaf_path = reader.read(rule.ours), rule.ours
+            x = hf_names.to_hf(rule, leaf if layer is None else leaf[layer])
+            x = np.array(x, dtype, order="C")  # a copy: a view would pin the whole leaf
+        if x.shape != hf_names.hf_shape(rule, cfg):
+            raise ExportError(f"internal: {name} came out {x.shape}, expected "
+                              f"{hf_names.hf_shape(rule, cfg)}")
+        yield name, x
+
+
+def _plan_shards(order, cfg: EncoderConfig, itemsize: int, max_bytes: int) -> list[list[str]]:
+    """Greedy split of the tensors (in writing order) into shards of at most max_bytes (a
+    tensor larger than that gets a shard of its own)."""
+    shards, size = [[]], 0
+    for name, rule, _ in order:
+        n = int(np.prod(hf_names.hf_shape(rule, cfg))) * itemsize
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def _write_weights(out_dir, reader, enc, cut, dtype, max_shard_bytes) -> list[str]:
+    """Writes model.safetensors (or shards + index); returns the file names."""
+    order = _tensor_order(cut.layers)
+    shards = _plan_shards(order, enc.truncated(cut.layers), np.dtype(dtype).itemsize,
+                          max_shard_bytes)
+    n = len(shards)
+    files = (["model.safetensors"] if n == 1
+             else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+    tensors = _hf_tensors(reader, enc, cut, dtype)
+    weight_map, total = {}, 0
+    for names, fn in zip(shards, files):
+        shard = dict(next(tensors) for _ in names)  # same order as planned
+        assert list(shard) == names
+        write_safetensors(os.path.join(out_dir, fn), shard, {"format": "pt"})
+        total += sum(x.nbytes for x in shard.values())
+        weight_map.update({name: fn for name in names})
+        del shard
+    if n > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        files.append("model.safetensors.index.json")
+    return files
+
+
+def _write_factors(out_dir, reader, cut, dtype) -> None:
+    """mel_factors.safetensors: the rank-R MEL factors, for the memory-saving embedding."""
+    u = np.asarray(reader.read(("embed_tokens", "U"))[:, :cut.rank], dtype, order="C")
+    v = np.asarray(reader.read(("embed_tokens", "V"))[:cut.rank], dtype, order="C")
+    write_safetensors(os.path.join(out_dir, FACTORS_FILE),
+                      {"embed_tokens.U": u, "embed_tokens.V": v},
+                      {"format": "pt", "rank": cut.rank})
+
+
+# ----------------------------------------------------------------------------- the export
+def _check_out_dir(out_dir: str, overwrite: bool, reader_dirs: list[str]) -> None:
+    out = os.path.abspath(out_dir)
+    for d in reader_dirs:  # --overwrite must never delete the training run
+        if os.path.commonpath([out, os.path.abspath(d)]) == out:
+            raise ExportError(f"--out {out_dir!r} is or contains the training run {d!r}; "
+                              "choose another directory")
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise ExportError(f"--out {out_dir!r} already exists; pass --overwrite to replace it")
+    if not os.path.isdir(out):
+        raise ExportError(f"--out {out_dir!r} exists and is not a directory")
+    entries = os.listdir(out)
+    if entries and not {"config.json", "modules.json"} & set(entries):
+        raise ExportError(f"--out {out_dir!r} is a non-empty directory that does not look "
+                          "like an export (no config.json or modules.json); refusing to "
+                          "delete it, even with --overwrite")
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, *, rank: int | None = None,
+                      layers: int | None = None, dim: int | None = None, mode: str = "compat",
+                      tokenizer_dir: str | None = None, dtype: str = "bf16",
+                      overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """Exports `checkpoint` (a training workdir or one of its checkpoints/<step> dirs) to
+    `out_dir` at size (rank R, layers K, dim M); None keeps the trained full size.
+
+    Returns a summary: {"step", "cut": Cut, "files": [...], "out_dir"}.
+    """
+    if mode not in MODES:
+        raise ExportError(f"--mode {mode!r} must be one of {MODES}")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r} must be one of {tuple(DTYPES)}")
+    try:
+        reader = TrainedParams(checkpoint)
+    except FileNotFoundError as e:
+        raise ExportError(f"--checkpoint: {e}") from None
+    config = reader.config
+    enc = EncoderConfig.from_config(config.model)
+    cut = choose_cut(enc, int(config.loss.mrl_min_dim), rank, layers, dim)
+    if mode == "factorized" and not enc.mel:
+        raise ExportError("--mode factorized needs a model trained with MEL (model.mel=True); "
+                          "this one has a plain embedding table, use --mode compat")
+    _check_out_dir(out_dir, overwrite, [reader.workdir])
+    sources = training_sources(config, tokenizer_dir)
+
+    out = os.path.abspath(out_dir)
+    tmp = f"{out}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        np_dtype = DTYPES[dtype]
+        files = _write_weights(tmp, reader, enc, cut, np_dtype, max_shard_bytes)
+        if mode == "factorized":
+            _write_factors(tmp, reader, cut, np_dtype)
+            files.append(FACTORS_FILE)
+        special = tokenizer_files.write_tokenizer(sources.tokenizer_dir, tmp,
+                                                  sources.eos_token_id, sources.max_seq_length,
+                                                  enc.vocab_size)
+        tokenizer_files.check_same_ids(sources.tokenizer_dir, tmp, sources.max_seq_length)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(enc, cut.layers, dtype, special,
+                                _max_positions(config, sources.max_seq_length)), f, indent=2)
+        prompts = sentence_transformers_files.prompts_from_manifest(sources.manifest)
+        sentence_transformers_files.write_sentence_transformers_files(
+            tmp, enc.hidden_size, sources.max_seq_length, prompts,
+            truncate_dim=cut.dim if cut.dim != enc.hidden_size else None)
+        card = model_card.render(
+            config=config, step=reader.step, checkpoint=os.path.abspath(checkpoint), cut=cut,
+            enc=enc, mode=mode, dtype=dtype, manifest=sources.manifest, prompts=prompts,
+            metrics=model_card.final_metrics(reader.workdir, reader.step),
+            exits=model_exits(config.model), mrl_min_dim=int(config.loss.mrl_min_dim))
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(card)
+        if os.path.lexists(out):
+            shutil.rmtree(out)  # _check_out_dir allowed it (--overwrite, an old export)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"step": reader.step, "cut": cut, "files": files, "out_dir": out}
