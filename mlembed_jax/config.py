@@ -118,6 +118,25 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_every = 100
     t.checkpoint_every = 500
     t.keep_checkpoints = 3
+
+    # Retrieval evaluation during training (mlembed_jax/periodic_eval.py): nDCG@10,
+    # Recall@100 and MRR@10 of one (rank, exit, dim) point on a local set.
+    c.eval = ev = ml_collections.ConfigDict()
+    ev.every = 0  # steps between evaluations; 0 = off
+    ev.beir_dir = ""  # local BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv
+    ev.split = "test"  # qrels/<split>.tsv
+    ev.heldout = False  # also the held-out split of the retrieval datasets (data.*)
+    ev.rank = -1  # MEL rank; -1 = r_max
+    ev.exit = -1  # MLL exit; -1 = the last layer
+    ev.dim = -1  # MRL dim; -1 = hidden_size
+    ev.allow_untrained = False  # allow a rank/exit/dim outside the trained sets
+    ev.max_queries = 0  # seeded sample of the judged queries; 0 = all
+    ev.max_corpus = 0  # BEIR: judged docs + a seeded sample of the rest; 0 = all
+    ev.seed = 0  # seed of those samples
+    ev.query_prefix = ""  # instruction prefixes for the BEIR texts
+    ev.document_prefix = ""
+    ev.tokenizer_dir = ""  # "" = the tokenizer recorded in data.prepared_dir
+    ev.batch_tokens = 16384  # tokens per packed encode batch
     return c
 
 

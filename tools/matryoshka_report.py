@@ -1,0 +1,209 @@
+"""The 3D Matryoshka trade-off of one checkpoint: quality over MEL rank x MLL exit x MRL dim.
+
+    python tools/matryoshka_report.py --model=runs/demo --heldout --out_dir=reports/demo
+    python tools/matryoshka_report.py --model=runs/0.6b --beir_dir=/data/beir/scifact \
+        --out_dir=reports/scifact [--ranks=64,256,512] [--exits=4,8,28] [--dims=64,256,1024]
+
+Evaluates every grid point (defaults: the model's trained ranks, exits and dims) and writes
+  OUT/matryoshka.json  one row per (rank, exit, dim): nDCG@10, Recall@100, MRR@10, the
+                       parameter count of the model at that (rank, exit) and the bytes of
+                       one embedding at that dim (float32)
+  OUT/matryoshka.png   heatmaps of nDCG@10 over exit x dim, one per rank; nDCG@10 against
+                       parameter count (full dim); nDCG@10 against embedding bytes (full rank)
+Cost: one forward pass per rank (all exits come out of one pass of the deepest one), and the
+dims are prefixes of the same embeddings, so the grid costs len(ranks) passes + searches.
+
+Parameter count at (r, e): MEL in efficiency mode (U[:, :r] and V[:r] kept as two factors:
+vocab*r + r*d), plus e decoder layers and the final norm. A model without MEL counts its
+plain vocab*d table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from eval_retrieval import add_model_args, load_model_and_sets  # noqa: E402
+from mlembed_jax import retrieval_eval as rev  # noqa: E402
+from mlembed_jax.encode import normalize  # noqa: E402
+
+METRICS = ("ndcg@10", "recall@100", "mrr@10")
+
+
+def point_params(model, rank: int | None, exit: int) -> int:
+    """Parameters of the model cut to `exit` layers at MEL rank `rank` (efficiency mode)."""
+    import jax
+
+    cfg = model.cfg
+    layer_leaves = jax.tree_util.tree_leaves(model.params["layers"])
+    per_layer = sum(int(np.prod(x.shape[1:])) for x in layer_leaves)
+    if cfg.mel:
+        r = cfg.mel_r_max if rank is None else rank
+        embed = cfg.vocab_size * r + r * cfg.hidden_size
+    else:
+        embed = cfg.vocab_size * cfg.hidden_size
+    return int(embed + exit * per_layer + cfg.hidden_size)  # + the final norm
+
+
+def run_grid(model, sets, ranks, exits, dims, *, allow_untrained=False, batch_tokens=16384,
+             progress=True) -> list[dict]:
+    """Metrics (mean over `sets`) of every (rank, exit, dim). Returns rows, ranks outermost."""
+    rows = []
+    for r in ranks:
+        per_set = []
+        for s in sets:
+            kw = dict(rank=r, allow_untrained=allow_untrained, batch_tokens=batch_tokens,
+                      progress=progress)
+            q = model.encode_exits(s.queries, exits, **kw)
+            d = model.encode_exits(s.docs, exits, **kw)
+            per_set.append((s, q, d))
+        for e in exits:
+            for m in dims:
+                model.check(r, e, m, allow_untrained)
+                vals = [rev.evaluate_embeddings(s, normalize(q[e], m), normalize(d[e], m))
+                        for s, q, d in per_set]
+                row = {"rank": r, "exit": e, "dim": m}
+                row.update({k: float(np.mean([v[k] for v in vals])) for k in METRICS})
+                row["params"] = point_params(model, r, e)
+                row["embedding_bytes"] = 4 * m
+                rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Writes the heatmaps and the two trade-off panels to one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = sorted({r["rank"] for r in rows}, key=lambda x: -1 if x is None else x)
+    exits = sorted({r["exit"] for r in rows})
+    dims = sorted({r["dim"] for r in rows})
+    value = {(r["rank"], r["exit"], r["dim"]): r["ndcg@10"] for r in rows}
+    vmin, vmax = min(value.values()), max(value.values())
+    ncols = max(len(ranks), 2)
+    fig = plt.figure(figsize=(3.6 * ncols, 7.6), layout="constrained")
+    grid = fig.add_gridspec(2, ncols * 2)
+    image = None
+    for i, r in enumerate(ranks):
+        ax = fig.add_subplot(grid[0, 2 * i:2 * i + 2])
+        z = np.array([[value[(r, e, m)] for m in dims] for e in exits])
+        image = ax.imshow(z, origin="lower", aspect="auto", cmap="viridis", vmin=vmin,
+                          vmax=vmax)
+        ax.set_xticks(range(len(dims)), [str(m) for m in dims])
+        ax.set_yticks(range(len(exits)), [str(e) for e in exits])
+        ax.set_xlabel("MRL dim")
+        ax.set_ylabel("MLL exit (layers)")
+        ax.set_title(f"MEL rank {r if r is not None else 'full'}")
+        for y in range(len(exits)):
+            for x in range(len(dims)):
+                v = z[y, x]
+                ax.text(x, y, f"{v:.3f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < (vmin + vmax) / 2 else "black")
+    fig.colorbar(image, ax=fig.axes, shrink=0.8, label="nDCG@10", location="right")
+
+    half = ncols
+    ax = fig.add_subplot(grid[1, :half])
+    full_dim = max(dims)
+    for r in ranks:
+        pts = sorted((row["params"], row["ndcg@10"], row["exit"]) for row in rows
+                     if row["rank"] == r and row["dim"] == full_dim)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
+                label=f"rank {r if r is not None else 'full'}")
+        for p, v, e in pts:
+            ax.annotate(f"{e}L", (p, v), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (MEL factors kept, layers up to the exit)")
+    ax.set_ylabel(f"nDCG@10 (dim {full_dim})")
+    ax.set_title("quality vs model size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+    ax = fig.add_subplot(grid[1, half:])
+    top = ranks[-1]
+    for e in exits:
+        pts = sorted((row["embedding_bytes"], row["ndcg@10"]) for row in rows
+                     if row["rank"] == top and row["exit"] == e)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"exit {e}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bytes per embedding (float32)")
+    ax.set_ylabel(f"nDCG@10 (rank {top if top is not None else 'full'})")
+    ax.set_title("quality vs index size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _int_list(text: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         "integers") from None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(ap)
+    ap.add_argument("--out_dir", required=True, help="where matryoshka.json/.png go")
+    ap.add_argument("--png", default="", help="also copy the plot here (e.g. docs/x.png)")
+    ap.add_argument("--ranks", type=_int_list, default=None, help="default: trained ranks")
+    ap.add_argument("--exits", type=_int_list, default=None, help="default: trained exits")
+    ap.add_argument("--dims", type=_int_list, default=None, help="default: trained MRL dims")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = ap.parse_args(argv)
+    try:
+        model, sets = load_model_and_sets(a)
+        ranks = a.ranks or (list(model.ranks) if model.cfg.mel else [None])
+        exits = a.exits or list(model.exits)
+        dims = a.dims or sorted(model.dims)
+        for r in ranks:  # every value checked up front, before any encoding
+            for e in exits:
+                for m in dims:
+                    model.check(r, e, m, a.allow_untrained)
+        t0 = time.time()
+        rows = run_grid(model, sets, ranks, exits, dims, allow_untrained=a.allow_untrained,
+                        batch_tokens=a.batch_tokens, progress=not a.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = ", ".join(s.name for s in sets)
+    out = {"model": os.path.abspath(a.model), "step": model.step,
+           "sets": [{"name": s.name, **{k: v for k, v in s.info.items()
+                                        if isinstance(v, (int, float, str))}} for s in sets],
+           "metrics": list(METRICS), "ranks": ranks, "exits": exits, "dims": dims,
+           "grid": rows, "seconds": time.time() - t0}
+    os.makedirs(a.out_dir, exist_ok=True)
+    json_path = os.path.join(a.out_dir, "matryoshka.json")
+    with open(json_path, "w") as f:
+        json.dump(out, f, indent=1)
+    png_path = os.path.join(a.out_dir, "matryoshka.png")
+    step = f" step {model.step}" if model.step is not None else ""
+    plot(rows, png_path, f"{os.path.basename(os.path.normpath(a.model))}{step} on {names}")
+    if a.png:
+        import shutil
+
+        os.makedirs(os.path.dirname(os.path.abspath(a.png)), exist_ok=True)
+        shutil.copyfile(png_path, a.png)
+    full = max(rows, key=lambda r: (r["params"], r["dim"]))
+    print(f"{len(rows)} points on {names}; full model nDCG@10 {full['ndcg@10']:.4f}; "
+          f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
