@@ -2,6 +2,12 @@
 
 Runs on a laptop CPU in about a minute or two (README: `make demo`). The data, manifest and
 tokenizer live in mlembed_jax/demo_data (see its README for source and license).
+
+Sized for learning from scratch in that time: 2 layers (MLL exits 1 and 2), a full-rank MEL
+embedding (ranks 32, 64, 128 of d = 128; a lower r_max learns names much more slowly from
+random factors), 8 rows of 64 tokens per pack (the names are short), and enough epochs for
+every name to be seen many times: the held-out retrieval accuracy then ends several times
+above chance and the validation loss well below step 0's.
 """
 
 import os
@@ -18,16 +24,16 @@ DEMO_DATA = os.path.join(ROOT, "mlembed_jax", "demo_data")
 def get_config():
     c = base_config()
     m = c.model
-    m.vocab_size = 4096  # the demo tokenizer's vocabulary
+    m.vocab_size = 4096  # covers the demo tokenizer's vocabulary (<= 4096)
     m.eos_token_id = 1
     m.hidden_size = 128
     m.intermediate_size = 256
-    m.num_layers = 4
+    m.num_layers = 2
     m.num_heads = 4
     m.num_kv_heads = 2
     m.head_dim = 32
-    m.mel_r_max = 64
-    m.mel_r_min = 16
+    m.mel_r_max = 128
+    m.mel_r_min = 32
     m.compute_dtype = "float32"  # CPU: bf16 matmuls are slower than fp32 there
     m.remat = "none"
 
@@ -36,7 +42,7 @@ def get_config():
     d.prepared_dir = os.path.join(DEMO_DATA, "prepared")
     d.max_seq_length = 64
     d.seq_len = 64
-    d.rows_per_pack = 12
+    d.rows_per_pack = 8
     d.validation_fraction = 0.05
 
     o = c.optim
@@ -45,9 +51,12 @@ def get_config():
     o.warmup_steps = 30
 
     t = c.train
-    t.epochs = 2
+    t.epochs = 7
     t.log_every = 20
-    t.eval_every = 200
-    t.checkpoint_every = 200
+    t.eval_every = 500
+    t.checkpoint_every = 1000
+
+    c.eval.every = 1000  # nDCG@10 / Recall@100 / MRR@10 on the held-out retrieval pairs
+    c.eval.heldout = True
     c.lock()
     return c

@@ -60,10 +60,14 @@ class FactorizedEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, rank: jax.Array | int | None = None) -> jax.Array:
+        # From scratch, U ~ N(0, 0.02) and V ~ N(0, 1/r_max) give full-rank embeddings of
+        # std 0.02, like a plain table; two factors of 0.02 would start 50x too small.
+        # (From a checkpoint both come from the SVD instead.)
         init = nn.initializers.normal(stddev=0.02)
+        v_init = nn.initializers.normal(stddev=self.r_max ** -0.5)
         u = self.param("U", nn.with_logical_partitioning(init, ("vocab", "rank")),
                        (self.vocab_size, self.r_max), self.param_dtype)
-        v = self.param("V", nn.with_logical_partitioning(init, ("rank", "embed")),
+        v = self.param("V", nn.with_logical_partitioning(v_init, ("rank", "embed")),
                        (self.r_max, self.embed_dim), self.param_dtype)
         rows = jnp.take(u, tokens, axis=0).astype(self.dtype)  # [..., r_max]
         if rank is not None:
