@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test libtpu
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,20 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-setup: $(BIN)/.installed
+# libtpu lets tools/aot_compile.py (and tests/test_aot.py) describe TPU pods and compile for
+# them on a machine without TPUs. The version is the one the installed jax asks for in its
+# [tpu] extra. It goes to $(VENV)/libtpu, off the import path, so CPU runs never load it
+# (~210 MB download, ~690 MB installed). Without network the TPU tests are skipped, saying so.
+LIBTPU = $(VENV)/libtpu/libtpu/libtpu.so
+
+$(LIBTPU): $(BIN)/.installed
+	spec=$$($(BIN)/python -c "import importlib.metadata as m; print(next((r.split(';')[0].strip() for r in (m.requires('jax') or []) if r.startswith('libtpu')), 'libtpu'))"); \
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/libtpu "$$spec" \
+	  || echo "warning: could not install $$spec; tests/test_aot.py will skip its TPU tests"
+
+libtpu: $(LIBTPU)
+
+setup: $(BIN)/.installed $(LIBTPU)
 
 demo: setup
 	$(BIN)/python -m mlembed_jax.train --config=configs/demo.py --workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)

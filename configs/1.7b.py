@@ -1,4 +1,8 @@
-"""Qwen3-1.7B backbone with the full 3D-ML recipe (MEL r_max 512, MLL, MRL)."""
+"""Qwen3-1.7B backbone with the full 3D-ML recipe (MEL r_max 512, MLL, MRL).
+
+Default layout (configs/_qwen3.py): FSDP over every device (one GPU: a plain single-device
+run), one pack of 8 samples per device; tools/aot_compile.py gives ~16 GB per GPU on 8 H100.
+"""
 
 import os
 import sys

@@ -11,6 +11,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mlembed_jax.config import base_config  # noqa: E402
 
+# Default layout per size, for the hardware each size is meant for (tools/aot_compile.py
+# checks them; README table). "fsdp": every device holds 1/n of the params and optimizer
+# moments (mesh.fsdp=-1, data=1) and the batch is split over all devices too; it needs no
+# change between 8 GPUs and a 64-chip pod. "data": plain data parallelism, each device a
+# full replica (small models: no gathers of weights at all).
+# in_batch_block_size: rows per block of the in-batch logits (loss.py). A block holds every
+# device's rows, so no device holds more than [exits, block/devices, global samples] logits;
+# with <= block sample slots (e.g. 8 per device x 64 devices) it is one plain block.
+QWEN3_LAYOUT = {
+    #        layout, in_batch_block_size
+    "0.6b": ("data", 4096),
+    "1.7b": ("fsdp", 4096),
+    "4b": ("fsdp", 4096),
+    "8b": ("fsdp", 4096),
+}
+
 QWEN3_SHAPES = {
     #        hidden, intermediate, layers, heads, kv_heads, tied
     "0.6b": (1024, 3072, 28, 16, 8, True),
@@ -26,4 +42,12 @@ def qwen3_config(size: str):
     m = c.model
     m.hidden_size, m.intermediate_size, m.num_layers = hidden, inter, layers
     m.num_heads, m.num_kv_heads, m.tie_word_embeddings = heads, kv, tied
+    layout, block = QWEN3_LAYOUT[size]
+    if layout == "fsdp":
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    else:
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+    c.loss.in_batch_block_size = block
+    # The recipe's per-device batch: one pack of 8 samples per device (data.packs_per_step
+    # -1), packed into rows of 1024 tokens (base_config's data.* fields).
     return c

@@ -17,6 +17,7 @@ PEAK_FLOPS = {
     "TPU v5p": 459e12,
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # a v5p reports its kind as plain "TPU v5"
     "TPU v6": 918e12,
     "TPU v4": 275e12,
 }

@@ -49,14 +49,18 @@ def mrl_weights(d: int, min_dim: int = 8) -> tuple[tuple[int, float], ...]:
                  for n, m in enumerate(mrl_dims(d, min_dim), start=1))
 
 
-def config_kwargs(loss_cfg: Any) -> dict:
-    """The keyword arguments of `nested_contrastive_loss` taken from the config's `loss`."""
-    return dict(
+def config_kwargs(loss_cfg: Any, packs: int | None = None) -> dict:
+    """The keyword arguments of `nested_contrastive_loss` taken from the config's `loss`,
+    plus `packs` (the step's pack count: pack-local text lookups) when given."""
+    kw = dict(
         temperature=float(loss_cfg.temperature),
         mrl_min_dim=int(loss_cfg.mrl_min_dim),
         kd_weight=float(loss_cfg.kd_weight),
         in_batch_block_size=int(loss_cfg.in_batch_block_size),
     )
+    if packs is not None:
+        kw["packs"] = int(packs)
+    return kw
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -111,6 +115,7 @@ def nested_contrastive_loss(
     kd_weight: float = 0.0,
     in_batch_block_size: int = 0,
     num_datasets: int | None = None,
+    packs: int | None = None,
 ) -> tuple[jax.Array, dict]:
     """The recipe's per-step loss.
 
@@ -133,6 +138,14 @@ def nested_contrastive_loss(
       kd_weight: weight of the KD term.
       in_batch_block_size: rows per block of the in-batch logits; <= 0 = no blocking. Static.
       num_datasets: if given (static), metrics also hold a per-dataset mean sample loss.
+      packs: P, the packs of the step (static), or None. `batch.globalize_slots` puts the
+        texts of pack p at slots [p*T, (p+1)*T) with T = X // P, and a sample only points at
+        its own pack's texts. Given P, every text lookup is a gather inside its pack, so when
+        the packs are sharded over devices each device looks up only its own samples' texts
+        ([E, S/devices, ...]) and only the in-batch positives cross devices. None = one
+        global gather, where every device ends up holding every sample's query, positive and
+        negatives ([E, S, N, d] at global S: too much memory at large global batches).
+        Same result either way.
 
     Returns:
       (total, metrics): total is an fp32 scalar. metrics (fp32 unless noted):
@@ -153,12 +166,23 @@ def nested_contrastive_loss(
     # gradient through a masked product.
     x = jnp.where(text_valid[None, :, None], pooled.astype(f32), 0.0)
 
-    def take(idx):  # [E, X, d] -> [E, *idx.shape, d]
-        return jnp.take(x, idx, axis=1, mode="clip")
+    if packs is not None and X % packs:
+        raise ValueError(f"{X} text slots do not split into packs={packs} equal packs")
+
+    def take(arr, idx, axis):  # arr [..., X, ...] at `axis` -> [..., *idx.shape, ...]
+        if packs is None:
+            return jnp.take(arr, idx, axis=axis, mode="clip")
+        # Pack-local lookup: P becomes a batch dim of the gather, so it stays sharded.
+        T = X // packs
+        local = idx.reshape(packs, -1) - (jnp.arange(packs, dtype=idx.dtype) * T)[:, None]
+        a = arr.reshape(arr.shape[:axis] + (packs, T) + arr.shape[axis + 1:])
+        ind = local.reshape((1,) * axis + local.shape + (1,) * (arr.ndim - axis - 1))
+        out = jnp.take_along_axis(a, ind, axis=axis + 1, mode="clip")  # [.., P, k, ..]
+        return out.reshape(arr.shape[:axis] + idx.shape + arr.shape[axis + 1:])
 
     qt, pt, nt = slots["query_text"], slots["positive_text"], slots["negative_text"]
     def tv(idx):
-        return jnp.take(text_valid, idx, mode="clip")
+        return take(text_valid, idx, 0)
 
     sample_ok = slots["sample_valid"].astype(bool) & tv(qt) & tv(pt)  # [S]
     neg_ok = slots["negative_valid"].astype(bool) & tv(nt) & sample_ok[:, None]  # [S, N]
@@ -168,7 +192,7 @@ def nested_contrastive_loss(
     sample_w = sample_ok.astype(f32) / jnp.maximum(n_samples, 1).astype(f32)
     row_w = row_ok.astype(f32) / jnp.maximum(n_rows, 1).astype(f32)
 
-    q_all, p_all, n_all = take(qt), take(pt), take(nt)  # [E,S,d], [E,S,d], [E,S,N,d]
+    q_all, p_all, n_all = take(x, qt, 1), take(x, pt, 1), take(x, nt, 1)  # [E,S(,N),d]
     hard_e = jnp.zeros((E,), f32)
     inb_e = jnp.zeros((E,), f32)
     sample_loss = jnp.zeros(sample_ok.shape, f32)

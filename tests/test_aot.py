@@ -1,0 +1,188 @@
+"""tools/aot_compile.py: the real train step compiled ahead of time for a TPU topology (via
+libtpu, no TPU) and for GPU-cluster planning on fake CPU devices; the fit/no-fit exit code;
+and the pack-local loss lookups that keep global in-batch negatives sharded at scale."""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mlembed_jax import aot
+from mlembed_jax import loss as L
+from mlembed_jax.batch import BatchGeometry, globalize_slots
+from train_helpers import DEMO, ROOT, SMALL
+
+TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
+LIBTPU = aot.find_libtpu()
+needs_libtpu = pytest.mark.skipif(
+    LIBTPU is None, reason="libtpu is not installed (`make libtpu` puts it in .venv/libtpu; "
+    "it is a 200 MB wheel from PyPI), so no TPU topology can be described here")
+
+
+def run_tool(topology, max_fraction=0.9, **overrides):
+    args = [sys.executable, TOOL, f"--config={DEMO}", f"--topology={topology}",
+            f"--max_fraction={max_fraction}"]
+    for k, v in {**SMALL, **overrides}.items():
+        args.append(f"--config.{k}={v}")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+
+def gb(text, label):
+    """The figure of a '  label  12.34 GB' / 'MB' line of the report, in bytes."""
+    m = re.search(rf"^\s+{label}\s+([\d.]+) (GB|MB)", text, re.M)
+    assert m, f"no {label!r} line in:\n{text}"
+    return float(m.group(1)) * (1e9 if m.group(2) == "GB" else 1e6)
+
+
+@needs_libtpu
+def test_small_config_compiles_for_a_tpu_topology_and_fits():
+    r = run_tool("v5p:2x2x1", **{"mesh.fsdp": 2})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "TPU v5p topology 2x2x1 = 4 chips" in out
+    assert "mesh: data=2 fsdp=2 tensor=1" in out
+    # One pack of 8 samples per chip: the recipe's per-device batch.
+    assert "4 packs x 8 samples = 32 samples/step (8 per chip" in out
+    # The arguments are this chip's shard of the state (plus a tiny batch shard): at least
+    # what the shardings give by hand, more only by XLA:TPU's tile padding of small arrays,
+    # and far below the whole state that an unsharded (replicated) layout would hold.
+    state = float(re.search(r"train state ([\d.]+) MB", out).group(1)) * 1e6
+    assert state <= gb(out, "arguments") <= 1.5 * state, (state, gb(out, "arguments"))
+    assert gb(out, "temporaries") > 0
+    total = gb(out, "total")
+    assert total >= gb(out, "arguments") + gb(out, "temporaries") - 0.05e6
+    assert "FITS" in out and "RESULT: fits" in out
+    # FSDP over 2 chips and data parallelism: weights and gradients cross chips.
+    assert re.search(r"^\s+all-(reduce|gather)\s+\d+", out, re.M), out
+    assert "counts the scanned layer body" in out
+
+
+@needs_libtpu
+def test_absurd_batch_does_not_fit_and_exits_nonzero():
+    # 4096 rows of 2048 tokens per chip: the attention logits alone need ~1 TB per chip.
+    r = run_tool("v5p:2x2x1", **{"data.rows_per_pack": 4096, "data.seq_len": 2048,
+                                 "data.max_seq_length": 2048})
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "does NOT fit" in r.stdout
+
+
+def test_gpu_planning_on_fake_cpu_devices():
+    # Same step, same mesh, 8 fake CPU devices. A tiny HBM fraction makes it "not fit", which
+    # checks the tool's own ceiling (XLA:CPU never runs out of memory while compiling).
+    r = run_tool("h100:8", **{"mesh.fsdp": 8, "mesh.data": 1}, max_fraction=1e-6)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "8 fake CPU devices" in out and "ONLY INDICATIVE" in out
+    assert "mesh: data=1 fsdp=8 tensor=1" in out
+    assert gb(out, "arguments") > 0 and gb(out, "temporaries") > 0
+    assert "DOES NOT FIT" in out and "(indicative only: XLA:CPU)" in out
+
+
+def test_bad_topology_is_a_usage_error():
+    r = subprocess.run([sys.executable, TOOL, f"--config={DEMO}", "--topology=v9z:2x2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown chip 'v9z'" in r.stderr
+    with pytest.raises(aot.AotError, match="device count"):
+        aot.parse_target("h100:eight")
+    t = aot.parse_target("v5p:4x4x4")
+    assert (t.platform, t.num_devices, t.hbm_bytes) == ("tpu", 64, 95e9)
+
+
+# ------------------------------------------------------------------------------------------
+# Global in-batch negatives at scale: the pack-local lookups of the loss.
+
+
+def _random_slots(rng, packs, B=4, N=3, texts=None):
+    """A packed batch's slot arrays with pack-local text indices, some slots empty."""
+    T = texts or B * (2 + N)
+    geo = BatchGeometry(packs=packs, rows_per_pack=1, seq_len=8, texts_per_pack=T,
+                        samples_per_pack=B, max_negatives=N)
+    b = geo.empty()
+    b["text_valid"][:] = rng.random((packs, T)) < 0.9
+    b["query_text"][:] = rng.integers(0, T, (packs, B))
+    b["positive_text"][:] = rng.integers(0, T, (packs, B))
+    b["negative_text"][:] = rng.integers(0, T, (packs, B, N))
+    b["negative_valid"][:] = rng.random((packs, B, N)) < 0.8
+    b["sample_valid"][:] = rng.random((packs, B)) < 0.85
+    b["in_batch"][:] = rng.random((packs, B)) < 0.7
+    b["dataset_id"][:] = rng.integers(0, 3, (packs, B))
+    return geo, globalize_slots(b, geo)
+
+
+def _sharded(mesh, pooled, slots):
+    row = lambda a: NamedSharding(mesh, P("data", *([None] * (a.ndim - 1))))
+    return (jax.device_put(pooled, NamedSharding(mesh, P(None, "data", None))),
+            {k: jax.device_put(np.asarray(v), row(np.asarray(v))) for k, v in slots.items()})
+
+
+def test_pack_local_lookups_give_the_same_loss_and_gradient():
+    rng = np.random.default_rng(0)
+    geo, slots = _random_slots(rng, packs=8)
+    pooled = rng.normal(size=(3, 8 * geo.texts_per_pack, 16)).astype(np.float32)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x, s = _sharded(mesh, pooled, slots)
+    # Blocks of 3 rows (strided over the packs), as the size configs use blocks.
+    f = lambda x, s, packs: L.nested_contrastive_loss(
+        x, s, mrl_min_dim=4, in_batch_block_size=3, num_datasets=3, packs=packs)
+    grad = lambda packs: jax.jit(jax.value_and_grad(
+        lambda x, s: f(x, s, packs), has_aux=True))(x, s)
+    (t0, m0), g0 = grad(None)
+    (t1, m1), g1 = grad(8)
+    assert float(m0["num_samples"]) > 0 and float(m0["num_in_batch"]) > 0
+    np.testing.assert_allclose(t1, t0, rtol=1e-6)
+    np.testing.assert_allclose(m1["sample_loss"], m0["sample_loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m1["dataset_loss"], m0["dataset_loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-7)
+    assert np.abs(g1).sum() > 0
+
+
+def test_pack_local_lookups_keep_per_device_memory_down():
+    # 64 packs x 10 samples over 8 devices. A global lookup leaves every device with every
+    # sample's query, positive and 9 negatives ([E, S, N, d]); pack-local ones keep 1/8 of
+    # them per device, and blocks bound the in-batch logits.
+    rng = np.random.default_rng(1)
+    geo, slots = _random_slots(rng, packs=64, B=10, N=9)
+    pooled = jnp.zeros((2, 64 * geo.texts_per_pack, 128), jnp.float32)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x, s = _sharded(mesh, pooled, slots)
+
+    def temp_bytes(packs, block):
+        f = lambda x, s: jax.value_and_grad(lambda x: L.nested_contrastive_loss(
+            x, s, mrl_min_dim=128, in_batch_block_size=block, packs=packs)[0])(x)
+        return jax.jit(f).lower(x, s).compile().memory_analysis().temp_size_in_bytes
+
+    global_lookup = temp_bytes(None, 0)
+    local = temp_bytes(64, 0)
+    local_blocked = temp_bytes(64, 160)
+    assert local < 0.5 * global_lookup, (local, global_lookup)  # measured: 5.5 vs 16 MB
+    assert local_blocked <= local, (local_blocked, local)
+
+
+@needs_libtpu
+def test_every_host_of_a_tpu_pod_builds_its_own_packs():
+    # v5p:4x4x4 is 16 hosts of 4 chips. The mesh follows the torus, so a host's chips hold
+    # pack positions like {0, 4, 8, 12}, not a run; each host still gets 4 packs of its own
+    # and together they build every pack of the step once.
+    from mlembed_jax import distributed
+    from mlembed_jax.config import load_config_file
+    from mlembed_jax.sharding import make_mesh
+
+    target = aot.parse_target("v5p:4x4x4")
+    aot.prepare_environment(target)
+    mesh = make_mesh(load_config_file(os.path.join(ROOT, "configs", "8b.py")).mesh,
+                     aot.target_devices(target))
+    positions = {}
+    for i, d in enumerate(mesh.devices.reshape(-1)):
+        positions.setdefault(d.process_index, []).append(i)
+    assert len(positions) == 16
+    assert any(max(v) - min(v) >= len(v) for v in positions.values())  # not contiguous
+    ranges = distributed.pack_ranges(mesh, 64)
+    assert sorted(ranges.values()) == [(4 * r, 4 * r + 4) for r in range(16)]

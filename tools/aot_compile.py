@@ -1,0 +1,78 @@
+r"""Compile the real train step ahead of time for a TPU pod or a GPU cluster, and say if it fits.
+
+    python tools/aot_compile.py --config=configs/8b.py --topology=v5p:4x4x4 \
+        [--config.section.field=value ...] [--max_fraction=0.9] [--hlo_out=FILE]
+
+--topology:
+  v5p:4x4x4, v5p:2x4x4, v6e:8x8, v5e:16x16, v4:4x4x4, ...   a TPU slice, described by libtpu
+      on this machine (no TPU needed; `make libtpu` installs it). Memory is XLA:TPU's own.
+  h100:8, h100:32, h200:8, a100:16, cpu:8                    GPU-cluster planning: the same
+      mesh over N fake CPU devices, compiled by XLA:CPU. Memory figures are only indicative.
+
+Builds the step exactly as `python -m mlembed_jax.train` would for that many devices (mesh,
+rules table, batch geometry, optimizer and 3D-ML loss from the config), with no weights and
+no data, compiles it, and prints per-chip argument/temp/total bytes against the chip's HBM,
+FLOPs per step (counted by hand; XLA's cost analysis counts a scanned body once), and the
+collectives in the compiled HLO.
+
+Exit codes: 0 fits; 1 does not fit (or XLA ran out of memory compiling); 2 bad config or
+topology; 3 libtpu is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mlembed_jax import aot  # noqa: E402  (imports no JAX backend)
+from mlembed_jax.config import ConfigError, validate  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+flags.DEFINE_string("topology", None, "v5p:4x4x4, v6e:8x8, ... or h100:8 for GPU planning")
+flags.DEFINE_float("max_fraction", 0.9, "the step fits if its per-chip total is at most this "
+                   "fraction of the chip's HBM (the rest: runtime, fragmentation)")
+flags.DEFINE_string("hlo_out", "", "also write the compiled HLO text here")
+flags.DEFINE_integer("num_datasets", 1, "datasets in the run (only sizes per-dataset metrics)")
+flags.mark_flags_as_required(["config", "topology"])
+
+
+def main(argv):
+    del argv
+    try:
+        target = aot.parse_target(FLAGS.topology)
+        aot.prepare_environment(target)  # before JAX makes a backend
+        validate(FLAGS.config)
+        devices = aot.target_devices(target)
+        built = aot.build_lowered(FLAGS.config, devices, FLAGS.num_datasets)
+    except aot.LibtpuMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (aot.AotError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    try:
+        compiled = built.lowered.compile()
+    except Exception as e:  # XLA reports running out of HBM as a compile error
+        if aot.is_out_of_memory(e):
+            print(f"RESULT: does NOT fit on {target.spec}: XLA ran out of memory compiling the "
+                  f"step:\n{str(e)[:2000]}")
+            return 1
+        raise
+    compile_s = time.time() - t0
+    if FLAGS.hlo_out:
+        with open(FLAGS.hlo_out, "w") as f:
+            f.write(compiled.as_text())
+    fits = aot.report(built, compiled, target, compile_s, FLAGS.max_fraction)
+    return 0 if fits else 1
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
