@@ -24,6 +24,7 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -32,8 +33,7 @@ from tqdm import tqdm  # noqa: E402
 from mlembed_jax import flops as flops_lib  # noqa: E402
 from mlembed_jax.checkpoint import Checkpointer, abstract_with_shardings  # noqa: E402
 from mlembed_jax.config import ConfigError, validate  # noqa: E402
-from mlembed_jax.data.global_batch import (packs_per_step, process_pack_range,  # noqa: E402
-                                           to_global_batch)
+from mlembed_jax.data.global_batch import packs_per_step, to_global_batch  # noqa: E402
 from mlembed_jax.data.pipeline import (make_train_iterator,  # noqa: E402
                                        make_validation_iterator)
 from mlembed_jax.data_state import DataStateBox  # noqa: E402
@@ -44,6 +44,7 @@ from mlembed_jax.model.hf_import import (encoder_config_from_hf,  # noqa: E402
                                          load_hf_params)
 from mlembed_jax.model.qwen3 import EncoderConfig, param_count  # noqa: E402
 from mlembed_jax.optim import make_optimizer  # noqa: E402
+from mlembed_jax.periodic_eval import make_periodic_evaluator  # noqa: E402
 from mlembed_jax.sharding import activation_rules, logical_shardings, make_mesh  # noqa: E402
 from mlembed_jax.state_init import abstract_state, init_state, place_params  # noqa: E402
 from mlembed_jax.train_step import (StepSetup, jit_steps,  # noqa: E402
@@ -51,14 +52,27 @@ from mlembed_jax.train_step import (StepSetup, jit_steps,  # noqa: E402
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves and stops at the next step boundary."""
+    """SIGTERM sets a flag; the loop saves and stops at the next step boundary.
+
+    With several processes, all must stop at the same step (a checkpoint save is collective),
+    so JAX's preemption service decides: it catches SIGTERM in any process, and
+    reached_preemption_sync_point turns true on every process at one common step.
+    """
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.multi = jax.process_count() > 1
+        if not self.multi:  # a Python handler would replace the service's own
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def check(self, step: int) -> bool:
+        """Called once per step, with the same step on every process."""
+        if self.multi:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
 
 def _log(msg: str) -> None:
@@ -117,7 +131,7 @@ def run(config, workdir: str) -> int:
          f"({jax.devices()[0].device_kind}), {jax.process_count()} process(es)")
 
     packs = packs_per_step(config.data, mesh)
-    pack_range = process_pack_range(mesh, packs)
+    pack_range = distributed.process_pack_range(mesh, packs)  # TPU pods: non-contiguous
     train_iter = make_train_iterator(config, packs, pack_range=pack_range)
     val_batches = make_validation_iterator(config, packs, pack_range=pack_range)
     geometry = train_iter.global_geometry
@@ -131,8 +145,8 @@ def run(config, workdir: str) -> int:
     tx, schedule = make_optimizer(config.optim, total_steps)
     teacher_cfg, teacher_params, teacher_sh = _load_teacher(config, enc, mesh, rules)
     setup = StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
-                      loss_kwargs=config_kwargs(config.loss), num_datasets=len(names),
-                      teacher=teacher_cfg)
+                      loss_kwargs=config_kwargs(config.loss, packs=geometry.packs),
+                      num_datasets=len(names), teacher=teacher_cfg)
     n_params = param_count(abstract_params(enc))
     _log(f"model: {n_params:,} parameters ({param_count(abstract_params(enc), True):,} "
          f"non-embedding), exits {enc.exits}, MEL {'r_max ' + str(enc.mel_r_max) if enc.mel else 'off'}")
@@ -164,6 +178,7 @@ def run(config, workdir: str) -> int:
         _log(f"compiled train step in {time.time() - t0:.1f}s; {_memory_report(compiled)}")
 
     writer = MetricsWriter(workdir, enabled=primary)
+    retrieval_eval = make_periodic_evaluator(config)  # None unless eval.every > 0
     peak = flops_lib.peak_flops(jax.devices()[0].device_kind)
     start = int(jax.device_get(state.step))
     if start == 0 and config.train.eval_every > 0:
@@ -184,6 +199,7 @@ def run(config, workdir: str) -> int:
             gb = to_global_batch(batch, geometry, mesh)
             state, metrics = compiled(state, gb, teacher_params)
             step += 1
+            preempt.check(step)
             lengths = _text_lengths(batch, geometry)
             interval_tokens += int(lengths.sum())
             interval_flops += flops_lib.train_flops(config.model, lengths)
@@ -208,6 +224,9 @@ def run(config, workdir: str) -> int:
                                                 or step == total_steps):
                 writer.write(step, _validate(eval_fn, state.params, val_batches, geometry, mesh,
                                              teacher_params, names))
+            if retrieval_eval is not None and (step % config.eval.every == 0
+                                               or step == total_steps):
+                writer.write(step, retrieval_eval(state.params, step))
             if step % config.train.checkpoint_every == 0 or step == total_steps \
                     or preempt.requested:
                 ckpt.save(step, state, DataStateBox(train_iter.get_state()), config,
@@ -247,24 +266,32 @@ def _interval_values(host_metrics, stats, names, tokens, flops, dt, peak, proces
 
 
 def _validate(eval_fn, params, val_batches, geometry, mesh, teacher_params, names) -> dict:
-    """Sample-weighted means of the eval metrics over the whole held-out split."""
-    sums, weight = {}, 0.0
+    """Means of the eval metrics over the whole held-out split: sample-weighted, except the
+    in-batch accuracy and its chance level, which only retrieval samples have."""
+    retrieval_only = ("acc_in_batch", "acc_in_batch_chance")
+    sums, weights = {}, {"samples": 0.0, "retrieval": 0.0}
     per_dataset: dict[str, list[float]] = {}
     for batch, stats in val_batches:
         m = jax.device_get(eval_fn(params, to_global_batch(batch, geometry, mesh),
                                    teacher_params))
-        w = float(m["num_samples"])
-        if w == 0:
+        w = {"samples": float(m["num_samples"]), "retrieval": float(m["num_in_batch"])}
+        if w["samples"] == 0:
             continue
         for k, v in m.items():
-            if np.ndim(v) == 0:
-                sums[k] = sums.get(k, 0.0) + float(v) * w
+            if np.ndim(v) == 0 and not k.startswith("num_"):
+                kind = "retrieval" if k in retrieval_only else "samples"
+                sums[k] = sums.get(k, 0.0) + float(v) * w[kind]
         per_dataset.setdefault(stats["dataset"], []).append(float(m["total"]))
-        weight += w
-    out = {f"val/{k}": v / max(weight, 1.0) for k, v in sums.items()
-           if not k.startswith("num_")}
+        for kind in weights:
+            weights[kind] += w[kind]
+    out = {}
+    for k, v in sums.items():
+        weight = weights["retrieval" if k in retrieval_only else "samples"]
+        if weight > 0:
+            out[f"val/{k}"] = v / weight
     for name, vals in per_dataset.items():
         out[f"val/loss_by_dataset/{name}"] = sum(vals) / len(vals)
+    weight = weights["samples"]
     out["val/samples"] = weight
     return out
 

@@ -119,14 +119,34 @@ def eval_step(setup: StepSetup, params, batch: dict, teacher_params=None, rank=N
     return metrics
 
 
+def _path_keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
 def state_shardings(setup: StepSetup, mesh: Mesh, rules, abstract_state: TrainState):
     """NamedShardings for every leaf of the state: params by the rules table, optimizer
-    moments like their params, scalars replicated."""
+    moments like the param they belong to, everything else (counts, scalars) replicated.
+
+    A moment is matched to its param by the param's path ending its own path, with the same
+    shape; this holds however optax nests its state (chain, multi_transform masks, ...).
+    """
     param_sh = logical_shardings(param_logical_axes(setup.enc), mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sh = optax.tree_map_params(
-        setup.tx, lambda _, sh: sh, abstract_state.opt_state, param_sh,
-        transform_non_params=lambda _: replicated)
+    by_path = {}
+    for path, sh in jax.tree_util.tree_leaves_with_path(param_sh):
+        by_path[_path_keys(path)] = sh
+    shapes = {_path_keys(p): x.shape
+              for p, x in jax.tree_util.tree_leaves_with_path(abstract_state.params)}
+
+    def moment_sharding(path, leaf):
+        keys = _path_keys(path)
+        for start in range(len(keys)):
+            suffix = keys[start:]
+            if suffix in by_path and shapes[suffix] == leaf.shape:
+                return by_path[suffix]
+        return replicated
+
+    opt_sh = jax.tree_util.tree_map_with_path(moment_sharding, abstract_state.opt_state)
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
 
 

@@ -17,16 +17,13 @@ from mlembed_jax import retrieval_eval as rev
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "mlembed_jax", "demo_data")
 
-# The trained model shared with test_matryoshka_report.py. The demo's retrieval dataset
+# The trained model shared with test_matryoshka_report.py: the demo's retrieval dataset
 # (cldr_names) alone, prepared with the demo tokenizer, and the small test model trained with
-# 32 samples per step. Measured (see the margin test): with all three demo datasets and 8
-# samples per step, a few hundred steps barely move held-out retrieval (the clustering
-# dataset pulls names of one kind and language together, the opposite of what cldr_names'
-# same-kind hard negatives ask); cldr_names alone with the larger in-batch set learns it.
-TRAIN_STEPS = 200
+# 32 samples per step, so a few hundred steps learn it (measured figures: margin test).
+TRAIN_STEPS = 500
 TRAIN_OVERRIDES = {
     "mesh.num_devices": 1, "data.samples_per_pack": 32, "data.rows_per_pack": 40,
-    "data.validation_fraction": 0.2,  # ~415 held-out queries: a metric that isn't noise
+    "data.validation_fraction": 0.2,  # 543 held-out queries: a metric that is not noise
     "train.max_steps": TRAIN_STEPS, "train.checkpoint_every": 1000,
 }
 
@@ -186,19 +183,17 @@ def test_trained_model_beats_untrained_on_its_heldout_split(names_run):
     trained = enc.load(work)
     untrained = dataclasses.replace(trained, params=init_params(trained.cfg, jax.random.key(0)))
     [heldout] = rev.heldout_sets(config)
-    assert len(heldout.queries) == 415 and heldout.tokenized
+    assert len(heldout.queries) == 543 and heldout.tokenized  # 20% of 2712 cldr_names rows
     a = rev.evaluate(trained, heldout)  # full size: rank r_max, last exit, full dim
     b = rev.evaluate(untrained, heldout)
     print(f"held-out nDCG@10 / Recall@100 / MRR@10: trained {a['ndcg@10']:.4f} "
           f"{a['recall@100']:.4f} {a['mrr@10']:.4f}; untrained {b['ndcg@10']:.4f} "
           f"{b['recall@100']:.4f} {b['mrr@10']:.4f}")
-    # Measured at 200 steps: this test (seed 0) trained 0.069 / 0.190 / 0.057 (nDCG@10 /
-    # Recall@100 / MRR@10) vs untrained 0.028 / 0.120 / 0.023; the same setup with
-    # train.seed = data.seed = 1 and 2 (each against its own untrained init): 0.063 / 0.173 /
-    # 0.051 vs 0.018 / 0.087 / 0.015, and 0.061 / 0.173 / 0.050 vs 0.032 / 0.096 / 0.028.
-    # So at least 1.9x on nDCG and MRR and 1.58x on recall; the bounds leave room for
-    # numeric drift across machines. (Absolute values are low: cross-lingual names against
-    # same-kind, look-alike hard negatives, learnt from scratch in seconds.)
+    # Measured at 500 steps (2026-11-27, rebuilt demo data): trained 0.114 / 0.945 / 0.058
+    # (nDCG@10 / Recall@100 / MRR@10) vs untrained 0.009 / 0.116 / 0.006. nDCG and MRR stay
+    # low in absolute terms because the corpus also holds the same entity's names in other
+    # languages, which a model that learnt the entity ranks high but qrels call irrelevant.
+    # The bounds below are far under the measured ratios (12x, 8x, 10x).
     assert a["ndcg@10"] > 1.7 * b["ndcg@10"] and a["ndcg@10"] - b["ndcg@10"] > 0.02
     assert a["mrr@10"] > 1.7 * b["mrr@10"]
     assert a["recall@100"] > 1.4 * b["recall@100"]

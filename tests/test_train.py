@@ -97,9 +97,13 @@ def test_cli_override_takes_effect_and_unknown_is_rejected(tmp_path):
 
 def test_demo_validation_loss_falls(tmp_path):
     cfg = small_config(**{"train.max_steps": 150, "train.eval_every": 150,
-                          "train.checkpoint_every": 1000})
+                          "train.checkpoint_every": 1000, "eval.every": 150,
+                          "eval.heldout": True})
     assert run(cfg, str(tmp_path)) == 0
-    val = {m["step"]: m for m in read_metrics(str(tmp_path)) if "val/total" in m}
+    logged = read_metrics(str(tmp_path))
+    # The periodic retrieval evaluator ran from inside the loop, on the held-out split.
+    assert any(k.startswith("eval/") and k.endswith("ndcg@10") for m in logged for k in m)
+    val = {m["step"]: m for m in logged if "val/total" in m}
     assert sorted(val) == [0, 150]
     assert val[150]["val/total"] < 0.8 * val[0]["val/total"], val
     assert val[150]["val/acc_in_batch"] > 1.5 * val[150]["val/acc_in_batch_chance"], val[150]

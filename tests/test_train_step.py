@@ -96,3 +96,25 @@ def test_train_with_hf_init_and_hf_teacher(tmp_path):
     assert run(cfg, str(tmp_path / "w")) == 0
     logged = [m for m in read_metrics(str(tmp_path / "w")) if "train/kd" in m]
     assert len(logged) == 2 and all(m["train/kd"] > 0 for m in logged)
+
+
+@pytest.mark.parametrize("mel_lr", [-1.0, 1e-4])
+def test_optimizer_moments_are_sharded_like_their_params(parts, mel_lr):
+    """Also with a separate MEL learning rate, whose multi_transform masks the state."""
+    from mlembed_jax.config import base_config
+    from mlembed_jax.sharding import make_mesh
+    from mlembed_jax.state_init import abstract_state
+    from mlembed_jax.train_step import state_shardings
+
+    config, enc, geometry, _ = parts
+    setup = _setup(config, enc, geometry, mel_lr=mel_lr)
+    c = base_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    mesh = make_mesh(c.mesh)
+    abstract = abstract_state(setup)
+    sh = state_shardings(setup, mesh, c.mesh.logical_axis_rules, abstract)
+    want = sh.params["layers"]["self_attn"]["q_proj"].spec
+    assert "fsdp" in want and "tensor" in want
+    found = [s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh.opt_state)
+             if "q_proj" in jax.tree_util.keystr(p)]
+    assert len(found) == 2 and all(f == want for f in found)  # Adam's mu and nu
