@@ -101,13 +101,11 @@ def find_libtpu() -> str | None:
     if env and os.path.isfile(env):
         return env
     try:
-        import libtpu  # noqa: F401
-
-        return libtpu.get_library_path()
-    except ImportError:
-        pass
-    side = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
-    return side if os.path.isfile(side) else None
+        import libtpu
+    except ImportError:  # not importable: look beside the venv (make libtpu puts it there)
+        side = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
+        return side if os.path.isfile(side) else None
+    return libtpu.get_library_path()
 
 
 def prepare_environment(target: Target) -> None:
@@ -120,8 +118,11 @@ def prepare_environment(target: Target) -> None:
     if "jax" in sys.modules:  # imported already: the env var alone is read too late
         try:
             sys.modules["jax"].config.update("jax_platforms", "cpu")
-        except Exception:
-            pass
+        except Exception as e:  # a backend already exists; say so rather than hide it
+            import warnings
+
+            warnings.warn(f"could not switch JAX to the CPU backend ({e}); the compile may "
+                          "use a local accelerator")
     if target.platform == "cpu":
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                        os.environ.get("XLA_FLAGS", ""))

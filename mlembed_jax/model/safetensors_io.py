@@ -21,7 +21,7 @@ _DTYPES = {
 
 
 class SafetensorsError(ValueError):
-    pass
+    """A file that is not valid safetensors; the message names the file and the problem."""
 
 
 class SafetensorsFile:
