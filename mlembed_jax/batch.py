@@ -102,6 +102,14 @@ def check_batch(batch: dict, geometry: BatchGeometry) -> None:
         raise ValueError("batch does not match its geometry: " + "; ".join(problems))
 
 
+def text_lengths(batch: dict) -> np.ndarray:
+    """Real length of every valid text of a host batch (its position at the pool index + 1),
+    in pack-major text-slot order: [valid texts] int."""
+    P = batch["pool_index"].shape[0]
+    pos = np.take_along_axis(batch["positions"].reshape(P, -1), batch["pool_index"], axis=1)
+    return (pos + 1)[batch["text_valid"]]
+
+
 def globalize_slots(batch: dict, geometry: BatchGeometry) -> dict:
     """Pack-local text slots -> step-global text slots, flattened pack-major.
 

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from mlembed_jax import flops as flops_lib
+from mlembed_jax.batch import text_lengths
 from mlembed_jax.data.benchmark_mix import benchmark_batches, mix_geometry
 from mlembed_jax.data.global_batch import to_global_batch
 from mlembed_jax.loss import config_kwargs
@@ -50,13 +51,6 @@ class BenchResult:
         if not peak:
             return None
         return sum(self.flops) / sum(self.step_times) / (peak * self.devices)
-
-
-def text_lengths(batch: dict) -> np.ndarray:
-    """Lengths of the valid texts of a packed batch: position at the pool index + 1."""
-    P = batch["pool_index"].shape[0]
-    pos = np.take_along_axis(batch["positions"].reshape(P, -1), batch["pool_index"], axis=1)
-    return (pos + 1)[batch["text_valid"]]
 
 
 def plain_variant(config):

@@ -31,6 +31,7 @@ from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mlembed_jax import flops as flops_lib  # noqa: E402
+from mlembed_jax.batch import text_lengths  # noqa: E402
 from mlembed_jax.checkpoint import Checkpointer, abstract_with_shardings  # noqa: E402
 from mlembed_jax.config import ConfigError, validate  # noqa: E402
 from mlembed_jax.data.global_batch import packs_per_step, to_global_batch  # noqa: E402
@@ -78,43 +79,6 @@ class _Preemption:
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
-
-
-def _text_lengths(batch: dict, geometry) -> np.ndarray:
-    """Real length of every valid text of a host batch: its position at the pool index + 1."""
-    P = batch["pool_index"].shape[0]
-    flat_pos = batch["positions"].reshape(P, -1)
-    lengths = np.take_along_axis(flat_pos, batch["pool_index"], axis=1) + 1
-    return lengths[batch["text_valid"]]
-
-
-def _memory_report(compiled) -> str:
-    try:
-        m = compiled.memory_analysis()
-    except Exception as e:  # some backends have no memory analysis
-        return f"memory analysis unavailable ({e})"
-    if m is None:
-        return "memory analysis unavailable on this backend"
-    gib = 2 ** 30
-    return (f"per device: arguments {m.argument_size_in_bytes / gib:.3f} GiB, outputs "
-            f"{m.output_size_in_bytes / gib:.3f} GiB, temporaries {m.temp_size_in_bytes / gib:.3f}"
-            f" GiB, aliased {m.alias_size_in_bytes / gib:.3f} GiB")
-
-
-def _load_teacher(config, enc: EncoderConfig, mesh, rules):
-    if not config.loss.teacher:
-        return None, None, None
-    teacher = encoder_config_from_hf(config.loss.teacher, compute_dtype=enc.compute_dtype,
-                                     param_dtype=enc.compute_dtype, attention=enc.attention,
-                                     exits=())
-    teacher = teacher.truncated(teacher.num_layers)  # one exit: the last layer
-    if teacher.vocab_size < enc.vocab_size:
-        raise ConfigError(f"teacher {config.loss.teacher!r} has vocab {teacher.vocab_size}, "
-                          f"smaller than the student's {enc.vocab_size}; use a teacher with "
-                          "the same tokenizer")
-    sh = logical_shardings(param_logical_axes(teacher), mesh, rules)
-    params = place_params(load_hf_params(config.loss.teacher, teacher), sh, teacher.param_dtype)
-    return teacher, params, sh
 
 
 def run(config, workdir: str) -> int:
@@ -200,7 +164,7 @@ def run(config, workdir: str) -> int:
             state, metrics = compiled(state, gb, teacher_params)
             step += 1
             preempt.check(step)
-            lengths = _text_lengths(batch, geometry)
+            lengths = text_lengths(batch)
             interval_tokens += int(lengths.sum())
             interval_flops += flops_lib.train_flops(config.model, lengths)
             interval_stats.append(stats)
