@@ -81,6 +81,35 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
+def _memory_report(compiled) -> str:
+    try:
+        m = compiled.memory_analysis()
+    except Exception as e:  # some backends have no memory analysis
+        return f"memory analysis unavailable ({e})"
+    if m is None:
+        return "memory analysis unavailable on this backend"
+    gib = 2 ** 30
+    return (f"per device: arguments {m.argument_size_in_bytes / gib:.3f} GiB, outputs "
+            f"{m.output_size_in_bytes / gib:.3f} GiB, temporaries {m.temp_size_in_bytes / gib:.3f}"
+            f" GiB, aliased {m.alias_size_in_bytes / gib:.3f} GiB")
+
+
+def _load_teacher(config, enc: EncoderConfig, mesh, rules):
+    if not config.loss.teacher:
+        return None, None, None
+    teacher = encoder_config_from_hf(config.loss.teacher, compute_dtype=enc.compute_dtype,
+                                     param_dtype=enc.compute_dtype, attention=enc.attention,
+                                     exits=())
+    teacher = teacher.truncated(teacher.num_layers)  # one exit: the last layer
+    if teacher.vocab_size < enc.vocab_size:
+        raise ConfigError(f"teacher {config.loss.teacher!r} has vocab {teacher.vocab_size}, "
+                          f"smaller than the student's {enc.vocab_size}; use a teacher with "
+                          "the same tokenizer")
+    sh = logical_shardings(param_logical_axes(teacher), mesh, rules)
+    params = place_params(load_hf_params(config.loss.teacher, teacher), sh, teacher.param_dtype)
+    return teacher, params, sh
+
+
 def run(config, workdir: str) -> int:
     """Trains until the configured step count or SIGTERM. Returns the process exit code."""
     validate(config)
