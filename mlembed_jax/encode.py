@@ -42,6 +42,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from mlembed_jax.jsonl import iter_jsonl
+
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BATCH_TOKENS = 16384
 _MIN_SEQ = 16  # smallest packed row length: fewer shapes for very short texts
@@ -511,33 +513,26 @@ def read_texts(path: str, field: str = "text", id_field: str | None = None
     `field`; anything else -> one text per line. Errors name the file and the line."""
     if not os.path.isfile(path):
         raise EncodeError(f"input file {path!r} does not exist")
-    texts, ids = [], [] if id_field else None
-    with open(path, encoding="utf-8") as f:
-        if not path.endswith(".jsonl"):
+    if not path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
             texts = f.read().splitlines()
-            return texts, ([str(i) for i in range(len(texts))] if id_field else None)
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EncodeError(f"{path}:{lineno}: not valid JSON ({e.msg} at column "
-                                  f"{e.colno})") from None
-            if isinstance(obj, str):
-                text, ident = obj, str(len(texts))
-            elif isinstance(obj, dict):
-                if field not in obj or not isinstance(obj[field], str):
-                    raise EncodeError(f"{path}:{lineno}: no string field {field!r} (fields: "
-                                      f"{sorted(obj)}); choose one with --field")
-                text = obj[field]
-                ident = obj.get(id_field, str(len(texts))) if id_field else None
-            else:
-                raise EncodeError(f"{path}:{lineno}: expected a JSON object or string, got "
-                                  f"{type(obj).__name__}")
-            texts.append(text)
-            if ids is not None:
-                ids.append(ident)
+        return texts, ([str(i) for i in range(len(texts))] if id_field else None)
+    texts, ids = [], [] if id_field else None
+    for lineno, obj in iter_jsonl(path, EncodeError):
+        if isinstance(obj, str):
+            text, ident = obj, str(len(texts))
+        elif isinstance(obj, dict):
+            if field not in obj or not isinstance(obj[field], str):
+                raise EncodeError(f"{path}:{lineno}: no string field {field!r} (fields: "
+                                  f"{sorted(obj)}); choose one with --field")
+            text = obj[field]
+            ident = obj.get(id_field, str(len(texts))) if id_field else None
+        else:
+            raise EncodeError(f"{path}:{lineno}: expected a JSON object or string, got "
+                              f"{type(obj).__name__}")
+        texts.append(text)
+        if ids is not None:
+            ids.append(ident)
     return texts, ids
 
 

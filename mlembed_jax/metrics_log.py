@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 
-def _scalars(prefix: str, metrics: dict, dataset_names) -> dict:
+def flatten(prefix: str, metrics: dict, dataset_names) -> dict:
     """Flattens metric arrays into named scalars (per-exit and per-dataset entries)."""
     out = {}
     for key, value in metrics.items():
@@ -62,5 +62,3 @@ def read_metrics(workdir: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
-
-flatten = _scalars

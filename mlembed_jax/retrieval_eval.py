@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -34,6 +33,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mlembed_jax.jsonl import iter_jsonl
 
 
 class RetrievalDataError(ValueError):
@@ -61,36 +62,28 @@ class RetrievalSet:
 def _read_jsonl(path: str, what: str, need_title: bool = False):
     """Yields (id, text) of a BEIR JSONL file; errors name the file and the line."""
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RetrievalDataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column "
-                                         f"{e.colno})") from None
-            if not isinstance(obj, dict):
-                raise RetrievalDataError(f"{path}:{lineno}: expected a JSON object, got "
-                                         f"{type(obj).__name__}")
-            if "_id" not in obj:
-                raise RetrievalDataError(f"{path}:{lineno}: {what} has no '_id' field "
-                                         f"(fields: {sorted(obj)})")
-            if not isinstance(obj.get("text"), str):
-                raise RetrievalDataError(f"{path}:{lineno}: {what} has no string 'text' field "
-                                         f"(fields: {sorted(obj)})")
-            ident = str(obj["_id"])
-            if ident in seen:
-                raise RetrievalDataError(f"{path}:{lineno}: duplicate _id {ident!r} (first on "
-                                         f"line {seen[ident]})")
-            seen[ident] = lineno
-            text = obj["text"]
-            if need_title:
-                title = obj.get("title") or ""
-                if not isinstance(title, str):
-                    raise RetrievalDataError(f"{path}:{lineno}: 'title' is not a string")
-                text = (title + " " + text).strip()
-            yield ident, text
+    for lineno, obj in iter_jsonl(path, RetrievalDataError):
+        if not isinstance(obj, dict):
+            raise RetrievalDataError(f"{path}:{lineno}: expected a JSON object, got "
+                                     f"{type(obj).__name__}")
+        if "_id" not in obj:
+            raise RetrievalDataError(f"{path}:{lineno}: {what} has no '_id' field "
+                                     f"(fields: {sorted(obj)})")
+        if not isinstance(obj.get("text"), str):
+            raise RetrievalDataError(f"{path}:{lineno}: {what} has no string 'text' field "
+                                     f"(fields: {sorted(obj)})")
+        ident = str(obj["_id"])
+        if ident in seen:
+            raise RetrievalDataError(f"{path}:{lineno}: duplicate _id {ident!r} (first on "
+                                     f"line {seen[ident]})")
+        seen[ident] = lineno
+        text = obj["text"]
+        if need_title:
+            title = obj.get("title") or ""
+            if not isinstance(title, str):
+                raise RetrievalDataError(f"{path}:{lineno}: 'title' is not a string")
+            text = (title + " " + text).strip()
+        yield ident, text
 
 
 def read_qrels(path: str) -> list[tuple[str, str, int]]:
