@@ -183,6 +183,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     if m.attention not in ATTENTION_IMPLS:
         errs.append(f"model.attention={m.attention!r} must be one of {sorted(ATTENTION_IMPLS)}")
+    elif m.attention.startswith("tokamax_") and importlib.util.find_spec("tokamax") is None:
+        errs.append(f"model.attention={m.attention!r} needs the tokamax package: "
+                    "`pip install tokamax`, or pick 'cudnn'")
     for ax in ("data", "fsdp", "tensor"):
         if not isinstance(c.mesh[ax], int) or (c.mesh[ax] < 1 and c.mesh[ax] != -1):
             errs.append(f"mesh.{ax}={c.mesh[ax]!r} must be a positive integer or -1")
@@ -206,6 +209,16 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     return c
+
+
+def check_attention_platform(c: ml_collections.ConfigDict, platform: str) -> None:
+    """Raises ConfigError when model.attention cannot run on `platform` ("cpu", "gpu", "tpu")."""
+    from mlembed_jax.model.attention import check_platform
+
+    try:
+        check_platform(c.model.attention, platform)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:

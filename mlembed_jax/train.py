@@ -33,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 from mlembed_jax import flops as flops_lib  # noqa: E402
 from mlembed_jax.batch import text_lengths  # noqa: E402
 from mlembed_jax.checkpoint import Checkpointer, abstract_with_shardings  # noqa: E402
-from mlembed_jax.config import ConfigError, validate  # noqa: E402
+from mlembed_jax.config import ConfigError, check_attention_platform, validate  # noqa: E402
 from mlembed_jax.data.global_batch import packs_per_step, to_global_batch  # noqa: E402
 from mlembed_jax.data.pipeline import (make_train_iterator,  # noqa: E402
                                        make_validation_iterator)
@@ -119,6 +119,7 @@ def run(config, workdir: str) -> int:
     _log(f"config:\n{config}")
 
     mesh = make_mesh(config.mesh)
+    check_attention_platform(config, mesh.devices.flat[0].platform)
     rules = config.mesh.logical_axis_rules
     _log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} devices "
          f"({jax.devices()[0].device_kind}), {jax.process_count()} process(es)")

@@ -38,15 +38,19 @@ def _kernels():
     # and segment handling are checked here, not only on a TPU.
     out.append(("splash", functools.partial(attention.splash_attention, block=128,
                                             interpret=not ON_TPU), 2e-5))
+    # tokamax's XLA path runs everywhere: it checks our mask and layout wiring on CPU; the
+    # GPU kernels behind the same call are checked where a GPU is present.
+    out.append(("tokamax_xla", attention.ATTENTION_IMPLS["tokamax_xla"], 2e-5))
     if ON_GPU:
-        out.append(("cudnn", attention.ATTENTION_IMPLS["cudnn"], 2e-2))
+        for name in ("cudnn", "tokamax_mosaic", "tokamax_triton"):
+            out.append((name, attention.ATTENTION_IMPLS[name], 2e-2))
     return out
 
 
 @pytest.mark.parametrize("name,fn,tol", _kernels(), ids=lambda x: x if isinstance(x, str) else "")
 def test_kernel_matches_dense_reference(name, fn, tol):
     q, k, v, seg = _packed_inputs(128 if name == "splash" else 96)
-    dtype = jnp.bfloat16 if name == "cudnn" else jnp.float32
+    dtype = jnp.bfloat16 if name in attention.GPU_ONLY else jnp.float32
     q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
     want = attention.dense_masked_attention(q, k, v, seg)
     got = fn(q, k, v, seg)
@@ -77,7 +81,8 @@ def test_kernel_never_crosses_texts(name, fn, tol):
     assert np.abs(moved[0, hit] - base[0, hit]).max() > 1.0
 
 
-def test_splash_under_a_mesh_runs_per_shard():
+@pytest.mark.parametrize("name", ["splash", "tokamax_xla"])
+def test_local_kernels_under_a_mesh_run_per_shard(name):
     """Under a mesh the kernel runs inside shard_map over the batch axes."""
     from mlembed_jax.config import base_config
     from mlembed_jax.sharding import activation_rules, batch_sharding, make_mesh
@@ -87,9 +92,23 @@ def test_splash_under_a_mesh_runs_per_shard():
     mesh = make_mesh(c.mesh)
     q, k, v, seg = _packed_inputs(128, rows=4, seed=2)
     want = np.asarray(attention.dense_masked_attention(q, k, v, seg))
-    fn = jax.jit(functools.partial(attention.splash_attention, block=128, interpret=True))
+    fn = jax.jit(functools.partial(attention.splash_attention, block=128, interpret=True)
+                 if name == "splash" else attention.ATTENTION_IMPLS[name])
     with activation_rules(mesh, c.mesh.logical_axis_rules):
         args = [jax.device_put(x, batch_sharding(mesh, x.ndim)) for x in (q, k, v, seg)]
         got = fn(*args)
     real = seg > 0
     np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the error a non-GPU run gets")
+@pytest.mark.parametrize("name", sorted(attention.GPU_ONLY))
+def test_gpu_kernels_refuse_other_platforms_with_a_clear_error(name):
+    from mlembed_jax.config import ConfigError, base_config, check_attention_platform
+
+    c = base_config()
+    c.model.attention = name
+    with pytest.raises(ConfigError, match=f"{name}.*NVIDIA GPUs only.*'dense'"):
+        check_attention_platform(c, jax.devices()[0].platform)
+    c.model.attention = "tokamax_xla"
+    check_attention_platform(c, jax.devices()[0].platform)  # portable: no error

@@ -151,7 +151,11 @@ def test_svd_factors_best_low_rank():
         np.testing.assert_allclose(err, np.sqrt((s[r:] ** 2).sum()), rtol=1e-4)
 
 
-def test_sharded_on_8_devices_equals_one_device(params):
+@pytest.mark.parametrize("attention", ["dense", "xla_sdpa", "tokamax_xla"])
+def test_sharded_on_8_devices_equals_one_device(params, attention):
+    """Each portable kernel, sharded over data x fsdp x tensor, equals dense on one device."""
+    import dataclasses
+
     assert jax.device_count() == 8
     c = base_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
@@ -166,11 +170,11 @@ def test_sharded_on_8_devices_equals_one_device(params):
     for i, t in enumerate(texts):
         tok[i, :len(t)] = t
     seg, pos, pool = padded_inputs(tok, [len(t) for t in texts])
-    fn = jax.jit(lambda p, *a: encode(p, CFG, *a, rank=jnp.int32(16))["pooled"])
-    want = np.asarray(fn(params, tok, seg, pos, pool))
+    fn = lambda cfg: jax.jit(lambda p, *a: encode(p, cfg, *a, rank=jnp.int32(16))["pooled"])
+    want = np.asarray(fn(CFG)(params, tok, seg, pos, pool))
     with activation_rules(mesh, rules):
         args = [jax.device_put(x, batch_sharding(mesh, x.ndim)) for x in (tok, seg, pos, pool)]
-        got = fn(sharded, *args)
+        got = fn(dataclasses.replace(CFG, attention=attention))(sharded, *args)
     assert len(got.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 

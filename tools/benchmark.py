@@ -23,7 +23,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mlembed_jax.benchmark import make_batches, plain_variant, run_jax  # noqa: E402
-from mlembed_jax.config import validate  # noqa: E402
+from mlembed_jax.config import ConfigError, check_attention_platform, validate  # noqa: E402
 from mlembed_jax.data.global_batch import batch_shards  # noqa: E402
 from mlembed_jax.sharding import make_mesh  # noqa: E402
 
@@ -41,8 +41,16 @@ def _row(name, median, tok_s, padding, mfu, peak):
 
 def main(argv):
     del argv
-    config = validate(FLAGS.config)
+    try:
+        run(validate(FLAGS.config))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(config):
     mesh = make_mesh(config.mesh)
+    check_attention_platform(config, mesh.devices.flat[0].platform)
     packs = batch_shards(mesh)
     steps = FLAGS.steps + FLAGS.warmup
     geometry, batches = make_batches(config, steps, seed=0, packs=packs)
