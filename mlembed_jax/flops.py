@@ -34,11 +34,15 @@ def non_embedding_params(model_cfg) -> int:
 def train_flops(model_cfg, text_lengths: Iterable[int]) -> float:
     """FLOPs of forward + backward over texts of the given lengths (real tokens only)."""
     lengths = list(text_lengths)
-    n_tokens = sum(lengths)
-    dense = 6.0 * non_embedding_params(model_cfg) * n_tokens
-    per_pair = 3 * 2 * 2 * model_cfg.num_heads * model_cfg.head_dim * model_cfg.num_layers
-    attention = per_pair * sum(n * (n + 1) / 2 for n in lengths)
-    return dense + attention
+    dense = 6.0 * non_embedding_params(model_cfg) * sum(lengths)
+    return dense + model_cfg.num_layers * attention_flops(model_cfg.num_heads,
+                                                          model_cfg.head_dim, lengths)
+
+
+def attention_flops(num_heads: int, head_dim: int, text_lengths: Iterable[int]) -> float:
+    """Forward + backward FLOPs of one causal attention layer over texts of these lengths."""
+    per_pair = 3 * 2 * 2 * num_heads * head_dim
+    return per_pair * sum(n * (n + 1) / 2 for n in text_lengths)
 
 
 def peak_flops(device_kind: str) -> float | None:

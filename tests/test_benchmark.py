@@ -38,3 +38,36 @@ def test_benchmark_cpu_smoke_with_torch_baseline():
     assert any(l.startswith("speed-up in useful tokens/s:") for l in lines)
     assert "3D-ML overhead over plain" in out.stdout
     assert "jax " in lines[0] and "flax " in lines[0]
+
+
+def test_attention_bench_cpu_smoke():
+    args = [sys.executable, os.path.join(ROOT, "tools", "bench_attention.py"), "--seq_len=128",
+            "--rows=64", "--heads=4", "--kv_heads=2", "--head_dim=32", "--steps=2",
+            "--kernels=dense,xla_sdpa,tokamax_xla,cudnn"]
+    out = subprocess.run(args, env=subprocess_env(1), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    rows = {l.split("|")[1].strip(): l for l in out.stdout.splitlines() if l.startswith("| ")}
+    for name in ("dense", "xla_sdpa", "tokamax_xla"):
+        assert rows[name].rstrip().endswith("| no |"), rows[name]
+    assert "skipped: model.attention='cudnn' runs on NVIDIA GPUs only" in rows["cudnn"]
+
+
+def test_attention_bench_flags_a_kernel_that_crosses_texts(monkeypatch):
+    """The cross-text check must catch plain causal attention that ignores segment ids."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_attention
+    from mlembed_jax.model import attention
+
+    def leaky(q, k, v, segment_ids):
+        return attention.dense_masked_attention(q, k, v, jnp.ones_like(segment_ids))
+
+    monkeypatch.setitem(attention.ATTENTION_IMPLS, "leaky", leaky)
+    seg, _ = bench_attention.mix_rows(128, 64, 0)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(64, 128, h, 16)), jnp.float32) for h in (2, 1, 1))
+    assert bench_attention.bench_kernel("leaky", q, k, v, seg, 1)[3] is True
+    assert bench_attention.bench_kernel("dense", q, k, v, seg, 1)[3] is False
