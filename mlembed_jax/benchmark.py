@@ -79,8 +79,10 @@ def make_batches(config, steps: int, seed: int = 0, packs: int = 1):
     return geometry, batches
 
 
-def run_jax(config, batches, geometry, warmup: int, name: str = "mlembed_jax") -> BenchResult:
-    """Times `len(batches) - warmup` train steps after `warmup` untimed ones."""
+def run_jax(config, batches, geometry, warmup: int, name: str = "mlembed_jax",
+            profile_dir: str | None = None) -> BenchResult:
+    """Times `len(batches) - warmup` train steps after `warmup` untimed ones. With
+    `profile_dir`, three more steps then run under jax.profiler (outside the timing)."""
     mesh = make_mesh(config.mesh)
     rules = config.mesh.logical_axis_rules
     enc = EncoderConfig.from_config(config.model)
@@ -106,6 +108,12 @@ def run_jax(config, batches, geometry, warmup: int, name: str = "mlembed_jax") -
                 times.append(dt)
                 tokens.append(int(lengths.sum()))
                 flops.append(flops_lib.train_flops(config.model, lengths))
+        if profile_dir:
+            jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+            for batch in device_batches[-3:]:
+                state, metrics = compiled(state, batch, None)
+            jax.block_until_ready(metrics)
+            jax.profiler.stop_trace()
     loss = float(metrics["total"])
     if not np.isfinite(loss):
         raise RuntimeError(f"benchmark step produced a non-finite loss ({loss})")

@@ -24,11 +24,12 @@ def test_flop_count_matches_hand_count():
     assert train_flops(m, [3, 5]) == 7_111_680 + 64_512
 
 
-def test_benchmark_cpu_smoke_with_torch_baseline():
+def test_benchmark_cpu_smoke_with_torch_baseline(tmp_path):
     args = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
             f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", "--steps=2", "--warmup=1",
             "--baseline=torch", "--compare_plain", "--config.data.seq_len=128",
-            "--config.data.max_seq_length=128", "--config.data.rows_per_pack=64"]
+            "--config.data.max_seq_length=128", "--config.data.rows_per_pack=64",
+            f"--profile_dir={tmp_path}"]
     out = subprocess.run(args, env=subprocess_env(1), capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -38,6 +39,9 @@ def test_benchmark_cpu_smoke_with_torch_baseline():
     assert any(l.startswith("speed-up in useful tokens/s:") for l in lines)
     assert "3D-ML overhead over plain" in out.stdout
     assert "jax " in lines[0] and "flax " in lines[0]
+    # The profiled steps come back as a table of where the time went.
+    assert "profile of 3 steps of mlembed_jax, 3D-ML" in out.stdout
+    assert "| category | calls | total ms | % op time |" in out.stdout
 
 
 def test_attention_bench_cpu_smoke():

@@ -16,12 +16,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Before JAX starts: allocate on demand, so the reported peak is what the step uses and the
+# torch baseline in this process finds the GPU free.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import flax  # noqa: E402
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mlembed_jax import flops as flops_lib  # noqa: E402
+from mlembed_jax.batch import text_lengths  # noqa: E402
 from mlembed_jax.benchmark import make_batches, plain_variant, run_jax  # noqa: E402
 from mlembed_jax.config import ConfigError, check_attention_platform, validate  # noqa: E402
 from mlembed_jax.data.global_batch import batch_shards  # noqa: E402
@@ -57,12 +62,29 @@ def run(config):
     device = jax.devices()[0]
     print(f"date: {datetime.date.today()}  device: {device.device_kind} x{mesh.devices.size}  "
           f"jax {jax.__version__}  flax {flax.__version__}")
-    print(f"model: {config.model.num_layers} layers, d={config.model.hidden_size}; "
+    m = config.model
+    print(f"model: {m.num_layers} layers, d={m.hidden_size}, attention {m.attention}, remat "
+          f"{m.remat}, params {m.param_dtype}, compute {m.compute_dtype}; "
           f"batch: {packs} pack(s) x {geometry.rows_per_pack} rows x {geometry.seq_len}, "
           f"{config.data.samples_per_pack} samples per pack (benchmark length mix)")
     print("| run | step (median) | useful tok/s | padding | MFU (useful) | peak mem |")
     print("|---|---|---|---|---|---|")
-    ours = run_jax(config, batches, geometry, FLAGS.warmup, "mlembed_jax, 3D-ML")
+    ref = None
+    if FLAGS.baseline == "torch":  # first: torch then hands its cached memory back to JAX
+        from torch_reference import free_device_memory, run_reference
+
+        ref = run_reference(config, batches, FLAGS.warmup)
+        free_device_memory()
+        # The same texts as our timed steps, so the same hand-counted useful FLOPs.
+        useful = sum(flops_lib.train_flops(config.model, text_lengths(b))
+                     for b, _ in batches[FLAGS.warmup:])
+        peak = flops_lib.peak_flops(device.device_kind)
+        ref_mfu = useful / sum(ref["step_times"]) / peak if peak else None
+        print(_row(f"reference (torch {ref['torch']}, transformers {ref['transformers']})",
+                   ref["median_step"], ref["tokens_per_s"], ref["padding"], ref_mfu,
+                   ref["peak_memory"]), flush=True)
+    ours = run_jax(config, batches, geometry, FLAGS.warmup, "mlembed_jax, 3D-ML",
+                   profile_dir=FLAGS.profile_dir)
     print(_row(ours.name, ours.median_step, ours.tokens_per_s, ours.padding, ours.mfu(),
                ours.peak_memory), flush=True)
     if FLAGS.compare_plain:
@@ -70,19 +92,19 @@ def run(config):
                         "mlembed_jax, plain contrastive")
         print(_row(plain.name, plain.median_step, plain.tokens_per_s, plain.padding,
                    plain.mfu(), plain.peak_memory), flush=True)
+    if FLAGS.compare_plain:
         print(f"3D-ML overhead over plain: "
               f"{100 * (ours.median_step / plain.median_step - 1):+.1f}% step time")
-    if FLAGS.baseline == "torch":
-        from torch_reference import run_reference
-
-        ref = run_reference(config, batches, FLAGS.warmup)
-        ref_mfu = None
-        if ours.mfu() is not None:  # same useful work per token, so MFU scales with tok/s
-            ref_mfu = ours.mfu() * ref["tokens_per_s"] / ours.tokens_per_s
-        print(_row(f"reference (torch {ref['torch']}, transformers {ref['transformers']})",
-                   ref["median_step"], ref["tokens_per_s"], ref["padding"], ref_mfu,
-                   ref["peak_memory"]))
+    if ref is not None:
         print(f"speed-up in useful tokens/s: {ours.tokens_per_s / ref['tokens_per_s']:.2f}x")
+    if FLAGS.profile_dir:
+        from mlembed_jax.profile_summary import find_trace, format_summary, op_times
+
+        print(f"\nprofile of 3 steps of {ours.name} ({FLAGS.profile_dir}):")
+        try:
+            print(format_summary(op_times(find_trace(FLAGS.profile_dir)), top=FLAGS.profile_top))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"no op summary: {e}")
 
 
 if __name__ == "__main__":
@@ -92,5 +114,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("warmup", 2, "untimed steps first (compilation, autotuning)")
     flags.DEFINE_enum("baseline", None, ["torch"], "also time the PyTorch reference recipe")
     flags.DEFINE_bool("compare_plain", False, "also time plain contrastive training")
+    flags.DEFINE_string("profile_dir", None, "also trace 3 steps there and print where the "
+                        "device time goes (mlembed_jax/profile_summary.py)")
+    flags.DEFINE_integer("profile_top", 25, "ops listed in the profile summary")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -109,6 +109,15 @@ def reference_loss(pooled, n_samples, n_negs, d, temperature, mrl_min_dim):
     return total / pooled.shape[0]
 
 
+def free_device_memory() -> None:
+    """Returns torch's cached GPU memory, so a JAX run in the same process can use it."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_reference(config, host_batches, warmup: int, device: str | None = None):
     """Times the reference on the samples of `host_batches`. Returns a dict of figures."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
