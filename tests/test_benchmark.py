@@ -75,3 +75,19 @@ def test_attention_bench_flags_a_kernel_that_crosses_texts(monkeypatch):
     q, k, v = (jnp.asarray(rng.normal(size=(64, 128, h, 16)), jnp.float32) for h in (2, 1, 1))
     assert bench_attention.bench_kernel("leaky", q, k, v, seg, 1)[3] is True
     assert bench_attention.bench_kernel("dense", q, k, v, seg, 1)[3] is False
+
+
+def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
+    """tools/gpu_benchmark.sh runs once per GPU session, so its every stage runs here first
+    (tiny shapes, portable kernels standing in for the GPU ones)."""
+    env = subprocess_env(1)
+    env.update(MLEMBED_BENCH_SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable)
+    out = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_benchmark.sh")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "all.txt").read_text()
+    assert out.returncode == 0, log[-3000:] + out.stderr[-2000:]
+    assert " exited " not in log, log
+    assert "full-step attention kernel: tokamax_xla (fast kernel passed its checks: 1)" in log
+    assert log.count("speed-up in useful tokens/s:") == 2  # the small and the big model
+    assert "3D-ML overhead over plain:" in log and "profile of 3 steps" in log
+    assert "== bench_small_other_kernel" in log and "== done in" in log

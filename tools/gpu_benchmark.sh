@@ -1,27 +1,107 @@
 #!/usr/bin/env bash
 # The GPU measurement behind the README's Performance table (issue 8), as one script for a
-# lent H100/H200 (`device` tool). From the repo root, first fetch the wheels the GPU image
-# lacks:  ../shared/tools/device_wheels.sh   then run this with carry=[".whl"].
-# Each benchmark prints its own table; everything also lands in $OUT (or ./bench_out).
-set -euo pipefail
+# lent H100/H200 (the `device` tool, 15 minutes in all). On the development machine, first:
+#   ../shared/tools/device_wheels.sh $(cat tools/gpu_wheels.txt)
+# then one device call:  command="bash tools/gpu_benchmark.sh", carry=[".whl"], timeout_s=560
+#
+# Stages, each with its own time limit, appending to $OUT/all.txt as it goes (a cut-off run
+# still returns what it measured):
+#   1. the GPU kernel tests (cuDNN, tokamax mosaic/triton vs the dense reference, no text
+#      sees another);                                                         ~1 min
+#   2. tools/bench_attention.py: every GPU kernel on one step of the mix;   ~1 min
+#   3. 0.6B: ours (3D-ML, plain) and the torch reference, with a profile;    ~3 min
+#   4. 1.7B: ours and the torch reference;                                    ~2 min
+#   5. if time is left, 0.6B with the other kernel, to show what the kernel is worth.
+# The full-step kernel is tokamax_mosaic where stage 1 and 2 pass for it, else cudnn.
+# MLEMBED_BENCH_SMOKE=1 runs the same stages on CPU with tiny shapes and portable kernels
+# (tests/test_benchmark.py), so a mistake here is caught before a GPU session is spent.
+set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-SITE=$(mktemp -d)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$SITE" .whl/*.whl
-export PYTHONPATH="$SITE:$PWD"
-# Set before JAX starts: overlap collectives/compute, and let XLA use cuDNN fusions.
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+LOG="$OUT/all.txt"
+SMOKE=${MLEMBED_BENCH_SMOKE:-0}
+PY=${PYTHON:-python3}
+say() { echo "$*" | tee -a "$LOG"; }
 
-bench() {  # name, then benchmark arguments
-  local name=$1; shift
-  echo "== $name" | tee -a "$OUT/all.txt"
-  python3 tools/benchmark.py "$@" 2>"$OUT/$name.err" | tee -a "$OUT/all.txt" || \
-    { echo "FAILED: $name (see $name.err)" | tee -a "$OUT/all.txt"; tail -20 "$OUT/$name.err"; }
+stage() {  # name, seconds, command...: stdout to the log and $OUT/name.txt; returns its rc
+  local name=$1 limit=$2
+  shift 2
+  say "== $name ($(date -u +%H:%M:%S) UTC, limit ${limit}s): $*"
+  timeout "$limit" "$@" 2>"$OUT/$name.err" | tee "$OUT/$name.txt" | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    say "-- $name exited $rc (124 = time limit); last lines of its stderr:"
+    tail -15 "$OUT/$name.err" | tee -a "$LOG"
+  fi
+  return "$rc"
 }
 
-bench 0.6b --config=configs/0.6b.py --steps=10 --warmup=3 --baseline=torch --compare_plain \
-  --config.model.attention=cudnn --config.model.remat=attn_out
-bench 1.7b --config=configs/1.7b.py --steps=10 --warmup=3 --baseline=torch \
-  --config.model.attention=cudnn --config.model.remat=attn_out
+if [ "$SMOKE" = 1 ]; then
+  FAST=tokamax_xla SAFE=xla_sdpa KERNEL_TESTS="tokamax_xla or xla_sdpa"
+  CFG_SMALL=configs/tiny.py CFG_BIG=configs/tiny.py PLATFORM=cpu
+  SHAPE=(--config.data.seq_len=128 --config.data.max_seq_length=128
+         --config.data.rows_per_pack=64)
+  ATTN_SHAPE=(--seq_len=128 --rows=64 --heads=4 --kv_heads=2 --head_dim=32 --steps=2)
+  STEPS=(--steps=1 --warmup=1)
+else
+  FAST=tokamax_mosaic SAFE=cudnn KERNEL_TESTS="cudnn or tokamax_mosaic or tokamax_triton"
+  CFG_SMALL=configs/0.6b.py CFG_BIG=configs/1.7b.py PLATFORM=cuda
+  SHAPE=()
+  ATTN_SHAPE=(--steps=20)
+  STEPS=(--steps=10 --warmup=3)
+  SITE=$(mktemp -d)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" .whl/*.whl || say "warning: wheel install failed"
+  export PYTHONPATH="$SITE:$PWD"
+  # Set before JAX starts. Latency hiding overlaps collectives with compute (multi-GPU);
+  # on one GPU it is neutral.
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+fi
+say "XLA_FLAGS=${XLA_FLAGS:-}"
+"$PY" -c "
+import jax, jaxlib, flax, optax, torch, transformers
+print('python', __import__('sys').version.split()[0], '| jax', jax.__version__, '| jaxlib',
+      jaxlib.__version__, '| flax', flax.__version__, '| optax', optax.__version__, '| torch',
+      torch.__version__, '| transformers', transformers.__version__)
+try:
+    import tokamax
+    print('tokamax', getattr(tokamax, '__version__', '?'))
+except Exception as e:
+    print('tokamax does not import:', type(e).__name__, e)
+print('devices:', jax.devices())" 2>&1 | tee -a "$LOG"
+
+# 1. Kernel correctness on this device.
+JAX_PLATFORMS=$PLATFORM stage kernel_tests 180 "$PY" -m pytest -q -rA -p no:cacheprovider \
+  tests/test_attention_kernels.py -k "$KERNEL_TESTS"
+fast_ok=0
+if grep -q "PASSED.*$FAST" "$OUT/kernel_tests.txt" && ! grep -q "FAILED.*$FAST" "$OUT/kernel_tests.txt"; then
+  fast_ok=1
+fi
+
+# 2. Each kernel alone, on one step of the mix (also checks it on these rows).
+stage attention 150 "$PY" tools/bench_attention.py --kernels="dense,$SAFE,$FAST,tokamax_triton" \
+  "${ATTN_SHAPE[@]}"
+grep -q "^| $FAST | .* | no |$" "$OUT/attention.txt" || fast_ok=0
+ATTN=$SAFE
+[ "$fast_ok" = 1 ] && ATTN=$FAST
+say "full-step attention kernel: $ATTN (fast kernel passed its checks: $fast_ok)"
+
+# 3. and 4. The full train step against the reference.
+common=("${STEPS[@]}" --baseline=torch --config.model.attention="$ATTN" --config.model.remat=attn_out)
+PROFILE=$(mktemp -d)  # outside $OUT: traces are large; the summary is in the log
+stage bench_small 260 "$PY" tools/benchmark.py --config="$CFG_SMALL" "${common[@]}" \
+  --compare_plain --profile_dir="$PROFILE" "${SHAPE[@]}"
+stage bench_big 220 "$PY" tools/benchmark.py --config="$CFG_BIG" "${common[@]}" "${SHAPE[@]}"
+
+# 5. Only with time to spare (the device call has 560 s).
+other=$FAST
+[ "$ATTN" = "$FAST" ] && other=$SAFE
+if [ "$SECONDS" -lt 420 ]; then
+  stage bench_small_other_kernel $((540 - SECONDS)) "$PY" tools/benchmark.py \
+    --config="$CFG_SMALL" "${STEPS[@]}" --config.model.attention="$other" \
+    --config.model.remat=attn_out "${SHAPE[@]}"
+else
+  say "skipped stage 5 (0.6B with $other): ${SECONDS}s used"
+fi
+say "== done in ${SECONDS}s"
