@@ -37,6 +37,13 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 )
 
 
+# What each layer keeps for the backward pass; the rest is recomputed (model/qwen3.py).
+# none: everything; full: only its input; dots: matmul outputs; attn_out: the attention
+# output; attention: the attention kernel's residuals (q, k, v, output, softmax stats), so
+# the backward pass never reruns the kernel.
+REMAT_POLICIES = ("none", "full", "dots", "attn_out", "attention")
+
+
 class ConfigError(ValueError):
     """A configuration the run cannot use; the message names the field and the fix."""
 
@@ -63,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.exits = ()  # () = the recipe's exits <= num_layers, plus num_layers
     m.param_dtype = "float32"
     m.compute_dtype = "bfloat16"
-    m.remat = "full"  # none | full | dots | attn_out
+    m.remat = "full"  # one of REMAT_POLICIES
     m.attention = "dense"  # dense (portable reference); faster kernels are added by name
 
     c.mesh = ml_collections.ConfigDict()
@@ -177,8 +184,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for f in ("param_dtype", "compute_dtype"):
         if m[f] not in ("float32", "bfloat16"):
             errs.append(f"model.{f}={m[f]!r} must be 'float32' or 'bfloat16'")
-    if m.remat not in ("none", "full", "dots", "attn_out"):
-        errs.append(f"model.remat={m.remat!r} must be one of none, full, dots, attn_out")
+    if m.remat not in REMAT_POLICIES:
+        errs.append(f"model.remat={m.remat!r} must be one of {', '.join(REMAT_POLICIES)}")
     from mlembed_jax.model.attention import ATTENTION_IMPLS  # avoid a cycle at import
 
     if m.attention not in ATTENTION_IMPLS:

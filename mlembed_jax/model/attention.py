@@ -18,6 +18,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -149,6 +150,30 @@ def tokamax_attention(implementation: str) -> AttentionFn:
                                              implementation=implementation)
 
     return per_batch_shard(local)
+
+
+def with_named_residuals(fn: AttentionFn, name: str = "attn_res") -> AttentionFn:
+    """`fn` whose backward residuals carry a checkpoint name, so a remat policy can keep them.
+
+    For a flash kernel the residuals are q, k, v, the output and the softmax statistics
+    ([batch, heads, seq] floats), and keeping them means the backward pass never reruns the
+    kernel's forward, which a policy that only names the output would (custom-VJP residuals
+    are otherwise recomputed). For `dense` they are the [s, s] probabilities: large.
+    """
+
+    @jax.custom_vjp
+    def attn(q, k, v, segment_ids):
+        return fn(q, k, v, segment_ids)
+
+    def fwd(q, k, v, segment_ids):
+        out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, segment_ids), q, k, v)
+        return out, jax.tree.map(lambda r: checkpoint_name(r, name), pullback)
+
+    def bwd(pullback, g):
+        return (*pullback(g), None)  # segment ids are integers: no cotangent
+
+    attn.defvjp(fwd, bwd)
+    return attn
 
 
 ATTENTION_IMPLS: dict[str, AttentionFn] = {

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mlembed_jax.model.attention import get_attention
+from mlembed_jax.model.attention import get_attention, with_named_residuals
 from mlembed_jax.model.factorized_embed import FactorizedEmbed, PlainEmbed
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -72,6 +72,8 @@ def _remat_policy(name: str):
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     if name == "attn_out":
         return jax.checkpoint_policies.save_only_these_names("attn_out")
+    if name == "attention":  # the kernel's residuals (attention.with_named_residuals)
+        return jax.checkpoint_policies.save_only_these_names("attn_res", "attn_out")
     return None  # "full": save nothing, recompute the whole layer
 
 
@@ -132,7 +134,10 @@ class Attention(nn.Module):
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-        out = get_attention(c.attention)(q, k, v, segment_ids).astype(dt)
+        attend = get_attention(c.attention)
+        if c.remat == "attention":
+            attend = with_named_residuals(attend)
+        out = attend(q, k, v, segment_ids).astype(dt)
         out = checkpoint_name(out, "attn_out")
         wo = _dense(self, "o_proj", (h, hd, d), ("heads", "head_dim", "embed"), dt, pdt, h * hd)
         return jnp.einsum("bshd,hde->bse", out, wo)
