@@ -254,7 +254,13 @@ def load_config_file(path: str, overrides: dict | None = None) -> ml_collections
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} has no get_config()")
     c = module.get_config()
-    for key, value in (overrides or {}).items():
+    return validate(apply_overrides(c, overrides or {}))
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets {"a.b": value} fields in place (unlocking if needed) and returns `c`. A string
+    value for a non-string field is parsed as that field's type ("true", "3", "1e-4")."""
+    for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")
         try:
@@ -262,7 +268,25 @@ def load_config_file(path: str, overrides: dict | None = None) -> ml_collections
                 node = node[p]
             if leaf not in node:
                 raise KeyError(leaf)
-            node[leaf] = value
         except (KeyError, AttributeError):
             raise ConfigError(f"unknown config field {key!r}") from None
-    return validate(c)
+        old = node[leaf]
+        if isinstance(value, str) and not isinstance(old, str) and old is not None:
+            value = _parse_as(key, value, old)
+        with c.unlocked():
+            node[leaf] = value
+    return c
+
+
+def _parse_as(key: str, text: str, like):
+    try:
+        if isinstance(like, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if isinstance(like, (int, float)):
+            return type(like)(float(text)) if isinstance(like, float) else int(text)
+    except ValueError:
+        pass
+    raise ConfigError(f"config field {key!r} holds {type(like).__name__}; cannot set it to "
+                      f"{text!r}")

@@ -29,7 +29,8 @@ def test_benchmark_cpu_smoke_with_torch_baseline(tmp_path):
             f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", "--steps=2", "--warmup=1",
             "--baseline=torch", "--compare_plain", "--config.data.seq_len=128",
             "--config.data.max_seq_length=128", "--config.data.rows_per_pack=64",
-            f"--profile_dir={tmp_path}"]
+            f"--profile_dir={tmp_path}", "--variant=model.remat=attention,model.num_layers=2",
+            "--variant=model.remat=bogus"]
     out = subprocess.run(args, env=subprocess_env(1), capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -39,6 +40,10 @@ def test_benchmark_cpu_smoke_with_torch_baseline(tmp_path):
     assert any(l.startswith("speed-up in useful tokens/s:") for l in lines)
     assert "3D-ML overhead over plain" in out.stdout
     assert "jax " in lines[0] and "flax " in lines[0]
+    variants = [l for l in lines if l.startswith("| variant ")]
+    assert variants[0].startswith("| variant model.remat=attention,model.num_layers=2 | "), variants
+    assert " s | " in variants[0]  # timed
+    assert "error: invalid config: model.remat='bogus' must be one of" in variants[1], variants
     # The profiled steps come back as a table of where the time went.
     assert "profile of 3 steps of mlembed_jax, 3D-ML" in out.stdout
     assert "| category | calls | total ms | % op time |" in out.stdout
@@ -90,4 +95,5 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     assert "full-step attention kernel: tokamax_xla (fast kernel passed its checks: 1)" in log
     assert log.count("speed-up in useful tokens/s:") == 2  # the small and the big model
     assert "3D-ML overhead over plain:" in log and "profile of 3 steps" in log
-    assert "== bench_small_other_kernel" in log and "== done in" in log
+    assert "== bench_small_choices" in log and "== done in" in log
+    assert log.count("| variant ") == 3, log

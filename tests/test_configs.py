@@ -84,3 +84,18 @@ def test_validate_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as e:
         validate(c)
     assert "num_heads" in str(e.value) and "temperature" in str(e.value)
+
+
+def test_apply_overrides_parses_strings_as_the_fields_type():
+    from mlembed_jax.config import ConfigError, apply_overrides, base_config
+
+    c = base_config()
+    c.lock()
+    apply_overrides(c, {"model.remat": "attention", "model.num_layers": "3",
+                        "optim.lr": "1e-4", "model.mel": "false"})
+    assert (c.model.remat, c.model.num_layers, c.optim.lr, c.model.mel) == \
+        ("attention", 3, 1e-4, False)
+    with pytest.raises(ConfigError, match="'model.num_layers' holds int; cannot set it to 'x'"):
+        apply_overrides(c, {"model.num_layers": "x"})
+    with pytest.raises(ConfigError, match="unknown config field 'model.nope'"):
+        apply_overrides(c, {"model.nope": "1"})

@@ -28,7 +28,8 @@ from ml_collections import config_flags  # noqa: E402
 from mlembed_jax import flops as flops_lib  # noqa: E402
 from mlembed_jax.batch import text_lengths  # noqa: E402
 from mlembed_jax.benchmark import make_batches, plain_variant, run_jax  # noqa: E402
-from mlembed_jax.config import ConfigError, check_attention_platform, validate  # noqa: E402
+from mlembed_jax.config import (ConfigError, apply_overrides,  # noqa: E402
+                                check_attention_platform, validate)  # noqa: E402
 from mlembed_jax.data.global_batch import batch_shards  # noqa: E402
 from mlembed_jax.sharding import make_mesh  # noqa: E402
 
@@ -47,10 +48,44 @@ def _row(name, median, tok_s, padding, mfu, peak):
 def main(argv):
     del argv
     try:
+        for text in FLAGS.variant or ():
+            parse_variant(text)  # bad syntax fails before anything is timed
         run(validate(FLAGS.config))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def parse_variant(text: str) -> dict[str, str]:
+    """"model.remat=none,model.attention=cudnn" -> {"model.remat": "none", ...}."""
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--variant={text!r}: write field=value[,field=value...]")
+        if not key.strip().startswith(("model.", "loss.", "optim.")):
+            raise ConfigError(f"--variant={text!r}: only model.*, loss.* and optim.* fields may "
+                              "change; the batches are shared with the main run")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _run_variant(config, text, batches, geometry, mesh):
+    """One more row: the main config with the variant's fields changed (same batches)."""
+    try:
+        c = apply_overrides(config.copy_and_resolve_references(), parse_variant(text))
+        validate(c)
+        check_attention_platform(c, mesh.devices.flat[0].platform)
+        r = run_jax(c, batches, geometry, FLAGS.warmup, f"variant {text}")
+    except ConfigError as e:
+        print(f"| variant {text} | error: {' '.join(str(e).split())} | | | | |", flush=True)
+        return
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: a finding, not a crash
+        print(f"| variant {text} | FAILED: {type(e).__name__}: {str(e)[:300]} | | | | |",
+              flush=True)
+        return
+    print(_row(r.name, r.median_step, r.tokens_per_s, r.padding, r.mfu(), r.peak_memory),
+          flush=True)
 
 
 def run(config):
@@ -97,6 +132,8 @@ def run(config):
               f"{100 * (ours.median_step / plain.median_step - 1):+.1f}% step time")
     if ref is not None:
         print(f"speed-up in useful tokens/s: {ours.tokens_per_s / ref['tokens_per_s']:.2f}x")
+    for text in FLAGS.variant or ():
+        _run_variant(config, text, batches, geometry, mesh)
     if FLAGS.profile_dir:
         from mlembed_jax.profile_summary import find_trace, format_summary, op_times
 
@@ -117,5 +154,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("profile_dir", None, "also trace 3 steps there and print where the "
                         "device time goes (mlembed_jax/profile_summary.py)")
     flags.DEFINE_integer("profile_top", 25, "ops listed in the profile summary")
+    flags.DEFINE_multi_string("variant", None, "also time the config with these fields "
+                              "changed, e.g. --variant=model.remat=none,model.attention=cudnn "
+                              "(repeatable; same batches, no baseline)")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -11,7 +11,7 @@
 #   2. tools/bench_attention.py: every GPU kernel on one step of the mix;   ~1 min
 #   3. 0.6B: ours (3D-ML, plain) and the torch reference, with a profile;    ~3 min
 #   4. 1.7B: ours and the torch reference;                                    ~2 min
-#   5. if time is left, 0.6B with the other kernel, to show what the kernel is worth.
+#   5. if time is left, 0.6B with remat=attention, the other kernel, bf16 params, no remat.
 # The full-step kernel is tokamax_mosaic where stage 1 and 2 pass for it, else cudnn.
 # MLEMBED_BENCH_SMOKE=1 runs the same stages on CPU with tiny shapes and portable kernels
 # (tests/test_benchmark.py), so a mistake here is caught before a GPU session is spent.
@@ -94,14 +94,17 @@ stage bench_small 260 "$PY" tools/benchmark.py --config="$CFG_SMALL" "${common[@
   --compare_plain --profile_dir="$PROFILE" "${SHAPE[@]}"
 stage bench_big 220 "$PY" tools/benchmark.py --config="$CFG_BIG" "${common[@]}" "${SHAPE[@]}"
 
-# 5. Only with time to spare (the device call has 560 s).
+# 5. Only with time to spare (the device call has 560 s): what the choices are worth on 0.6B,
+# one row each, in one process (rows print as they finish).
 other=$FAST
 [ "$ATTN" = "$FAST" ] && other=$SAFE
 if [ "$SECONDS" -lt 420 ]; then
-  stage bench_small_other_kernel $((540 - SECONDS)) "$PY" tools/benchmark.py \
-    --config="$CFG_SMALL" "${STEPS[@]}" --config.model.attention="$other" \
-    --config.model.remat=attn_out "${SHAPE[@]}"
+  stage bench_small_choices $((540 - SECONDS)) "$PY" tools/benchmark.py \
+    --config="$CFG_SMALL" "${STEPS[@]}" --config.model.attention="$ATTN" \
+    --config.model.remat=attention --variant=model.attention="$other",model.remat=attn_out \
+    --variant=model.param_dtype=bfloat16,model.remat=attn_out --variant=model.remat=none \
+    "${SHAPE[@]}"
 else
-  say "skipped stage 5 (0.6B with $other): ${SECONDS}s used"
+  say "skipped stage 5 (0.6B choices): ${SECONDS}s used"
 fi
 say "== done in ${SECONDS}s"
