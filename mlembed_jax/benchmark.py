@@ -88,7 +88,7 @@ def run_jax(config, batches, geometry, warmup: int, name: str = "mlembed_jax",
     enc = EncoderConfig.from_config(config.model)
     tx, schedule = make_optimizer(config.optim, max(len(batches), 1))
     setup = StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
-                      loss_kwargs=config_kwargs(config.loss))
+                      loss_kwargs=config_kwargs(config.loss, packs=geometry.packs))
     abstract = abstract_state(setup, 0)
     state_sh = state_shardings(setup, mesh, rules, abstract)
     state = init_state(setup, state_sh, 0)

@@ -63,7 +63,7 @@ def config_kwargs(loss_cfg: Any, packs: int | None = None) -> dict:
     return kw
 
 
-def _normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
     """L2-normalise the last axis; a zero vector stays zero with a finite gradient."""
     sq = jnp.sum(x * x, axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
@@ -74,35 +74,73 @@ def _masked_lse(logits: jax.Array, valid: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(jnp.where(valid, logits, _MASKED), axis=-1)
 
 
+def map_row_blocks(fn, q: jax.Array, block_size: int = 0) -> jax.Array:
+    """fn over blocks of the row axis of q [E, S, m]; fn: [E, b, m] -> [E, b]. Returns [E, S].
+
+    block_size <= 0 (or >= S) is one call on all rows. Otherwise a sequential lax.map over
+    blocks, so only one block's intermediates (e.g. [E, block_size, S] logits) are live. Block
+    j holds rows j, j + nb, j + 2 nb, ... (strided, nb = number of blocks): when the row axis
+    is sharded over devices, every block then has rows on every device, so the devices share
+    each block's work instead of taking turns.
+    """
+    E, S, m = q.shape
+    if block_size <= 0 or block_size >= S:
+        return fn(q)
+    nb = -(-S // block_size)
+    pad = nb * block_size - S
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0)))  # padded rows are sliced off below
+    blocks = qp.reshape(E, block_size, nb, m).transpose(2, 0, 1, 3)  # [nb, E, bs, m]
+    out = jax.lax.map(fn, blocks)  # [nb, E, bs]
+    return out.transpose(1, 2, 0).reshape(E, nb * block_size)[:, :S]
+
+
 def in_batch_lse(
     q: jax.Array, p: jax.Array, col_valid: jax.Array, temperature, block_size: int = 0
 ) -> jax.Array:
     """Per-row logsumexp of the in-batch logits q @ p.T / temperature over valid columns.
 
     q: [E, S, m] normalised query rows; p: [E, S, m] normalised positives (the columns);
-    col_valid: [S] bool. Returns [E, S] fp32.
-
-    block_size <= 0 (or >= S) builds the whole [E, S, S] logits at once. Otherwise rows are taken in
-    blocks of block_size (a sequential lax.map, each block against all S columns, rematerialised
-    in the backward pass), so only [E, block_size, S] logits are live at any time. Block j holds
-    rows j, j + nb, j + 2 nb, ... (strided, nb = number of blocks): when the row axis is
-    sharded over devices, every block then has rows on every device, so the devices share each
-    block's work instead of taking turns.
+    col_valid: [S] bool. Returns [E, S] fp32. Rows go in blocks of block_size
+    (`map_row_blocks`), each rematerialised in the backward pass.
     """
-    E, S, m = q.shape
 
     def rows_lse(rows):  # [E, b, m] -> [E, b]
         logits = jnp.einsum("ebm,etm->ebt", rows, p) / temperature
         return _masked_lse(logits, col_valid[None, None, :])
 
-    if block_size <= 0 or block_size >= S:
-        return rows_lse(q)
-    nb = -(-S // block_size)
-    pad = nb * block_size - S
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0)))  # padded rows are sliced off below
-    blocks = qp.reshape(E, block_size, nb, m).transpose(2, 0, 1, 3)  # [nb, E, bs, m]
-    lse = jax.lax.map(jax.checkpoint(rows_lse), blocks)  # [nb, E, bs]
-    return lse.transpose(1, 2, 0).reshape(E, nb * block_size)[:, :S]
+    fn = rows_lse if block_size <= 0 or block_size >= q.shape[1] else jax.checkpoint(rows_lse)
+    return map_row_blocks(fn, q, block_size)
+
+
+def in_batch_top1(q: jax.Array, p: jax.Array, col_valid: jax.Array,
+                  block_size: int = 0) -> jax.Array:
+    """Per row, the index of the valid column with the highest q @ p.T. q, p [E, S, m],
+    col_valid [S] bool -> [E, S] int32, in blocks of rows like `in_batch_lse`."""
+
+    def rows_top1(rows):
+        logits = jnp.einsum("ebm,etm->ebt", rows, p)
+        return jnp.argmax(jnp.where(col_valid[None, None, :], logits, -jnp.inf), axis=-1)
+
+    return map_row_blocks(rows_top1, q, block_size).astype(jnp.int32)
+
+
+def pack_local_take(arr: jax.Array, idx: jax.Array, axis: int, packs: int | None) -> jax.Array:
+    """arr [..., X, ...] at `axis`, looked up at text slots idx -> [..., *idx.shape, ...].
+
+    With packs P (static), slots [p*T, (p+1)*T) (T = X // P) are pack p's texts and idx's
+    leading axis is split into P equal parts, each pointing into its own pack only: P becomes
+    a batch dim of the gather, so when packs are sharded each device looks up its own texts.
+    None: one global gather (every device gets every looked-up text).
+    """
+    if packs is None:
+        return jnp.take(arr, idx, axis=axis, mode="clip")
+    X = arr.shape[axis]
+    T = X // packs
+    local = idx.reshape(packs, -1) - (jnp.arange(packs, dtype=idx.dtype) * T)[:, None]
+    a = arr.reshape(arr.shape[:axis] + (packs, T) + arr.shape[axis + 1:])
+    ind = local.reshape((1,) * axis + local.shape + (1,) * (arr.ndim - axis - 1))
+    out = jnp.take_along_axis(a, ind, axis=axis + 1, mode="clip")  # [.., P, k, ..]
+    return out.reshape(arr.shape[:axis] + idx.shape + arr.shape[axis + 1:])
 
 
 def nested_contrastive_loss(
@@ -169,16 +207,8 @@ def nested_contrastive_loss(
     if packs is not None and X % packs:
         raise ValueError(f"{X} text slots do not split into packs={packs} equal packs")
 
-    def take(arr, idx, axis):  # arr [..., X, ...] at `axis` -> [..., *idx.shape, ...]
-        if packs is None:
-            return jnp.take(arr, idx, axis=axis, mode="clip")
-        # Pack-local lookup: P becomes a batch dim of the gather, so it stays sharded.
-        T = X // packs
-        local = idx.reshape(packs, -1) - (jnp.arange(packs, dtype=idx.dtype) * T)[:, None]
-        a = arr.reshape(arr.shape[:axis] + (packs, T) + arr.shape[axis + 1:])
-        ind = local.reshape((1,) * axis + local.shape + (1,) * (arr.ndim - axis - 1))
-        out = jnp.take_along_axis(a, ind, axis=axis + 1, mode="clip")  # [.., P, k, ..]
-        return out.reshape(arr.shape[:axis] + idx.shape + arr.shape[axis + 1:])
+    def take(arr, idx, axis):
+        return pack_local_take(arr, idx, axis, packs)
 
     qt, pt, nt = slots["query_text"], slots["positive_text"], slots["negative_text"]
     def tv(idx):
@@ -197,9 +227,9 @@ def nested_contrastive_loss(
     inb_e = jnp.zeros((E,), f32)
     sample_loss = jnp.zeros(sample_ok.shape, f32)
     for m, w in mrl_weights(d, mrl_min_dim):
-        q = _normalize(q_all[..., :m])
-        p = _normalize(p_all[..., :m])
-        n = _normalize(n_all[..., :m])
+        q = l2_normalize(q_all[..., :m])
+        p = l2_normalize(p_all[..., :m])
+        n = l2_normalize(n_all[..., :m])
         pos = jnp.sum(q * p, axis=-1) / temperature  # [E, S]
         neg = jnp.einsum("esm,esnm->esn", q, n) / temperature  # [E, S, N]
         hard_lse = jax.nn.logsumexp(

@@ -16,7 +16,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mlembed_jax.batch import BatchGeometry, globalize_slots
-from mlembed_jax.loss import config_kwargs, nested_contrastive_loss
+from mlembed_jax.loss import (l2_normalize, config_kwargs, in_batch_top1,
+                              nested_contrastive_loss, pack_local_take)
 from mlembed_jax.model.encoder import encode, param_logical_axes
 from mlembed_jax.model.factorized_embed import sample_mel_rank
 from mlembed_jax.model.qwen3 import EncoderConfig
@@ -101,13 +102,16 @@ def eval_step(setup: StepSetup, params, batch: dict, teacher_params=None, rank=N
     _, metrics = nested_contrastive_loss(
         pooled, slots, teacher_pooled=_teacher_pooled(setup, teacher_params, batch),
         num_datasets=setup.num_datasets, **setup.loss_kwargs)
-    emb = pooled[-1] / jnp.linalg.norm(pooled[-1], axis=-1, keepdims=True).clip(1e-12)
-    q, p = emb[slots["query_text"]], emb[slots["positive_text"]]
+    # Same lookups and row blocks as the loss, so no device holds every text or [S, S].
+    packs = setup.loss_kwargs.get("packs")
+    block = int(setup.loss_kwargs.get("in_batch_block_size", 0))
+    last = pooled[-1:].astype(jnp.float32)  # [1, X, d]: last exit, full width
+    q, p, neg = (l2_normalize(pack_local_take(last, slots[k], 1, packs))
+                 for k in ("query_text", "positive_text", "negative_text"))
     valid = slots["sample_valid"]
-    sim = jnp.where(valid[None, :], q @ p.T, -jnp.inf)
-    pos_sim = jnp.sum(q * p, axis=-1)
-    hit_ib = jnp.argmax(sim, axis=-1) == jnp.arange(q.shape[0])
-    neg_sim = jnp.einsum("sd,snd->sn", q, emb[slots["negative_text"]])
+    hit_ib = in_batch_top1(q, p, valid, block)[0] == jnp.arange(q.shape[1])
+    pos_sim = jnp.sum(q * p, axis=-1)[0]  # [S]
+    neg_sim = jnp.einsum("esd,esnd->esn", q, neg)[0]  # [S, N]
     hit_hard = jnp.all(jnp.where(slots["negative_valid"], neg_sim < pos_sim[:, None], True), -1)
     n = jnp.maximum(valid.sum(), 1)
     retrieval = valid & slots["in_batch"]

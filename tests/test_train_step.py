@@ -118,3 +118,35 @@ def test_optimizer_moments_are_sharded_like_their_params(parts, mel_lr):
     found = [s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh.opt_state)
              if "q_proj" in jax.tree_util.keystr(p)]
     assert len(found) == 2 and all(f == want for f in found)  # Adam's mu and nu
+
+
+def test_eval_accuracies_match_numpy_with_blocks_and_pack_lookups(parts):
+    """eval_step's retrieval accuracies, computed with pack-local lookups and in-batch row
+    blocks (what big batches need), equal a plain NumPy computation on the same embeddings."""
+    from mlembed_jax.batch import globalize_slots
+    from mlembed_jax.train_step import _forward, eval_step
+
+    config, enc, geometry, batches = parts
+    params = init_params(enc, jax.random.key(0))
+    # A batch with in-batch retrieval samples (others draw clustering/classification sets).
+    batch = next(b for b in batches
+                 if (np.asarray(b["in_batch"]) & np.asarray(b["sample_valid"])).any())
+    slots = jax.tree.map(np.asarray, globalize_slots(batch, geometry))
+    emb = np.asarray(_forward(_setup(config, enc, geometry), params, batch, None)[-1], np.float64)
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    q, p = emb[slots["query_text"]], emb[slots["positive_text"]]
+    valid = slots["sample_valid"].astype(bool)
+    sim = np.where(valid[None], q @ p.T, -np.inf)
+    retrieval = valid & slots["in_batch"].astype(bool)
+    want_ib = (sim.argmax(1) == np.arange(len(q)))[retrieval].mean()
+    neg = np.einsum("sd,snd->sn", q, emb[slots["negative_text"]])
+    beats = np.where(slots["negative_valid"], neg < (q * p).sum(-1)[:, None], True).all(-1)
+    want_hard = beats[valid].mean()
+    for packs, block in ((None, 0), (geometry.packs, 3)):
+        setup = _setup(config, enc, geometry)
+        setup = dataclasses.replace(setup, loss_kwargs={**setup.loss_kwargs, "packs": packs,
+                                                        "in_batch_block_size": block})
+        m = eval_step(setup, params, batch)
+        np.testing.assert_allclose(float(m["acc_in_batch"]), want_ib, atol=1e-6)
+        np.testing.assert_allclose(float(m["acc_hard"]), want_hard, atol=1e-6)
+    assert 0 < valid.sum() and 0 < want_hard  # the batch really has samples to score
