@@ -11,7 +11,8 @@
 #   2. tools/bench_attention.py: every GPU kernel on one step of the mix;   ~1 min
 #   3. 0.6B: ours (3D-ML, plain) and the torch reference, with a profile;    ~3 min
 #   4. 1.7B: ours and the torch reference;                                    ~2 min
-#   5. if time is left, 0.6B with remat=attention, the other kernel, bf16 params, no remat.
+#   5. if time is left, 0.6B with remat=attention, then as variants: the other kernel
+#      (remat=attn_out), bf16 params (remat=attention), no remat.
 # The full-step kernel is tokamax_mosaic where stage 1 and 2 pass for it, else cudnn.
 # MLEMBED_BENCH_SMOKE=1 runs the same stages on CPU with tiny shapes and portable kernels
 # (tests/test_benchmark.py), so a mistake here is caught before a GPU session is spent.
@@ -102,7 +103,7 @@ if [ "$SECONDS" -lt 420 ]; then
   stage bench_small_choices $((540 - SECONDS)) "$PY" tools/benchmark.py \
     --config="$CFG_SMALL" "${STEPS[@]}" --config.model.attention="$ATTN" \
     --config.model.remat=attention --variant=model.attention="$other",model.remat=attn_out \
-    --variant=model.param_dtype=bfloat16,model.remat=attn_out --variant=model.remat=none \
+    --variant=model.param_dtype=bfloat16 --variant=model.remat=none \
     "${SHAPE[@]}"
 else
   say "skipped stage 5 (0.6B choices): ${SECONDS}s used"
