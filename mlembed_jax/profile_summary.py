@@ -68,6 +68,7 @@ def op_times(trace_path: str, module_contains: str | None = None) -> OpTimes:
 
     Only device processes ("/device:...") count when the trace has any, since on GPU the
     host also logs launch-side events; a CPU trace has only "/host:CPU", so all of it counts.
+    Device events without an hlo_op tag (CUDA graphs) are keyed by their kernel name.
     Raises ValueError when no event matches.
     """
     opener = gzip.open if trace_path.endswith(".gz") else open
@@ -75,8 +76,15 @@ def op_times(trace_path: str, module_contains: str | None = None) -> OpTimes:
         events = json.load(f)["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
-    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in (e.get("args") or {})]
+    complete = [e for e in events if e.get("ph") == "X"]
+    ops = [e for e in complete if "hlo_op" in (e.get("args") or {})]
     on_device = [e for e in ops if procs.get(e["pid"], "").startswith("/device:")]
+    if not on_device:
+        # Kernels launched inside CUDA graphs can lose their hlo_op tag; key them by kernel
+        # name then, rather than falling back to host-side events.
+        on_device = [dict(e, args={**(e.get("args") or {}), "hlo_op": e["name"]})
+                     for e in complete if procs.get(e["pid"], "").startswith("/device:")
+                     and e.get("dur", 0) > 0]
     ops = on_device or ops
     if module_contains is not None:
         ops = [e for e in ops if module_contains in e["args"].get("hlo_module", "")]

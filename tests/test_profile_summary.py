@@ -130,3 +130,17 @@ def test_cli_empty_dir_errors(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: no perfetto_trace.json.gz")
     assert str(tmp_path) in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_untagged_device_kernels_are_keyed_by_name(tmp_path):
+    """Inside CUDA graphs kernels may carry no hlo_op; they still count, by kernel name,
+    and the host's tagged events still do not."""
+    path = tmp_path / "t.trace.json.gz"
+    _write_trace(path, [_x(DEV, 0, 300, "sm90_xmma_gemm_bf16"), _x(DEV, 300, 100, "flash_fwd"),
+                        _x(DEV, 400, 300, "sm90_xmma_gemm_bf16"),
+                        _x(HOST, 0, 5000, "custom-call.1", "custom-call.1")])
+    t = op_times(str(path))
+    # 300 + 300 us of gemm, 100 us of flash: 700 us over a 0..700 us span.
+    assert {k: (s.calls, s.us) for k, s in t.ops.items()} == {
+        "sm90_xmma_gemm_bf16": (2, 600), "flash_fwd": (1, 100)}
+    assert (t.total_us, t.span_us) == (700, 700)

@@ -139,7 +139,8 @@ def tokamax_attention(implementation: str) -> AttentionFn:
     "mosaic" is the Pallas Mosaic GPU flash kernel for Hopper and newer (ANCHORS.md: 1.06 ms
     per layer at 20 rows of 1024 on an H200, vs 2.36 ms for `cudnn`); "triton" is its
     Pallas Triton kernel; "xla" runs everywhere and is what CPU tests check the wiring with.
-    The kernels skip key blocks the mask leaves empty, which is why rows stay short (1024).
+    A dense mask gives the kernels no block structure to skip, so masked-out blocks cost the
+    same as real ones: one more reason rows stay at 1024 (ANCHORS.md: 2048 is slower).
     """
 
     def local(q, k, v, segment_ids):
