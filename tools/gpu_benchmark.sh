@@ -50,9 +50,15 @@ else
   SHAPE=()
   ATTN_SHAPE=(--steps=20)
   STEPS=(--steps=10 --warmup=3)
+  if ! ls .whl/tokamax-*.whl >/dev/null 2>&1; then
+    say "error: no .whl/tokamax-*.whl here. On the dev machine run"
+    say "  ../shared/tools/device_wheels.sh \$(cat tools/gpu_wheels.txt)"
+    say "and pass carry=[\".whl\"] to the device call."
+    exit 2
+  fi
   SITE=$(mktemp -d)
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" .whl/*.whl || say "warning: wheel install failed"
+    --target "$SITE" .whl/*.whl || say "warning: wheel install failed (see above)"
   export PYTHONPATH="$SITE:$PWD"
   # Set before JAX starts. Latency hiding overlaps collectives with compute (multi-GPU);
   # on one GPU it is neutral.
