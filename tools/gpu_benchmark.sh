@@ -4,7 +4,8 @@
 #   ../shared/tools/device_wheels.sh $(cat tools/gpu_wheels.txt)
 # then one device call:  command="bash tools/gpu_benchmark.sh", carry=[".whl"], timeout_s=560
 #
-# Stages, each with its own time limit, appending to $OUT/all.txt as it goes (a cut-off run
+# Stages, each with its own time limit (capped so that 1.7B always gets its turn within the
+# budget), appending to $OUT/all.txt as it goes (a cut-off run
 # still returns what it measured):
 #   1. the GPU kernel tests (cuDNN, tokamax mosaic/triton vs the dense reference, no text
 #      sees another);                                                         ~1 min
@@ -22,7 +23,14 @@ mkdir -p "$OUT"
 LOG="$OUT/all.txt"
 SMOKE=${MLEMBED_BENCH_SMOKE:-0}
 PY=${PYTHON:-python3}
+BUDGET=${MLEMBED_BENCH_BUDGET:-540}  # seconds of script time; the device call gets 560
 say() { echo "$*" | tee -a "$LOG"; }
+
+limit() {  # wanted seconds, seconds to keep for the stages after it -> this stage's limit
+  local left=$((BUDGET - SECONDS - $2))
+  [ "$left" -lt 30 ] && left=30
+  echo $(($1 < left ? $1 : left))
+}
 
 stage() {  # name, seconds, command...: stdout to the log and $OUT/name.txt; returns its rc
   local name=$1 limit=$2
@@ -79,7 +87,7 @@ except Exception as e:
 print('devices:', jax.devices())" 2>&1 | tee -a "$LOG"
 
 # 1. Kernel correctness on this device.
-JAX_PLATFORMS=$PLATFORM stage kernel_tests 180 "$PY" -m pytest -q -rA -p no:cacheprovider \
+JAX_PLATFORMS=$PLATFORM stage kernel_tests "$(limit 150 390)" "$PY" -m pytest -q -rA -p no:cacheprovider \
   tests/test_attention_kernels.py -k "$KERNEL_TESTS"
 fast_ok=0
 if grep -q "PASSED.*$FAST" "$OUT/kernel_tests.txt" && ! grep -q "FAILED.*$FAST" "$OUT/kernel_tests.txt"; then
@@ -87,7 +95,7 @@ if grep -q "PASSED.*$FAST" "$OUT/kernel_tests.txt" && ! grep -q "FAILED.*$FAST" 
 fi
 
 # 2. Each kernel alone, on one step of the mix (also checks it on these rows).
-stage attention 150 "$PY" tools/bench_attention.py --kernels="dense,$SAFE,$FAST,tokamax_triton" \
+stage attention "$(limit 100 330)" "$PY" tools/bench_attention.py --kernels="dense,$SAFE,$FAST,tokamax_triton" \
   "${ATTN_SHAPE[@]}"
 grep -q "^| $FAST | .* | no |$" "$OUT/attention.txt" || fast_ok=0
 ATTN=$SAFE
@@ -97,16 +105,16 @@ say "full-step attention kernel: $ATTN (fast kernel passed its checks: $fast_ok)
 # 3. and 4. The full train step against the reference.
 common=("${STEPS[@]}" --baseline=torch --config.model.attention="$ATTN" --config.model.remat=attn_out)
 PROFILE=$(mktemp -d)  # outside $OUT: traces are large; the summary is in the log
-stage bench_small 260 "$PY" tools/benchmark.py --config="$CFG_SMALL" "${common[@]}" \
+stage bench_small "$(limit 260 150)" "$PY" tools/benchmark.py --config="$CFG_SMALL" "${common[@]}" \
   --compare_plain --profile_dir="$PROFILE" "${SHAPE[@]}"
-stage bench_big 220 "$PY" tools/benchmark.py --config="$CFG_BIG" "${common[@]}" "${SHAPE[@]}"
+stage bench_big "$(limit 220 0)" "$PY" tools/benchmark.py --config="$CFG_BIG" "${common[@]}" "${SHAPE[@]}"
 
-# 5. Only with time to spare (the device call has 560 s): what the choices are worth on 0.6B,
+# 5. Only with time to spare: what the choices are worth on 0.6B,
 # one row each, in one process (rows print as they finish).
 other=$FAST
 [ "$ATTN" = "$FAST" ] && other=$SAFE
-if [ "$SECONDS" -lt 420 ]; then
-  stage bench_small_choices $((540 - SECONDS)) "$PY" tools/benchmark.py \
+if [ "$SECONDS" -lt $((BUDGET - 120)) ]; then
+  stage bench_small_choices "$(limit 600 0)" "$PY" tools/benchmark.py \
     --config="$CFG_SMALL" "${STEPS[@]}" --config.model.attention="$ATTN" \
     --config.model.remat=attention --variant=model.attention="$other",model.remat=attn_out \
     --variant=model.param_dtype=bfloat16 --variant=model.remat=none \
