@@ -40,8 +40,9 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 # What each layer keeps for the backward pass; the rest is recomputed (model/qwen3.py).
 # none: everything; full: only its input; dots: matmul outputs; attn_out: the attention
 # output; attention: the attention kernel's residuals (q, k, v, output, softmax stats), so
-# the backward pass never reruns the kernel.
-REMAT_POLICIES = ("none", "full", "dots", "attn_out", "attention")
+# the backward pass never reruns the kernel; dots_attention: both dots and attention, so
+# only elementwise work is recomputed.
+REMAT_POLICIES = ("none", "full", "dots", "attn_out", "attention", "dots_attention")
 
 
 class ConfigError(ValueError):

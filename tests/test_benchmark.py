@@ -96,4 +96,4 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     assert len(rows) == 3 + 2 + 1, rows  # small: ours, plain, ref; big: ours, ref; choices
     assert "jax " in log and "flax " in log
     assert "== bench_small_choices" in log and "== done in" in log
-    assert log.count("| variant ") == 3, log
+    assert log.count("| variant ") == 4, log

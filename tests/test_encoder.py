@@ -210,7 +210,7 @@ def test_remat_policies_give_the_same_gradients(params, attention):
     base = dataclasses.replace(CFG, attention=attention)
     grad, p = _grad_fn(dataclasses.replace(base, remat="none"), params)
     want = jax.jit(grad)(p)
-    for policy in ("full", "dots", "attn_out", "attention"):
+    for policy in ("full", "dots", "attn_out", "attention", "dots_attention"):
         grad, _ = _grad_fn(dataclasses.replace(base, remat=policy), params)
         got = jax.jit(grad)(p)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -220,17 +220,22 @@ def test_remat_policies_give_the_same_gradients(params, attention):
 
 def test_remat_attention_keeps_the_kernel_residuals(params):
     """remat='attention' must not rerun the attention forward in the backward pass;
-    'attn_out' does (custom-VJP residuals are recomputed). Counted as softmax exps in the
-    gradient's jaxpr: the dense kernel has one exp per forward (in the softmax), and only
-    the scanned layer body appears in the jaxpr, once, whatever the layer count."""
+    'attn_out' does (custom-VJP residuals are recomputed), and 'dots_attention' recomputes
+    neither attention nor any matmul. Counted in the gradient's jaxpr, where the scanned
+    layer body appears once whatever the layer count: softmax exps (the dense kernel has one
+    per forward) and dot_generals."""
     import dataclasses
 
-    def exps(policy):
+    def count(policy):
         grad, p = _grad_fn(dataclasses.replace(CFG, remat=policy), params)
-        return str(jax.make_jaxpr(grad)(p)).count(" exp ")
+        text = str(jax.make_jaxpr(grad)(p))
+        return text.count(" exp "), text.count("dot_general")
 
-    assert exps("attention") == exps("none")
-    assert exps("attn_out") == exps("none") + 1
+    none, full = count("none"), count("full")
+    assert count("attention")[0] == none[0]
+    assert count("attn_out")[0] == count("dots")[0] == none[0] + 1
+    assert count("dots_attention") == none  # only elementwise work is recomputed
+    assert full[1] > none[1]  # the test can tell recomputed matmuls apart
 
 
 def test_remat_attention_with_a_per_shard_kernel_under_a_mesh(params):

@@ -12,8 +12,9 @@
 #   2. tools/bench_attention.py: every GPU kernel on one step of the mix;   ~1 min
 #   3. 0.6B: ours (3D-ML, plain) and the torch reference, with a profile;    ~3 min
 #   4. 1.7B: ours and the torch reference;                                    ~2 min
-#   5. if time is left, 0.6B with remat=full (least memory), then as variants: the other
-#      kernel, bf16 params (the reference's choice), no remat (least recompute).
+#   5. if time is left, 0.6B with remat=full (least memory), then as variants:
+#      dots_attention (only elementwise work recomputed), the same and attention with bf16
+#      params (the reference's choice), and the other kernel.
 # The full-step kernel is tokamax_mosaic where stage 1 and 2 pass for it, else cudnn.
 # MLEMBED_BENCH_SMOKE=1 runs the same stages on CPU with tiny shapes and portable kernels
 # (tests/test_benchmark.py), so a mistake here is caught before a GPU session is spent.
@@ -118,8 +119,10 @@ other=$FAST
 if [ "$SECONDS" -lt $((BUDGET - 120)) ]; then
   stage bench_small_choices "$(limit 600 0)" "$PY" tools/benchmark.py \
     --config="$CFG_SMALL" "${STEPS[@]}" --config.model.attention="$ATTN" \
-    --config.model.remat=full --variant=model.attention="$other",model.remat=attention \
-    --variant=model.param_dtype=bfloat16,model.remat=attention --variant=model.remat=none \
+    --config.model.remat=full --variant=model.remat=dots_attention \
+    --variant=model.param_dtype=bfloat16,model.remat=dots_attention \
+    --variant=model.param_dtype=bfloat16,model.remat=attention \
+    --variant=model.attention="$other",model.remat=attention \
     "${SHAPE[@]}"
 else
   say "skipped stage 5 (0.6B choices): ${SECONDS}s used"

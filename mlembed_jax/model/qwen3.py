@@ -74,6 +74,10 @@ def _remat_policy(name: str):
         return jax.checkpoint_policies.save_only_these_names("attn_out")
     if name == "attention":  # the kernel's residuals (attention.with_named_residuals)
         return jax.checkpoint_policies.save_only_these_names("attn_res", "attn_out")
+    if name == "dots_attention":  # only elementwise work is recomputed
+        return jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            jax.checkpoint_policies.save_only_these_names("attn_res", "attn_out"))
     return None  # "full": save nothing, recompute the whole layer
 
 
@@ -135,7 +139,7 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         attend = get_attention(c.attention)
-        if c.remat == "attention":
+        if c.remat in ("attention", "dots_attention"):
             attend = with_named_residuals(attend)
         out = attend(q, k, v, segment_ids).astype(dt)
         out = checkpoint_name(out, "attn_out")
