@@ -280,14 +280,17 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collect
 
 
 def _parse_as(key: str, text: str, like):
-    try:
-        if isinstance(like, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1")
-        if isinstance(like, (int, float)):
-            return type(like)(float(text)) if isinstance(like, float) else int(text)
-    except ValueError:
-        pass
-    raise ConfigError(f"config field {key!r} holds {type(like).__name__}; cannot set it to "
+    """`text` read as the type of the field's current value `like` (bool, int or float)."""
+    bad = ConfigError(f"config field {key!r} holds {type(like).__name__}; cannot set it to "
                       f"{text!r}")
+    try:
+        if isinstance(like, bool):  # before int: bool is an int subclass
+            if text.lower() in ("true", "1", "false", "0"):
+                return text.lower() in ("true", "1")
+        elif isinstance(like, float):
+            return float(text)
+        elif isinstance(like, int):
+            return int(text)
+    except ValueError:
+        raise bad from None
+    raise bad
