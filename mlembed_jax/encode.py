@@ -278,35 +278,17 @@ class Encoder:
                     "token embedding (no MEL factors), so it has no rank to choose; leave "
                     "rank unset (an exported compatibility-mode model already has its rank "
                     "folded in)")
-            rank = _as_int("rank", rank)
-            if allow_untrained:
-                if not 1 <= rank <= c.mel_r_max:
-                    raise EncodeError(f"rank={rank} is outside [1, r_max={c.mel_r_max}]")
-            elif rank not in self.ranks:
-                raise EncodeError(f"rank={rank} is not a trained MEL rank {self.ranks}; "
-                                  f"pass allow_untrained=True (--allow_untrained) to use any "
-                                  f"rank in [1, {c.mel_r_max}]")
+            rank = _check_point("rank", rank, self.ranks, c.mel_r_max, "r_max=",
+                                allow_untrained, "a trained MEL rank", "use any rank")
         elif c.mel:
             rank = c.mel_r_max
-        exit = c.num_layers if exit is None else _as_int("exit", exit)
-        if allow_untrained:
-            if not 1 <= exit <= c.num_layers:
-                raise EncodeError(f"exit={exit} is outside [1, {c.num_layers}] (the model has "
-                                  f"{c.num_layers} layers)")
-        elif exit not in self.exits:
-            raise EncodeError(f"exit={exit} is not one of the model's MLL exits {self.exits}; "
-                              "pass allow_untrained=True (--allow_untrained) to cut the model "
-                              f"after any layer in [1, {c.num_layers}]")
+        exit = _check_point("exit", c.num_layers if exit is None else exit, self.exits,
+                            c.num_layers, "", allow_untrained,
+                            "one of the model's MLL exits", "cut the model after any layer")
         if dim is None:
             dim = self.default_dim or c.hidden_size
-        dim = _as_int("dim", dim)
-        if allow_untrained:
-            if not 1 <= dim <= c.hidden_size:
-                raise EncodeError(f"dim={dim} is outside [1, d={c.hidden_size}]")
-        elif dim not in self.dims:
-            raise EncodeError(f"dim={dim} is not one of the trained MRL dims "
-                              f"{tuple(sorted(self.dims))}; pass allow_untrained=True "
-                              f"(--allow_untrained) to take any dim in [1, {c.hidden_size}]")
+        dim = _check_point("dim", dim, self.dims, c.hidden_size, "d=", allow_untrained,
+                           "one of the trained MRL dims", "take any dim")
         return rank, exit, dim
 
     # -- tokenisation
@@ -374,6 +356,20 @@ class Encoder:
             return np.zeros((len(exits), 0, self.cfg.hidden_size), np.float32)
         return embed_token_ids(self.params, self.cfg, arrays, exits, rank=rank,
                                batch_tokens=batch_tokens, progress=progress)
+
+
+def _check_point(name: str, value, trained, top: int, top_name: str, allow_untrained: bool,
+                 what: str, instead: str) -> int:
+    """`value` as an int that is in `trained`, or with allow_untrained anywhere in [1, top]."""
+    value = _as_int(name, value)
+    if allow_untrained:
+        if not 1 <= value <= top:
+            raise EncodeError(f"{name}={value} is outside [1, {top_name}{top}]")
+    elif value not in trained:
+        raise EncodeError(f"{name}={value} is not {what} {tuple(sorted(trained))}; pass "
+                          f"allow_untrained=True (--allow_untrained) to {instead} in "
+                          f"[1, {top}]")
+    return value
 
 
 def _as_int(name: str, value) -> int:
