@@ -92,7 +92,7 @@ def test_slurm_sets_flags_before_python_and_runs_srun():
 
 
 def test_launch_scripts_parse():
-    for name in ("local.sh", "tpu_pod.sh", "slurm_gpu.sbatch"):
+    for name in ("local.sh", "tpu_pod.sh", "slurm_gpu.sbatch", "xla_gpu_flags.sh"):
         r = subprocess.run(["bash", "-n", os.path.join(LAUNCH, name)], capture_output=True,
                            text=True)
         assert r.returncode == 0, (name, r.stderr)

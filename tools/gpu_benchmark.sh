@@ -69,9 +69,7 @@ else
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" .whl/*.whl || say "warning: wheel install failed (see above)"
   export PYTHONPATH="$SITE:$PWD"
-  # Set before JAX starts. Latency hiding overlaps collectives with compute (multi-GPU);
-  # on one GPU it is neutral.
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+  source launch/xla_gpu_flags.sh  # training's XLA flags (launch/slurm_gpu.sbatch), before JAX starts
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 fi
 say "XLA_FLAGS=${XLA_FLAGS:-}"
