@@ -20,7 +20,9 @@ from train_helpers import cli_args, small_config, subprocess_env, train_losses
 
 STEPS = 16
 COMMON = {"train.max_steps": STEPS, "train.checkpoint_every": 1000,
-          "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+          "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+          # The periodic retrieval eval at the last step runs on every process too.
+          "eval.every": STEPS, "eval.heldout": True}
 
 
 def _free_port() -> int:
@@ -102,3 +104,15 @@ def test_two_processes_match_one_and_resume_after_sigterm(tmp_path):
     assert sorted(two) == list(range(1, STEPS + 1))
     diffs = {s: abs(two[s] - ref[s]) for s in ref}
     assert max(diffs.values()) <= 1e-5, diffs
+    # Retrieval eval on params sharded over two processes scores like one process.
+    ev_ref, ev_two = (_eval_metrics(w, STEPS) for w in (tmp_path / "one", work))
+    assert ev_ref and ev_ref.keys() == ev_two.keys(), (ev_ref, ev_two)
+    for k in ev_ref:
+        assert abs(ev_ref[k] - ev_two[k]) <= 1e-6, (k, ev_ref[k], ev_two[k])
+
+
+def _eval_metrics(workdir, step) -> dict:
+    from mlembed_jax.metrics_log import read_metrics
+
+    return {k: v for m in read_metrics(str(workdir)) if m["step"] == step
+            for k, v in m.items() if k.startswith("eval/") and k != "eval/seconds"}
