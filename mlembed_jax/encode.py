@@ -461,6 +461,7 @@ def load(path: str, *, tokenizer_dir: str | None = None, max_seq_length: int | N
         cfg = dataclasses.replace(EncoderConfig.from_config(config.model), **overrides)
         tok_dir, max_len, prefixes = _training_tokenizer(config, tokenizer_dir, path)
         mrl_min = int(config.loss.mrl_min_dim) if "loss" in config else 8
+    cfg = _runnable_attention(cfg, attention is not None, path)
     try:
         tokenizer = load_tokenizer(tok_dir)
     except TokenizerError as e:
@@ -474,6 +475,28 @@ def load(path: str, *, tokenizer_dir: str | None = None, max_seq_length: int | N
     return Encoder(params=params, cfg=cfg, tokenizer=tokenizer, max_seq_length=max_len,
                    mrl_min_dim=mrl_min, prefixes=prefixes, source=path, step=step,
                    train_config=config, default_dim=default_dim)
+
+
+def _runnable_attention(cfg, chosen: bool, path: str):
+    """cfg, with the portable `dense` kernel if the saved one cannot run on this platform.
+
+    A model trained with a GPU kernel still encodes on a CPU: every kernel computes the same
+    function (tests/test_attention_kernels.py), so only speed changes, and a note says so.
+    A kernel the caller chose explicitly is never replaced: that is an error instead.
+    """
+    from mlembed_jax.model.attention import check_platform
+
+    platform = jax.devices()[0].platform
+    try:
+        check_platform(cfg.attention, platform)
+        return cfg
+    except (ValueError, ImportError) as e:
+        if chosen:
+            raise EncodeError(str(e)) from None
+    print(f"note: {path} was trained with attention={cfg.attention!r}, which cannot run on "
+          f"this {platform}; encoding with 'dense' instead (same embeddings; pass "
+          "attention= / --attention to choose)", file=sys.stderr)
+    return dataclasses.replace(cfg, attention="dense")
 
 
 def _hf_sentence_settings(path: str) -> tuple[int, dict, int | None]:

@@ -204,3 +204,32 @@ def test_exported_model_encodes_like_its_checkpoint(tmp_path_factory, tmp_path):
     texts = demo_texts(16)
     want = enc.load(work).encode(texts, rank=16, exit=1, dim=32)
     np.testing.assert_allclose(exported.encode(texts), want, atol=1e-5)
+
+
+def test_a_gpu_trained_checkpoint_encodes_here_with_the_portable_kernel(
+        tmp_path_factory, monkeypatch, capsys):
+    """A checkpoint whose config names a GPU-only kernel loads on CPU with `dense`, says so,
+    and gives the same embeddings; naming that kernel explicitly is a clear error."""
+    from mlembed_jax import checkpoint
+    from test_retrieval_eval import trained_names_run
+
+    work, _ = trained_names_run(tmp_path_factory.getbasetemp())
+    texts = demo_texts(8)
+    want = enc.load(work).encode(texts)
+    real = checkpoint.load_trained
+
+    def as_if_trained_on_gpu(path):
+        config, params, step = real(path)
+        with config.unlocked():
+            config.model.attention = "cudnn"
+        return config, params, step
+
+    monkeypatch.setattr(checkpoint, "load_trained", as_if_trained_on_gpu)
+    capsys.readouterr()
+    got = enc.load(work)
+    assert got.cfg.attention == "dense"
+    assert "trained with attention='cudnn', which cannot run on this cpu" in \
+        capsys.readouterr().err
+    np.testing.assert_allclose(got.encode(texts), want, atol=1e-6)
+    with pytest.raises(enc.EncodeError, match="'cudnn' runs on NVIDIA GPUs only"):
+        enc.load(work, attention="cudnn")
