@@ -10,7 +10,6 @@ resumes from its latest checkpoint; SIGTERM saves a checkpoint and exits with co
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys

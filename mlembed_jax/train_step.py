@@ -16,8 +16,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mlembed_jax.batch import BatchGeometry, globalize_slots
-from mlembed_jax.loss import (l2_normalize, config_kwargs, in_batch_top1,
-                              nested_contrastive_loss, pack_local_take)
+from mlembed_jax.loss import (in_batch_top1, l2_normalize, nested_contrastive_loss,
+                              pack_local_take)
 from mlembed_jax.model.encoder import encode, param_logical_axes
 from mlembed_jax.model.factorized_embed import sample_mel_rank
 from mlembed_jax.model.qwen3 import EncoderConfig

@@ -8,7 +8,6 @@ with the layers stacked on a leading `layers` axis. Linear kernels are stored [i
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import flax.linen as nn
 import jax
