@@ -47,10 +47,8 @@ class BenchResult:
         return 1 - sum(self.useful_tokens) / (self.padded_tokens * len(self.useful_tokens))
 
     def mfu(self) -> float | None:
-        peak = flops_lib.peak_flops(self.device_kind)
-        if not peak:
-            return None
-        return sum(self.flops) / sum(self.step_times) / (peak * self.devices)
+        return flops_lib.mfu(sum(self.flops), sum(self.step_times), self.device_kind,
+                             self.devices)
 
 
 def plain_variant(config):

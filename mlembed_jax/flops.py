@@ -50,3 +50,10 @@ def peak_flops(device_kind: str) -> float | None:
         if key.lower() in device_kind.lower():
             return value
     return None
+
+
+def mfu(flops: float, seconds: float, device_kind: str, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: `flops` done in `seconds` on `devices` chips of this kind,
+    against their dense bf16 peak; None for a chip not in PEAK_FLOPS."""
+    peak = peak_flops(device_kind)
+    return flops / seconds / (peak * devices) if peak else None

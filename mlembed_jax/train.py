@@ -172,7 +172,7 @@ def run(config, workdir: str) -> int:
 
     writer = MetricsWriter(workdir, enabled=primary)
     retrieval_eval = make_periodic_evaluator(config)  # None unless eval.every > 0
-    peak = flops_lib.peak_flops(jax.devices()[0].device_kind)
+    device_kind = jax.devices()[0].device_kind
     start = int(jax.device_get(state.step))
     if start == 0 and config.train.eval_every > 0:
         with activation_rules(mesh, rules):  # the baseline the validation loss falls from
@@ -203,7 +203,7 @@ def run(config, workdir: str) -> int:
                 host = jax.device_get(pending)  # the only host sync of the interval
                 dt = max(time.time() - t_last, 1e-9)
                 values = _interval_values(host, interval_stats, names, interval_tokens,
-                                          interval_flops, dt, peak, jax.process_count(),
+                                          interval_flops, dt, device_kind, jax.process_count(),
                                           len(mesh.local_devices))
                 writer.write(step, values)
                 bar.set_postfix(loss=f"{values['train/total']:.4f}",
@@ -236,7 +236,7 @@ def run(config, workdir: str) -> int:
     return exit_code
 
 
-def _interval_values(host_metrics, stats, names, tokens, flops, dt, peak, processes,
+def _interval_values(host_metrics, stats, names, tokens, flops, dt, device_kind, processes,
                      local_devices) -> dict:
     """Means over the steps since the last log, plus speed figures."""
     steps = len(host_metrics)
@@ -254,7 +254,8 @@ def _interval_values(host_metrics, stats, names, tokens, flops, dt, peak, proces
     out["data/carried_over"] = float(sum(s["carried_over"] for s in stats))
     out["perf/tokens_per_s"] = tokens * processes / dt
     out["perf/step_time_s"] = dt / steps
-    out["perf/mfu"] = flops / dt / (peak * local_devices) if peak else float("nan")
+    mfu = flops_lib.mfu(flops, dt, device_kind, local_devices)
+    out["perf/mfu"] = float("nan") if mfu is None else mfu
     return out
 
 

@@ -6,7 +6,7 @@ import sys
 
 import ml_collections
 
-from mlembed_jax.flops import non_embedding_params, train_flops
+from mlembed_jax.flops import mfu, non_embedding_params, train_flops
 from train_helpers import ROOT, subprocess_env
 
 
@@ -22,6 +22,9 @@ def test_flop_count_matches_hand_count():
     # layer 2 matmuls x 2 FLOPs x 4 heads x 16 dims = 256 forward, x3 for the backward:
     # 21 x 256 x 3 x 4 layers = 64,512.
     assert train_flops(m, [3, 5]) == 7_111_680 + 64_512
+    # MFU against the datasheet peak (989 TFLOP/s for an H100): half of 2 chips' peak in 1 s.
+    assert mfu(989e12, 1.0, "NVIDIA H100 80GB HBM3", devices=2) == 0.5
+    assert mfu(1e12, 1.0, "cpu") is None
 
 
 def test_benchmark_variant_rows_report_bad_fields_without_stopping(capsys):

@@ -113,8 +113,7 @@ def run(config):
         # The same texts as our timed steps, so the same hand-counted useful FLOPs.
         useful = sum(flops_lib.train_flops(config.model, text_lengths(b))
                      for b, _ in batches[FLAGS.warmup:])
-        peak = flops_lib.peak_flops(device.device_kind)
-        ref_mfu = useful / sum(ref["step_times"]) / peak if peak else None
+        ref_mfu = flops_lib.mfu(useful, sum(ref["step_times"]), device.device_kind)
         print(_row(f"reference (torch {ref['torch']}, transformers {ref['transformers']})",
                    ref["median_step"], ref["tokens_per_s"], ref["padding"], ref_mfu,
                    ref["peak_memory"]), flush=True)
@@ -127,7 +126,6 @@ def run(config):
                         "mlembed_jax, plain contrastive")
         print(_row(plain.name, plain.median_step, plain.tokens_per_s, plain.padding,
                    plain.mfu(), plain.peak_memory), flush=True)
-    if FLAGS.compare_plain:
         print(f"3D-ML overhead over plain: "
               f"{100 * (ours.median_step / plain.median_step - 1):+.1f}% step time")
     if ref is not None:

@@ -66,6 +66,11 @@ class EncoderConfig:
         return dataclasses.replace(self, num_layers=num_layers, exits=exits)
 
 
+# Policies that keep the attention kernel's residuals: the kernel must name them
+# (attention.with_named_residuals) for the policy to see them.
+_KEEPS_ATTENTION_RESIDUALS = ("attention", "dots_attention")
+
+
 def _remat_policy(name: str):
     if name == "dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -138,7 +143,7 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         attend = get_attention(c.attention)
-        if c.remat in ("attention", "dots_attention"):
+        if c.remat in _KEEPS_ATTENTION_RESIDUALS:
             attend = with_named_residuals(attend)
         out = attend(q, k, v, segment_ids).astype(dt)
         out = checkpoint_name(out, "attn_out")
