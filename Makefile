@@ -32,6 +32,8 @@ setup: $(BIN)/.installed $(LIBTPU)
 demo: setup
 	$(BIN)/python -m mlembed_jax.train --config=configs/demo.py --workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# Lint first (ruff, pyproject.toml's rules; the same check .pre-commit-config.yaml runs).
 # pytest exits 5 when it collected no tests; that must fail, not pass.
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc

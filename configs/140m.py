@@ -10,12 +10,7 @@ Start from the 0.6B checkpoint: --config.train.init_from=/path/to/Qwen3-0.6B (th
 keeps the first 8 layers and factorises the embedding by SVD at rank 128).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _qwen3 import qwen3_config  # noqa: E402
+from mlembed_jax.presets import qwen3_config
 
 PARAMS_140M = 145_427_456
 

@@ -1,16 +1,11 @@
 """Qwen3-4B backbone with the full 3D-ML recipe (MEL r_max 512, MLL, MRL).
 
-Meant for a TPU v6e-64 slice (v6e:8x8, 32 GB per chip). Default layout (configs/_qwen3.py):
+Meant for a TPU v6e-64 slice (v6e:8x8, 32 GB per chip). Default layout (mlembed_jax/presets.py):
 FSDP over every chip, one pack of 8 samples per chip; tools/aot_compile.py gives about
 15 GB per chip (README table). The same layout runs on 8 GPUs as is.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _qwen3 import qwen3_config  # noqa: E402
+from mlembed_jax.presets import qwen3_config
 
 
 def get_config():

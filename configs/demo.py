@@ -10,15 +10,8 @@ every name to be seen many times: the held-out retrieval accuracy then ends seve
 above chance and the validation loss well below step 0's.
 """
 
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mlembed_jax.config import base_config  # noqa: E402
-
-DEMO_DATA = os.path.join(ROOT, "mlembed_jax", "demo_data")
+from mlembed_jax.config import base_config
+from mlembed_jax.data import DEMO_MANIFEST, DEMO_PREPARED
 
 
 def get_config():
@@ -38,8 +31,8 @@ def get_config():
     m.remat = "none"
 
     d = c.data
-    d.manifest = os.path.join(DEMO_DATA, "manifest.json")
-    d.prepared_dir = os.path.join(DEMO_DATA, "prepared")
+    d.manifest = DEMO_MANIFEST
+    d.prepared_dir = DEMO_PREPARED
     d.max_seq_length = 64
     d.seq_len = 64
     d.rows_per_pack = 8

@@ -1,11 +1,6 @@
 """A tiny Qwen3-shaped encoder for tests and CPU smoke runs (seconds per step on 2 cores)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mlembed_jax.config import base_config  # noqa: E402
+from mlembed_jax.config import base_config
 
 
 def get_config():

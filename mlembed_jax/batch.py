@@ -36,19 +36,6 @@ import dataclasses
 
 import numpy as np
 
-TOKEN_KEYS = ("tokens", "segment_ids", "positions")
-TEXT_KEYS = ("pool_index", "text_valid")
-SAMPLE_KEYS = (
-    "query_text",
-    "positive_text",
-    "negative_text",
-    "negative_valid",
-    "sample_valid",
-    "in_batch",
-    "dataset_id",
-)
-ALL_KEYS = TOKEN_KEYS + TEXT_KEYS + SAMPLE_KEYS
-
 
 @dataclasses.dataclass(frozen=True)
 class BatchGeometry:
@@ -83,6 +70,25 @@ class BatchGeometry:
     def empty(self) -> dict[str, np.ndarray]:
         """An all-padding batch (every slot invalid) of the right shapes."""
         return {k: np.zeros(s, d) for k, (s, d) in self.shapes().items()}
+
+
+def geometry_from_config(data_cfg, packs: int) -> BatchGeometry:
+    """The step's global batch geometry for `packs` packs, from the config's data section.
+
+    ffd: B = samples_per_pack + spare_sample_slots, R = rows_per_pack.
+    pad_to_longest: B = samples_per_pack, R = T (one text per row).
+    """
+    N = int(data_cfg.max_negatives)
+    if data_cfg.packing == "pad_to_longest":
+        B = int(data_cfg.samples_per_pack)
+        T = B * (2 + N)
+        R = T
+    else:
+        B = int(data_cfg.samples_per_pack) + int(data_cfg.get("spare_sample_slots", 0))
+        T = B * (2 + N)
+        R = int(data_cfg.rows_per_pack)
+    return BatchGeometry(packs=packs, rows_per_pack=R, seq_len=int(data_cfg.seq_len),
+                         texts_per_pack=T, samples_per_pack=B, max_negatives=N)
 
 
 def check_batch(batch: dict, geometry: BatchGeometry) -> None:

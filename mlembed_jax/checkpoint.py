@@ -1,8 +1,11 @@
 """Orbax checkpoints of a run: train state, data-iterator state and config, saved together.
 
-Saves are asynchronous. Restores go through an abstract target carrying the *current* mesh's
-shardings, so a run resumes on another mesh or device count. A checkpoint of another model
-shape is caught by comparing the saved config first, with one clear error.
+Items of a step directory: `state` (params, optimizer state, step, rng), `data` (each
+process's iterator position as `process_<i>-of-<n>.json`, written by grain's handler from a
+`DataStateBox`) and `config` (the run config as JSON). Saves are asynchronous. Restores go
+through an abstract target carrying the *current* mesh's shardings, so a run resumes on
+another mesh or device count. A checkpoint of another model shape is caught by comparing the
+saved config first, with one clear error.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import grain.python as grain
+import jax
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mlembed_jax.config import ConfigError
@@ -23,6 +28,25 @@ def _json_safe(x):
     if isinstance(x, (list, tuple)):
         return [_json_safe(v) for v in x]
     return x
+
+
+class DataStateBox:
+    """The data iterator's state as an Orbax item: a JSON-able dict with the
+    get_state/set_state/start_prefetch grain's handler calls. It holds a snapshot taken at
+    save time, so an async save never sees a later position of the iterator."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state, sort_keys=True).encode()
+
+    def set_state(self, raw: bytes) -> None:
+        self.state = json.loads(raw)
+
+    def start_prefetch(self) -> None:
+        """Grain calls this after a restore; a snapshot has nothing to prefetch."""
+        return None
 
 
 class Checkpointer:
@@ -62,9 +86,6 @@ class Checkpointer:
             data=grain.PyGrainCheckpointRestore(data_box)))
         return out["state"], out["data"]
 
-    def wait(self):
-        self.manager.wait_until_finished()
-
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
@@ -83,11 +104,6 @@ def check_same_model(saved: dict, current: dict, where: str) -> None:
         raise ConfigError(
             f"checkpoint {where} was saved by a different model ({'; '.join(diffs)}). Resume "
             "with the config it was trained with, or use a fresh --workdir.")
-
-
-def abstract_with_shardings(abstract_state, shardings):
-    return jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
 
 
 def resolve_checkpoint(path: str) -> tuple[str, int]:
@@ -141,8 +157,6 @@ class TrainedParams:
     """
 
     def __init__(self, path: str):
-        import ml_collections
-
         ckpt_dir, step = resolve_checkpoint(path)
         step_dir = os.path.join(ckpt_dir, str(step))
         config_path = os.path.join(step_dir, "config", "metadata")
@@ -164,8 +178,6 @@ class TrainedParams:
 
     def read(self, path: tuple[str, ...]):
         """One param array (e.g. ("layers", "mlp", "up_proj")) as a host numpy array."""
-        import numpy as np
-
         if path not in self.leaves:
             raise KeyError(f"checkpoint {self._state_dir!r} has no param {'/'.join(path)!r}; "
                            f"it has {sorted('/'.join(p) for p in self.leaves)}")

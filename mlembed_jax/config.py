@@ -8,19 +8,19 @@ the model shape. Every field can be overridden on the command line as
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 
 import ml_collections
 
-# MLL exits of the recipe; those <= num_layers are used, plus num_layers itself.
-RECIPE_EXITS = (1, 2, 4, 8, 16, 24, 32, 40, 48)
+from mlembed_jax.model.kernel_choice import KERNELS, check_platform
 
-TASK_TYPES = ("retrieval", "clustering", "classification")
+# The mesh axes a step's packs are split over: data parallel and FSDP both shard the batch.
+BATCH_MESH_AXES = ("data", "fsdp")
 
-# Logical axis name -> mesh axis (or axes, or None = replicated). One table for the run.
+# Logical axis name -> mesh axis (or axes, or None = replicated). One table for the run;
+# everything that shards a batch reads the "batch" entry (sharding.batch_axes).
 DEFAULT_LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_MESH_AXES),
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -32,7 +32,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("layers", None),
     ("norm", None),
     ("exits", None),
-    ("texts", ("data", "fsdp")),
+    ("texts", BATCH_MESH_AXES),
     ("activation_embed", None),
 )
 
@@ -87,13 +87,12 @@ def base_config() -> ml_collections.ConfigDict:
     d.max_seq_length = 1024  # truncation length, EOS included
     d.seq_len = 1024  # packed row length
     d.samples_per_pack = 8  # the recipe's per-device batch
-    d.rows_per_pack = 19  # 19 x 1024 holds the ANCHORS length mix of 8 samples at ~92% fill
+    d.rows_per_pack = 19  # 19 x 1024 holds 8 samples of the benchmark length mix at ~92% fill
     d.max_negatives = 9  # largest per-task count (clustering)
     d.packs_per_step = -1  # -1 = one pack per batch shard of the mesh
     d.packing = "ffd"  # ffd | pad_to_longest
     d.seed = 0
     d.validation_fraction = 0.01
-    d.worker_count = 0
     d.split_seed = 0  # held-out split seed; separate from data.seed so the split stays put
     d.min_validation_samples = 32  # held-out floor for tiny datasets (at most half the rows)
     d.spare_sample_slots = 2  # extra sample slots per pack so carried-over samples drain
@@ -127,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 500
     t.keep_checkpoints = 3
 
-    # Retrieval evaluation during training (mlembed_jax/periodic_eval.py): nDCG@10,
+    # Retrieval evaluation during training (mlembed_jax/eval/periodic.py): nDCG@10,
     # Recall@100 and MRR@10 of one (rank, exit, dim) point on a local set.
     c.eval = ev = ml_collections.ConfigDict()
     ev.every = 0  # steps between evaluations; 0 = off
@@ -146,15 +145,6 @@ def base_config() -> ml_collections.ConfigDict:
     ev.tokenizer_dir = ""  # "" = the tokenizer recorded in data.prepared_dir
     ev.batch_tokens = 16384  # tokens per packed encode batch
     return c
-
-
-def recipe_exits(num_layers: int) -> tuple[int, ...]:
-    """The MLL exits for a depth: recipe exits <= L, plus L."""
-    return tuple(sorted({e for e in RECIPE_EXITS if e <= num_layers} | {num_layers}))
-
-
-def model_exits(model: ml_collections.ConfigDict) -> tuple[int, ...]:
-    return tuple(model.exits) if len(model.exits) else recipe_exits(model.num_layers)
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -187,10 +177,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             errs.append(f"model.{f}={m[f]!r} must be 'float32' or 'bfloat16'")
     if m.remat not in REMAT_POLICIES:
         errs.append(f"model.remat={m.remat!r} must be one of {', '.join(REMAT_POLICIES)}")
-    from mlembed_jax.model.attention import ATTENTION_IMPLS  # avoid a cycle at import
-
-    if m.attention not in ATTENTION_IMPLS:
-        errs.append(f"model.attention={m.attention!r} must be one of {sorted(ATTENTION_IMPLS)}")
+    if m.attention not in KERNELS:
+        errs.append(f"model.attention={m.attention!r} must be one of {sorted(KERNELS)}")
     elif m.attention.startswith("tokamax_") and importlib.util.find_spec("tokamax") is None:
         errs.append(f"model.attention={m.attention!r} needs the tokamax package: "
                     "`pip install tokamax`, or pick 'cudnn'")
@@ -221,28 +209,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def check_attention_platform(c: ml_collections.ConfigDict, platform: str) -> None:
     """Raises ConfigError when model.attention cannot run on `platform` ("cpu", "gpu", "tpu")."""
-    from mlembed_jax.model.attention import check_platform
-
     try:
         check_platform(c.model.attention, platform)
-    except (ValueError, ImportError) as e:
+    except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Resolves -1 in the mesh config against the device count; errors name the mismatch."""
-    sizes = {ax: mesh_cfg[ax] for ax in ("data", "fsdp", "tensor")}
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    if num_devices % fixed:
-        raise ConfigError(f"mesh {sizes} does not divide the {num_devices} devices; "
-                          "set mesh.data/fsdp/tensor so their product divides the device count")
-    for ax, v in sizes.items():
-        if v == -1:
-            sizes[ax] = num_devices // fixed
-    if math.prod(sizes.values()) != num_devices:
-        raise ConfigError(f"mesh {sizes} uses {math.prod(sizes.values())} devices but "
-                          f"{num_devices} are present; set one axis to -1 to take the rest")
-    return sizes
 
 
 def load_config_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:

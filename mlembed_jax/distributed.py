@@ -22,7 +22,7 @@ import re
 import jax
 
 
-def _cluster_kind(env=None) -> str | None:
+def cluster_kind(env=None) -> str | None:
     env = os.environ if env is None else env
     if env.get("MLEMBED_COORDINATOR"):
         return "explicit"
@@ -110,7 +110,7 @@ def maybe_initialize() -> str | None:
     """Initialises jax.distributed if the environment describes a multi-process run.
     Returns the kind of cluster found ('explicit', 'slurm', 'auto', 'tpu'), or None for a
     single process."""
-    kind = _cluster_kind()
+    kind = cluster_kind()
     if kind is None:
         return None
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
@@ -124,47 +124,3 @@ def maybe_initialize() -> str | None:
     # the single GPU numbered SLURM_LOCALID, even when one task should drive all 8.
     jax.distributed.initialize(cluster_detection_method="deactivate", **params)
     return kind
-
-
-# -------------------------------------------------------------------------------------------
-# Which packs of a step each process builds.
-
-
-def pack_ranges(mesh, packs: int, batch_axes=("data", "fsdp")) -> dict[int, tuple[int, int]]:
-    """{process index: [start, stop)} of the step's packs each process builds and feeds.
-
-    The batch arrays' leading (pack) dim is sharded over `batch_axes`, so every process's
-    devices hold a set of pack positions. On CPU/GPU hosts that set is one contiguous run,
-    and the process builds exactly those packs. On a TPU pod the mesh follows the physical
-    torus, and a host's chips sit at positions like {0, 16, 32, 48}. The process then builds
-    the contiguous packs [r*k, (r+1)*k) (r: its rank among the distinct position sets, in
-    order of their first position; k: the set's size), and
-    jax.make_array_from_process_local_data puts them, in order, at its positions. The step is
-    the same: the loss does not depend on where a pack sits, only on what it holds.
-    Processes that hold the same positions (replicas along a non-batch axis) get the same
-    range. Packs cover [0, packs) exactly once.
-    """
-    import jax
-
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
-    held: dict[int, set[int]] = {}
-    for device, idx in sharding.devices_indices_map((packs,)).items():
-        held.setdefault(device.process_index, set()).update(range(*idx[0].indices(packs)))
-    distinct = sorted({frozenset(s) for s in held.values()}, key=min)
-    ranges, start = {}, 0
-    for s in distinct:
-        ranges[s] = (start, start + len(s))
-        start += len(s)
-    if start != packs:
-        raise ValueError(f"the processes' devices hold overlapping pack positions "
-                         f"({ {p: sorted(s) for p, s in held.items()} }); set mesh axes so "
-                         "each process's devices hold whole shards of the batch axes")
-    return {p: ranges[frozenset(s)] for p, s in held.items()}
-
-
-def process_pack_range(mesh, packs: int, batch_axes=("data", "fsdp")) -> tuple[int, int]:
-    """[start, stop) of the packs this process builds (see `pack_ranges`)."""
-    import jax
-
-    return pack_ranges(mesh, packs, batch_axes)[jax.process_index()]

@@ -17,36 +17,17 @@ MRL weights: dims from largest to smallest get n = 1, 2, 3, ... and weight 1/(n 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from mlembed_jax.recipe import mrl_weights
+
 # Finite "minus infinity" for masked logits: exp(_MASKED - 20) is exactly 0 in fp32, so a
 # masked column drops out of the softmax, yet a row with every column masked stays finite
 # (a true -inf would give -inf - -inf = NaN there and in its gradient).
 _MASKED = -1e9
-
-
-def mrl_dims(d: int, min_dim: int = 8) -> tuple[int, ...]:
-    """MRL dims from largest to smallest: d, then min_dim * 2^k below d, descending.
-
-    min_dim < 1 or min_dim >= d leaves only d (MRL off).
-    """
-    dims = []
-    if min_dim >= 1:
-        m = min_dim
-        while m < d:
-            dims.append(m)
-            m *= 2
-    return (d,) + tuple(reversed(dims))
-
-
-def mrl_weights(d: int, min_dim: int = 8) -> tuple[tuple[int, float], ...]:
-    """((m, weight), ...) from largest m to smallest; weight = 1 / (n * sqrt(d / m))."""
-    return tuple((m, 1.0 / (n * math.sqrt(d / m)))
-                 for n, m in enumerate(mrl_dims(d, min_dim), start=1))
 
 
 def config_kwargs(loss_cfg: Any, packs: int | None = None) -> dict:
@@ -168,7 +149,7 @@ def nested_contrastive_loss(
         is valid. In-batch rows are the counted in_batch samples; the columns are the
         positives of all counted samples (in_batch or not).
       temperature: cosine similarities are divided by it.
-      mrl_min_dim: smallest MRL dim (see `mrl_dims`); static.
+      mrl_min_dim: smallest MRL dim (see `recipe.mrl_dims`); static.
       teacher_pooled: [X, d_t] final pooled embeddings of a frozen teacher, or None (no KD).
         Gradients never flow into it. If d_t >= d the teacher is cut to the student's width d
         (the recipe); if d_t < d the student is cut to d_t instead, since there is nothing to

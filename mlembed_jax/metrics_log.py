@@ -7,6 +7,7 @@ import math
 import os
 
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 def flatten(prefix: str, metrics: dict, dataset_names) -> dict:
@@ -34,8 +35,6 @@ class MetricsWriter:
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
-
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:

@@ -1,22 +1,45 @@
-"""The mesh and the one logical-axis rules table: how params and activations are laid out.
+"""The mesh, the one logical-axis rules table, and how a step's batch is laid out on it.
 
 Model code only names logical axes (batch, embed, heads, ...). `config.mesh.logical_axis_rules`
 maps them to mesh axes (data, fsdp, tensor); changing parallelism changes the config only.
+The batch is no exception: its mesh axes are whatever the table maps "batch" to
+(`batch_axes`), and everything below that splits a step into packs, places packs on
+devices or decides which packs a process builds reads them from there.
+
+Packs: a step's batch arrays are pack-major (mlembed_jax/batch.py), and their leading dim is
+sharded over the batch axes, so whole packs sit on devices and a pack never straddles two.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mlembed_jax.config import ConfigError, mesh_shape
+from mlembed_jax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+    """Resolves -1 in the mesh config against the device count; errors name the mismatch."""
+    sizes = {ax: mesh_cfg[ax] for ax in MESH_AXES}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if num_devices % fixed:
+        raise ConfigError(f"mesh {sizes} does not divide the {num_devices} devices; "
+                          "set mesh.data/fsdp/tensor so their product divides the device count")
+    for ax, v in sizes.items():
+        if v == -1:
+            sizes[ax] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ConfigError(f"mesh {sizes} uses {math.prod(sizes.values())} devices but "
+                          f"{num_devices} are present; set one axis to -1 to take the rest")
+    return sizes
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -29,8 +52,6 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
         devices = devices[:n]
     sizes = mesh_shape(mesh_cfg, len(devices))
     try:
-        from jax.experimental import mesh_utils
-
         arr = mesh_utils.create_device_mesh([sizes[a] for a in MESH_AXES], devices)
     except (ValueError, AssertionError, NotImplementedError):
         # Fake/CPU devices have no physical topology; a plain reshape is exact there.
@@ -51,14 +72,88 @@ def logical_shardings(logical_specs, mesh: Mesh, rules):
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules_list(rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading dim over the batch axes, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
 @contextlib.contextmanager
 def activation_rules(mesh: Mesh, rules):
     """Context under which the model's logical activation constraints take effect."""
     with jax.set_mesh(mesh):
         with nn.logical_axis_rules(rules_list(rules)):
             yield
+
+
+# ------------------------------------------------------------------------------------------
+# The batch on the mesh.
+
+
+def batch_axes(mesh: Mesh, rules) -> tuple[str, ...]:
+    """The mesh axes the rules table maps the logical "batch" axis to (those in `mesh`)."""
+    for name, target in rules_list(rules):
+        if name == "batch":
+            target = target if isinstance(target, tuple) else (target,) if target else ()
+            return tuple(a for a in target if a in mesh.axis_names)
+    return ()
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
+    """Leading dim over the batch axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh, rules) or None,
+                                             *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh, rules) -> int:
+    """Number of shards of the batch axes: the default packs per step (one per shard)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def packs_per_step(data_cfg, mesh: Mesh, rules) -> int:
+    """data.packs_per_step, or one pack per batch shard when it is -1; checked to divide."""
+    shards = batch_shards(mesh, rules)
+    packs = shards if data_cfg.packs_per_step == -1 else int(data_cfg.packs_per_step)
+    if packs < 1 or packs % shards:
+        raise ConfigError(f"data.packs_per_step={packs} must be a positive multiple of the "
+                          f"{shards} batch shards of mesh axes {batch_axes(mesh, rules)}")
+    return packs
+
+
+def pack_ranges(mesh: Mesh, rules, packs: int) -> dict[int, tuple[int, int]]:
+    """{process index: [start, stop)} of the step's packs each process builds and feeds.
+
+    Every process's devices hold a set of pack positions. On CPU/GPU hosts that set is one
+    contiguous run, and the process builds exactly those packs. On a TPU pod the mesh
+    follows the physical torus, and a host's chips sit at positions like {0, 16, 32, 48}.
+    The process then builds the contiguous packs [r*k, (r+1)*k) (r: its rank among the
+    distinct position sets, in order of their first position; k: the set's size), and
+    jax.make_array_from_process_local_data puts them, in order, at its positions. The step
+    is the same: the loss does not depend on where a pack sits, only on what it holds.
+    Processes that hold the same positions (replicas along a non-batch axis) get the same
+    range. Packs cover [0, packs) exactly once.
+    """
+    sharding = batch_sharding(mesh, rules)
+    held: dict[int, set[int]] = {}
+    for device, idx in sharding.devices_indices_map((packs,)).items():
+        held.setdefault(device.process_index, set()).update(range(*idx[0].indices(packs)))
+    distinct = sorted({frozenset(s) for s in held.values()}, key=min)
+    ranges, start = {}, 0
+    for s in distinct:
+        ranges[s] = (start, start + len(s))
+        start += len(s)
+    if start != packs:
+        raise ConfigError(f"the processes' devices hold overlapping pack positions "
+                          f"({ {p: sorted(s) for p, s in held.items()} }); set mesh axes so "
+                          "each process's devices hold whole shards of the batch axes")
+    return {p: ranges[frozenset(s)] for p, s in held.items()}
+
+
+def process_pack_range(mesh: Mesh, rules, packs: int) -> tuple[int, int]:
+    """[start, stop) of the packs this process builds (see `pack_ranges`)."""
+    return pack_ranges(mesh, rules, packs)[jax.process_index()]
+
+
+def to_global_batch(local_batch: dict, geometry, mesh: Mesh, rules) -> dict:
+    """This process's packs (numpy) -> the step's global, sharded jax.Arrays.
+
+    geometry: the *global* BatchGeometry (P = all packs of the step). Leading dims become
+    P*R for token arrays and P for slot arrays, sharded over the batch axes.
+    """
+    sharding = batch_sharding(mesh, rules)
+    return {key: jax.make_array_from_process_local_data(sharding, local_batch[key], shape)
+            for key, (shape, _) in geometry.shapes().items()}

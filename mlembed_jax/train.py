@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from mlembed_jax import distributed
+from mlembed_jax import distributed, sharding
 
 # Must precede every other JAX call (a TPU pod / SLURM / explicit multi-process run).
 if __name__ == "__main__":
@@ -23,32 +23,24 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from mlembed_jax import flops as flops_lib  # noqa: E402
 from mlembed_jax.batch import text_lengths  # noqa: E402
-from mlembed_jax.checkpoint import Checkpointer, abstract_with_shardings  # noqa: E402
+from mlembed_jax.checkpoint import Checkpointer, DataStateBox  # noqa: E402
 from mlembed_jax.config import ConfigError, check_attention_platform, validate  # noqa: E402
-from mlembed_jax.data.global_batch import packs_per_step, to_global_batch  # noqa: E402
-from mlembed_jax.data.pipeline import (make_train_iterator,  # noqa: E402
-                                       make_validation_iterator)
-from mlembed_jax.data_state import DataStateBox  # noqa: E402
-from mlembed_jax.loss import config_kwargs  # noqa: E402
+from mlembed_jax.data.pipeline import make_train_iterator, make_validation_iterator  # noqa: E402
+from mlembed_jax.eval.periodic import make_periodic_evaluator  # noqa: E402
 from mlembed_jax.metrics_log import MetricsWriter, flatten  # noqa: E402
-from mlembed_jax.model.encoder import abstract_params, param_logical_axes  # noqa: E402
-from mlembed_jax.model.hf_import import (encoder_config_from_hf,  # noqa: E402
-                                         load_hf_params)
-from mlembed_jax.model.qwen3 import EncoderConfig, param_count  # noqa: E402
-from mlembed_jax.optim import make_optimizer  # noqa: E402
-from mlembed_jax.periodic_eval import make_periodic_evaluator  # noqa: E402
-from mlembed_jax.sharding import activation_rules, logical_shardings, make_mesh  # noqa: E402
-from mlembed_jax.state_init import abstract_state, init_state, place_params  # noqa: E402
-from mlembed_jax.train_step import (StepSetup, jit_steps,  # noqa: E402
-                                    state_shardings)
+from mlembed_jax.model.encoder import abstract_params  # noqa: E402
+from mlembed_jax.model.hf_import import load_hf_params  # noqa: E402
+from mlembed_jax.model.qwen3 import param_count  # noqa: E402
+from mlembed_jax.perf import flops as flops_lib  # noqa: E402
+from mlembed_jax.perf.hlo import memory_line  # noqa: E402
+from mlembed_jax.train_step import build_step  # noqa: E402
 
 
 class _Preemption:
@@ -80,104 +72,79 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _memory_report(compiled) -> str:
-    try:
-        m = compiled.memory_analysis()
-    except Exception as e:  # some backends have no memory analysis
-        return f"memory analysis unavailable ({e})"
-    if m is None:
-        return "memory analysis unavailable on this backend"
-    gib = 2 ** 30
-    return (f"per device: arguments {m.argument_size_in_bytes / gib:.3f} GiB, outputs "
-            f"{m.output_size_in_bytes / gib:.3f} GiB, temporaries {m.temp_size_in_bytes / gib:.3f}"
-            f" GiB, aliased {m.alias_size_in_bytes / gib:.3f} GiB")
-
-
-def _load_teacher(config, enc: EncoderConfig, mesh, rules):
-    if not config.loss.teacher:
-        return None, None, None
-    teacher = encoder_config_from_hf(config.loss.teacher, compute_dtype=enc.compute_dtype,
-                                     param_dtype=enc.compute_dtype, attention=enc.attention,
-                                     exits=())
-    teacher = teacher.truncated(teacher.num_layers)  # one exit: the last layer
-    if teacher.vocab_size < enc.vocab_size:
-        raise ConfigError(f"teacher {config.loss.teacher!r} has vocab {teacher.vocab_size}, "
-                          f"smaller than the student's {enc.vocab_size}; use a teacher with "
-                          "the same tokenizer")
-    sh = logical_shardings(param_logical_axes(teacher), mesh, rules)
-    params = place_params(load_hf_params(config.loss.teacher, teacher), sh, teacher.param_dtype)
-    return teacher, params, sh
-
-
 def run(config, workdir: str) -> int:
     """Trains until the configured step count or SIGTERM. Returns the process exit code."""
     validate(config)
     preempt = _Preemption()
-    primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     _log(f"config:\n{config}")
 
-    mesh = make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
     check_attention_platform(config, mesh.devices.flat[0].platform)
     rules = config.mesh.logical_axis_rules
     _log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} devices "
          f"({jax.devices()[0].device_kind}), {jax.process_count()} process(es)")
 
-    packs = packs_per_step(config.data, mesh)
-    pack_range = distributed.process_pack_range(mesh, packs)  # TPU pods: non-contiguous
+    packs = sharding.packs_per_step(config.data, mesh, rules)
+    pack_range = sharding.process_pack_range(mesh, rules, packs)  # TPU pods: non-contiguous
     train_iter = make_train_iterator(config, packs, pack_range=pack_range)
-    val_batches = make_validation_iterator(config, packs, pack_range=pack_range)
+    try:
+        return _train(config, workdir, mesh, train_iter, pack_range, preempt)
+    finally:
+        train_iter.close()  # the prefetch thread ends with the run, however it ends
+
+
+def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
+    primary = jax.process_index() == 0
+    rules = config.mesh.logical_axis_rules
     geometry = train_iter.global_geometry
+    val_batches = make_validation_iterator(config, geometry.packs, pack_range=pack_range)
     names = list(train_iter.dataset_names)
     total_steps = (config.train.max_steps if config.train.max_steps > 0
                    else config.train.epochs * train_iter.steps_per_epoch)
     _log(f"data: {len(names)} datasets, {train_iter.steps_per_epoch} steps per epoch, "
          f"{total_steps} steps; batch geometry {geometry}")
 
-    enc = EncoderConfig.from_config(config.model)
-    tx, schedule = make_optimizer(config.optim, total_steps)
-    teacher_cfg, teacher_params, teacher_sh = _load_teacher(config, enc, mesh, rules)
-    setup = StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
-                      loss_kwargs=config_kwargs(config.loss, packs=geometry.packs),
-                      num_datasets=len(names), teacher=teacher_cfg)
+    step_fns = build_step(config, mesh, total_steps=total_steps, num_datasets=len(names),
+                          geometry=geometry)
+    enc = step_fns.setup.enc
+    teacher_params = step_fns.load_teacher()
     n_params = param_count(abstract_params(enc))
     _log(f"model: {n_params:,} parameters ({param_count(abstract_params(enc), True):,} "
-         f"non-embedding), exits {enc.exits}, MEL {'r_max ' + str(enc.mel_r_max) if enc.mel else 'off'}")
+         f"non-embedding), exits {enc.exits}, MEL "
+         f"{'r_max ' + str(enc.mel_r_max) if enc.mel else 'off'}")
 
-    abstract = abstract_state(setup, config.train.seed)
-    state_sh = state_shardings(setup, mesh, rules, abstract)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
-        state, data_box = ckpt.restore(latest, abstract_with_shardings(abstract, state_sh),
-                                       config, DataStateBox())
+        state, data_box = ckpt.restore(latest, step_fns.abstract_state, config, DataStateBox())
         train_iter.set_state(data_box.state)
         _log(f"resumed from {ckpt.directory}/{latest}")
     elif config.train.init_from:
         host = load_hf_params(config.train.init_from, enc, allow_fewer_layers=True)
-        state = init_state(setup, state_sh, config.train.seed, host)
+        state = step_fns.init_state(host)
         del host
         _log(f"initialised from HF checkpoint {config.train.init_from}")
     else:
-        state = init_state(setup, state_sh, config.train.seed)
+        state = step_fns.init_state()
         _log("initialised from scratch (random weights)")
 
-    train_fn, eval_fn = jit_steps(setup, mesh, state_sh, teacher_sh)
-    with activation_rules(mesh, rules):
+    train_fn, eval_fn = step_fns.train, step_fns.eval
+    with step_fns.rules_context():
         first_batch, first_stats = next(train_iter)
-        gb = to_global_batch(first_batch, geometry, mesh)
+        gb = sharding.to_global_batch(first_batch, geometry, mesh, rules)
         t0 = time.time()
         compiled = train_fn.lower(state, gb, teacher_params).compile()
-        _log(f"compiled train step in {time.time() - t0:.1f}s; {_memory_report(compiled)}")
+        _log(f"compiled train step in {time.time() - t0:.1f}s; {memory_line(compiled)}")
 
     writer = MetricsWriter(workdir, enabled=primary)
-    retrieval_eval = make_periodic_evaluator(config)  # None unless eval.every > 0
+    periodic_eval = make_periodic_evaluator(config)  # None unless eval.every > 0
     device_kind = jax.devices()[0].device_kind
     start = int(jax.device_get(state.step))
     if start == 0 and config.train.eval_every > 0:
-        with activation_rules(mesh, rules):  # the baseline the validation loss falls from
+        with step_fns.rules_context():  # the baseline the validation loss falls from
             writer.write(0, _validate(eval_fn, state.params, val_batches, geometry, mesh,
-                                      teacher_params, names))
+                                      rules, teacher_params, names))
     bar = tqdm(total=total_steps, initial=start, disable=not primary, dynamic_ncols=True,
                desc="train")
     pending, interval_tokens, interval_flops, interval_stats = [], 0, 0.0, []
@@ -185,11 +152,11 @@ def run(config, workdir: str) -> int:
     step = start
     pending_batch = (first_batch, first_stats)
     exit_code = 0
-    with activation_rules(mesh, rules):
+    with step_fns.rules_context():
         while step < total_steps:
             batch, stats = pending_batch if pending_batch else next(train_iter)
             pending_batch = None
-            gb = to_global_batch(batch, geometry, mesh)
+            gb = sharding.to_global_batch(batch, geometry, mesh, rules)
             state, metrics = compiled(state, gb, teacher_params)
             step += 1
             preempt.check(step)
@@ -216,10 +183,10 @@ def run(config, workdir: str) -> int:
             if config.train.eval_every > 0 and (step % config.train.eval_every == 0
                                                 or step == total_steps):
                 writer.write(step, _validate(eval_fn, state.params, val_batches, geometry, mesh,
-                                             teacher_params, names))
-            if retrieval_eval is not None and (step % config.eval.every == 0
+                                             rules, teacher_params, names))
+            if periodic_eval is not None and (step % config.eval.every == 0
                                                or step == total_steps):
-                writer.write(step, retrieval_eval(state.params, step))
+                writer.write(step, periodic_eval(state.params, step))
             if step % config.train.checkpoint_every == 0 or step == total_steps \
                     or preempt.requested:
                 ckpt.save(step, state, DataStateBox(train_iter.get_state()), config,
@@ -259,14 +226,15 @@ def _interval_values(host_metrics, stats, names, tokens, flops, dt, device_kind,
     return out
 
 
-def _validate(eval_fn, params, val_batches, geometry, mesh, teacher_params, names) -> dict:
+def _validate(eval_fn, params, val_batches, geometry, mesh, rules, teacher_params,
+              names) -> dict:
     """Means of the eval metrics over the whole held-out split: sample-weighted, except the
     in-batch accuracy and its chance level, which only retrieval samples have."""
     retrieval_only = ("acc_in_batch", "acc_in_batch_chance")
     sums, weights = {}, {"samples": 0.0, "retrieval": 0.0}
     per_dataset: dict[str, list[float]] = {}
     for batch, stats in val_batches:
-        m = jax.device_get(eval_fn(params, to_global_batch(batch, geometry, mesh),
+        m = jax.device_get(eval_fn(params, sharding.to_global_batch(batch, geometry, mesh, rules),
                                    teacher_params))
         w = {"samples": float(m["num_samples"]), "retrieval": float(m["num_in_batch"])}
         if w["samples"] == 0:

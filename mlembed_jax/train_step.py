@@ -1,7 +1,16 @@
-"""The train state, and the jitted, sharded train and eval steps.
+"""The train step: its state, the pure step functions, and the one builder of the jitted,
+sharded step that training, the AOT compile and the benchmark all run.
 
 `state -> (state, metrics)` is pure: the step's RNG is folded in from the step number, the MEL
 rank is sampled inside the step, and the state is donated so params are updated in place.
+
+`build_step(config, mesh, ...)` assembles everything a run's step needs from the config:
+model, batch geometry (packs from the mesh's batch shards), optimizer, loss options, the KD
+teacher's shape, the state's abstract shapes and shardings, and the jitted train and eval
+steps. `tools/aot_compile.py` lowers what it returns on shapes alone; `tools/benchmark.py`
+times it; `python -m mlembed_jax.train` runs it.
+State creation never builds anything whole on one device: random init runs under jit with
+the state's out_shardings, and host weights go to devices shard by shard.
 """
 
 from __future__ import annotations
@@ -12,16 +21,25 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mlembed_jax.batch import BatchGeometry, globalize_slots
-from mlembed_jax.loss import (in_batch_top1, l2_normalize, nested_contrastive_loss,
-                              pack_local_take)
-from mlembed_jax.model.encoder import encode, param_logical_axes
+from mlembed_jax.batch import BatchGeometry, geometry_from_config, globalize_slots
+from mlembed_jax.config import ConfigError
+from mlembed_jax.loss import (
+    config_kwargs,
+    in_batch_top1,
+    l2_normalize,
+    nested_contrastive_loss,
+    pack_local_take,
+)
+from mlembed_jax.model.encoder import abstract_params, encode, init_params, param_logical_axes
 from mlembed_jax.model.factorized_embed import sample_mel_rank
+from mlembed_jax.model.hf_import import encoder_config_from_hf, load_hf_params
 from mlembed_jax.model.qwen3 import EncoderConfig
-from mlembed_jax.sharding import batch_sharding, logical_shardings
+from mlembed_jax.optim import make_optimizer
+from mlembed_jax.sharding import activation_rules, batch_sharding, logical_shardings, packs_per_step
 
 
 @flax.struct.dataclass
@@ -45,7 +63,7 @@ class StepSetup:
     teacher: EncoderConfig | None = None
 
 
-def _forward(setup: StepSetup, params, batch, rank):
+def pooled_embeddings(setup: StepSetup, params, batch, rank):
     return encode(params, setup.enc, batch["tokens"], batch["segment_ids"], batch["positions"],
                   batch["pool_index"], rank=rank)["pooled"]
 
@@ -71,7 +89,7 @@ def step_loss(setup: StepSetup, params, batch: dict, teacher_params=None, rank=N
     differentiates. The teacher's embeddings pass through stop_gradient."""
     slots = globalize_slots(batch, setup.geometry)
     teacher = _teacher_pooled(setup, teacher_params, batch)
-    pooled = _forward(setup, params, batch, rank)
+    pooled = pooled_embeddings(setup, params, batch, rank)
     return nested_contrastive_loss(pooled, slots, teacher_pooled=teacher,
                                    num_datasets=setup.num_datasets, **setup.loss_kwargs)
 
@@ -98,7 +116,7 @@ def eval_step(setup: StepSetup, params, batch: dict, teacher_params=None, rank=N
     positives of the batch; retrieval samples only, since clustering/classification
     positives repeat across a batch) and `acc_hard` (positive beats every hard negative)."""
     slots = globalize_slots(batch, setup.geometry)
-    pooled = _forward(setup, params, batch, rank)
+    pooled = pooled_embeddings(setup, params, batch, rank)
     _, metrics = nested_contrastive_loss(
         pooled, slots, teacher_pooled=_teacher_pooled(setup, teacher_params, batch),
         num_datasets=setup.num_datasets, **setup.loss_kwargs)
@@ -154,14 +172,15 @@ def state_shardings(setup: StepSetup, mesh: Mesh, rules, abstract_state: TrainSt
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
 
 
-def batch_shardings(mesh: Mesh, geometry: BatchGeometry) -> dict:
-    return {k: batch_sharding(mesh, len(shape)) for k, (shape, _) in geometry.shapes().items()}
+def batch_shardings(mesh: Mesh, rules, geometry: BatchGeometry) -> dict:
+    return {k: batch_sharding(mesh, rules, len(shape))
+            for k, (shape, _) in geometry.shapes().items()}
 
 
-def jit_steps(setup: StepSetup, mesh: Mesh, state_sh, teacher_sh=None):
+def jit_steps(setup: StepSetup, mesh: Mesh, rules, state_sh, teacher_sh=None):
     """(train_step, eval_step) jitted with explicit shardings; the train state is donated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    b_sh = batch_shardings(mesh, setup.geometry)
+    b_sh = batch_shardings(mesh, rules, setup.geometry)
     train = jax.jit(
         lambda s, b, t: train_step(setup, s, b, t),
         in_shardings=(state_sh, b_sh, teacher_sh), out_shardings=(state_sh, replicated),
@@ -170,3 +189,148 @@ def jit_steps(setup: StepSetup, mesh: Mesh, state_sh, teacher_sh=None):
         lambda p, b, t: eval_step(setup, p, b, t),
         in_shardings=(state_sh.params, b_sh, teacher_sh), out_shardings=replicated)
     return train, evaluate
+
+
+# ------------------------------------------------------------------------------------------
+# State creation: abstract first, then materialised already sharded.
+
+
+def fresh_state(setup: StepSetup, params, seed: int) -> TrainState:
+    rng = jax.random.key_data(jax.random.key(seed))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=setup.tx.init(params), rng=rng)
+
+
+def abstract_state(setup: StepSetup, seed: int = 0) -> TrainState:
+    """ShapeDtypeStructs of the whole state (params, optimizer moments, step, rng)."""
+    return jax.eval_shape(
+        lambda: fresh_state(setup, init_params(setup.enc, jax.random.key(seed)), seed))
+
+
+def init_state(setup: StepSetup, state_sh: TrainState, seed: int,
+               host_params: dict | None = None) -> TrainState:
+    """A sharded train state: random params (host_params None) or the given host params."""
+    if host_params is None:
+        make = lambda: fresh_state(setup, init_params(setup.enc, jax.random.key(seed)), seed)
+        return jax.jit(make, out_shardings=state_sh)()
+    params = place_params(host_params, state_sh.params, setup.enc.param_dtype)
+    return jax.jit(lambda p: fresh_state(setup, p, seed), out_shardings=state_sh,
+                   donate_argnums=0)(params)
+
+
+def place_params(host_params: dict, shardings, dtype: str):
+    """Host numpy params -> global arrays; each process copies only its addressable shards."""
+    np_dtype = jnp.dtype(dtype)
+
+    def put(x, sh):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx].astype(np_dtype))
+
+    return jax.tree_util.tree_map(put, host_params, shardings)
+
+
+def with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying `shardings`: an Orbax restore target or an AOT argument."""
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+# ------------------------------------------------------------------------------------------
+# The one builder.
+
+
+def teacher_config(config, enc: EncoderConfig) -> EncoderConfig | None:
+    """The KD teacher's shape from its HF config.json (no weights read), run in the
+    student's compute dtype and attention kernel, with one exit: its last layer."""
+    if not config.loss.teacher:
+        return None
+    teacher = encoder_config_from_hf(config.loss.teacher, compute_dtype=enc.compute_dtype,
+                                     param_dtype=enc.compute_dtype, attention=enc.attention,
+                                     exits=())
+    teacher = teacher.truncated(teacher.num_layers)
+    if teacher.vocab_size < enc.vocab_size:
+        raise ConfigError(f"teacher {config.loss.teacher!r} has vocab {teacher.vocab_size}, "
+                          f"smaller than the student's {enc.vocab_size}; use a teacher with "
+                          "the same tokenizer")
+    return teacher
+
+
+@dataclasses.dataclass
+class BuiltStep:
+    """A run's step, built once from the config (see `build_step`).
+
+    train(state, batch, teacher_params) -> (state, metrics) and
+    eval(params, batch, teacher_params) -> metrics are jitted with explicit shardings;
+    call or lower them under `self.rules_context()`.
+    """
+
+    config: Any
+    mesh: Mesh
+    rules: Any
+    setup: StepSetup
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings
+    state_shardings: TrainState
+    batch_shardings: dict
+    teacher_shardings: Any  # None without a teacher
+    train: Callable
+    eval: Callable
+
+    @property
+    def geometry(self) -> BatchGeometry:
+        return self.setup.geometry
+
+    def rules_context(self):
+        return activation_rules(self.mesh, self.rules)
+
+    def abstract_batch(self) -> dict:
+        """ShapeDtypeStructs of a global batch, with the batch shardings."""
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_shardings[k])
+                for k, (shape, dtype) in self.geometry.shapes().items()}
+
+    def abstract_teacher(self):
+        """ShapeDtypeStructs of the teacher's params (None without a teacher)."""
+        if self.setup.teacher is None:
+            return None
+        return with_shardings(abstract_params(self.setup.teacher), self.teacher_shardings)
+
+    def init_state(self, host_params: dict | None = None) -> TrainState:
+        """A fresh sharded state: random params, or `host_params` (e.g. from an HF dir)."""
+        return init_state(self.setup, self.state_shardings, int(self.config.train.seed),
+                          host_params)
+
+    def load_teacher(self):
+        """The teacher's weights placed by their shardings (None without a teacher)."""
+        if self.setup.teacher is None:
+            return None
+        host = load_hf_params(self.config.loss.teacher, self.setup.teacher)
+        return place_params(host, self.teacher_shardings, self.setup.teacher.param_dtype)
+
+
+def build_step(config, mesh: Mesh, *, total_steps: int, num_datasets: int | None = None,
+               geometry: BatchGeometry | None = None) -> BuiltStep:
+    """The run's step for `mesh`, from the config alone (no weights, no data).
+
+    total_steps: the length of the lr schedule (it changes no shape). num_datasets: for the
+    per-dataset loss metrics. geometry: the global batch geometry; by default the config's
+    (data.*) with one pack per batch shard of the mesh (data.packs_per_step).
+    """
+    rules = config.mesh.logical_axis_rules
+    if geometry is None:
+        geometry = geometry_from_config(config.data, packs_per_step(config.data, mesh, rules))
+    enc = EncoderConfig.from_config(config.model)
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    teacher = teacher_config(config, enc)
+    setup = StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
+                      loss_kwargs=config_kwargs(config.loss, packs=geometry.packs),
+                      num_datasets=num_datasets, teacher=teacher)
+    abstract = abstract_state(setup, int(config.train.seed))
+    state_sh = state_shardings(setup, mesh, rules, abstract)
+    teacher_sh = (logical_shardings(param_logical_axes(teacher), mesh, rules)
+                  if teacher is not None else None)
+    train, evaluate = jit_steps(setup, mesh, rules, state_sh, teacher_sh)
+    return BuiltStep(config=config, mesh=mesh, rules=rules, setup=setup,
+                     abstract_state=with_shardings(abstract, state_sh),
+                     state_shardings=state_sh,
+                     batch_shardings=batch_shardings(mesh, rules, geometry),
+                     teacher_shardings=teacher_sh, train=train, eval=evaluate)
+

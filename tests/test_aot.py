@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-
-from mlembed_jax import aot
-from mlembed_jax import loss as L
-from mlembed_jax.batch import BatchGeometry, globalize_slots
 from train_helpers import DEMO, ROOT, SMALL
 
+from mlembed_jax import loss as L
+from mlembed_jax.batch import BatchGeometry, globalize_slots
+from mlembed_jax.perf import aot, aot_target
+
 TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
-LIBTPU = aot.find_libtpu()
+LIBTPU = aot_target.find_libtpu()
 needs_libtpu = pytest.mark.skipif(
     LIBTPU is None, reason="libtpu is not installed (`make libtpu` puts it in .venv/libtpu; "
     "it is a 200 MB wheel from PyPI), so no TPU topology can be described here")
@@ -90,9 +90,9 @@ def test_bad_topology_is_a_usage_error():
     r = subprocess.run([sys.executable, TOOL, f"--config={DEMO}", "--topology=v9z:2x2"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown chip 'v9z'" in r.stderr
-    with pytest.raises(aot.AotError, match="device count"):
-        aot.parse_target("h100:eight")
-    t = aot.parse_target("v5p:4x4x4")
+    with pytest.raises(aot_target.AotError, match="device count"):
+        aot_target.parse_target("h100:eight")
+    t = aot_target.parse_target("v5p:4x4x4")
     assert (t.platform, t.num_devices, t.hbm_bytes) == ("tpu", 64, 95e9)
 
 
@@ -171,18 +171,17 @@ def test_every_host_of_a_tpu_pod_builds_its_own_packs():
     # v5p:4x4x4 is 16 hosts of 4 chips. The mesh follows the torus, so a host's chips hold
     # pack positions like {0, 4, 8, 12}, not a run; each host still gets 4 packs of its own
     # and together they build every pack of the step once.
-    from mlembed_jax import distributed
     from mlembed_jax.config import load_config_file
-    from mlembed_jax.sharding import make_mesh
+    from mlembed_jax.sharding import make_mesh, pack_ranges
 
-    target = aot.parse_target("v5p:4x4x4")
-    aot.prepare_environment(target)
-    mesh = make_mesh(load_config_file(os.path.join(ROOT, "configs", "8b.py")).mesh,
-                     aot.target_devices(target))
+    target = aot_target.parse_target("v5p:4x4x4")
+    aot_target.prepare_environment(target)
+    config = load_config_file(os.path.join(ROOT, "configs", "8b.py"))
+    mesh = make_mesh(config.mesh, aot.target_devices(target))
     positions = {}
     for i, d in enumerate(mesh.devices.reshape(-1)):
         positions.setdefault(d.process_index, []).append(i)
     assert len(positions) == 16
     assert any(max(v) - min(v) >= len(v) for v in positions.values())  # not contiguous
-    ranges = distributed.pack_ranges(mesh, 64)
+    ranges = pack_ranges(mesh, config.mesh.logical_axis_rules, 64)
     assert sorted(ranges.values()) == [(4 * r, 4 * r + 4) for r in range(16)]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mlembed_jax.model import attention
+from mlembed_jax.model.kernel_choice import GPU_ONLY
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_TPU = jax.default_backend() == "tpu"
@@ -50,7 +51,7 @@ def _kernels():
 def _inputs_for(name, seed=0):
     """Shapes each kernel accepts: Pallas kernels want whole blocks; the GPU kernels get the
     model's head_dim (128), since their tilings are tuned for it."""
-    if name in attention.GPU_ONLY:
+    if name in GPU_ONLY:
         return _packed_inputs(256, d=128, seed=seed)
     return _packed_inputs(128 if name == "splash" else 96, seed=seed)
 
@@ -58,7 +59,7 @@ def _inputs_for(name, seed=0):
 @pytest.mark.parametrize("name,fn,tol", _kernels(), ids=lambda x: x if isinstance(x, str) else "")
 def test_kernel_matches_dense_reference(name, fn, tol):
     q, k, v, seg = _inputs_for(name)
-    dtype = jnp.bfloat16 if name in attention.GPU_ONLY else jnp.float32
+    dtype = jnp.bfloat16 if name in GPU_ONLY else jnp.float32
     q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
     want = attention.dense_masked_attention(q, k, v, seg)
     got = fn(q, k, v, seg)
@@ -77,7 +78,7 @@ def test_kernel_matches_dense_reference(name, fn, tol):
 @pytest.mark.parametrize("name,fn,tol", _kernels(), ids=lambda x: x if isinstance(x, str) else "")
 def test_kernel_never_crosses_texts(name, fn, tol):
     q, k, v, seg = _inputs_for(name, seed=1)
-    dtype = jnp.bfloat16 if name in attention.GPU_ONLY else jnp.float32
+    dtype = jnp.bfloat16 if name in GPU_ONLY else jnp.float32
     run = lambda q, k, v: np.asarray(fn(*(jnp.asarray(x, dtype) for x in (q, k, v)), seg),
                                      np.float32)
     base = run(q, k, v)
@@ -106,14 +107,15 @@ def test_local_kernels_under_a_mesh_run_per_shard(name):
     fn = jax.jit(functools.partial(attention.splash_attention, block=128, interpret=True)
                  if name == "splash" else attention.ATTENTION_IMPLS[name])
     with activation_rules(mesh, c.mesh.logical_axis_rules):
-        args = [jax.device_put(x, batch_sharding(mesh, x.ndim)) for x in (q, k, v, seg)]
+        rules = c.mesh.logical_axis_rules
+        args = [jax.device_put(x, batch_sharding(mesh, rules, x.ndim)) for x in (q, k, v, seg)]
         got = fn(*args)
     real = seg > 0
     np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the error a non-GPU run gets")
-@pytest.mark.parametrize("name", sorted(attention.GPU_ONLY))
+@pytest.mark.parametrize("name", sorted(GPU_ONLY))
 def test_gpu_kernels_refuse_other_platforms_with_a_clear_error(name):
     from mlembed_jax.config import ConfigError, base_config, check_attention_platform
 

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import ml_collections
-
-from mlembed_jax.flops import mfu, non_embedding_params, train_flops
 from train_helpers import ROOT, subprocess_env
+
+from mlembed_jax.perf.flops import mfu, non_embedding_params, train_flops
 
 
 def test_flop_count_matches_hand_count():
@@ -34,6 +34,7 @@ def test_benchmark_variant_rows_report_bad_fields_without_stopping(capsys):
 
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import benchmark
+
     from mlembed_jax.config import ConfigError, base_config
 
     assert benchmark.parse_variant("model.remat=none, model.attention=cudnn") == {
@@ -42,7 +43,7 @@ def test_benchmark_variant_rows_report_bad_fields_without_stopping(capsys):
         benchmark.parse_variant("data.seq_len=3")
     with pytest.raises(ConfigError, match="write field=value"):
         benchmark.parse_variant("model.remat")
-    benchmark._run_variant(base_config(), "model.remat=bogus", None, None, None)
+    benchmark.run_variant(base_config(), "model.remat=bogus", None, None, None)
     row = capsys.readouterr().out.strip()
     assert row.startswith("| variant model.remat=bogus | error: invalid config: "
                           "model.remat='bogus' must be one of"), row
@@ -55,7 +56,8 @@ def test_attention_bench_cpu_smoke():
     out = subprocess.run(args, env=subprocess_env(1), capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    rows = {l.split("|")[1].strip(): l for l in out.stdout.splitlines() if l.startswith("| ")}
+    rows = {ln.split("|")[1].strip(): ln for ln in out.stdout.splitlines()
+            if ln.startswith("| ")}
     for name in ("dense", "xla_sdpa", "tokamax_xla"):
         assert rows[name].rstrip().endswith("| no |"), rows[name]
     assert "skipped: model.attention='cudnn' runs on NVIDIA GPUs only" in rows["cudnn"]
@@ -68,6 +70,7 @@ def test_attention_bench_flags_a_kernel_that_crosses_texts(monkeypatch):
 
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import bench_attention
+
     from mlembed_jax.model import attention
 
     def leaky(q, k, v, segment_ids):
@@ -95,7 +98,7 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     assert log.count("speed-up in useful tokens/s:") == 2  # the small and the big model
     assert "3D-ML overhead over plain:" in log and "profile of 3 steps" in log
     assert "| category | calls | total ms | % op time |" in log
-    rows = [l for l in log.splitlines() if l.startswith(("| mlembed_jax", "| reference"))]
+    rows = [ln for ln in log.splitlines() if ln.startswith(("| mlembed_jax", "| reference"))]
     assert len(rows) == 3 + 2 + 1, rows  # small: ours, plain, ref; big: ours, ref; choices
     assert "jax " in log and "flax " in log
     assert "== bench_small_choices" in log and "== done in" in log

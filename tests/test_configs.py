@@ -13,7 +13,7 @@ from mlembed_jax.model.qwen3 import EncoderConfig, param_count
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
-# From RECIPE.md: (hidden, intermediate, layers, q heads, kv heads, tied).
+# The published Qwen3 shapes: (hidden, intermediate, layers, q heads, kv heads, tied).
 RECIPE_SHAPES = {
     "0.6b": (1024, 3072, 28, 16, 8, True),
     "1.7b": (2048, 6144, 28, 16, 8, True),

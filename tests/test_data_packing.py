@@ -1,12 +1,14 @@
-"""Packing: first-fit-decreasing correctness and the ANCHORS benchmark length mix."""
+"""Packing: first-fit-decreasing correctness and the benchmark length mix."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mlembed_jax.batch import BatchGeometry, check_batch
-from mlembed_jax.data import benchmark_mix, packing
+from mlembed_jax.batch import BatchGeometry, check_batch, geometry_from_config
+from mlembed_jax.config import base_config
+from mlembed_jax.data import packing
+from mlembed_jax.perf import benchmark_mix
 
 
 def test_ffd_places_every_text_without_overlap():
@@ -61,7 +63,7 @@ def test_one_sample_that_can_never_fit_is_an_error():
 
 
 def test_benchmark_mix_padding_at_most_10_percent():
-    g = benchmark_mix.mix_geometry(packs=2)
+    g = geometry_from_config(base_config().data, packs=2)  # the recipe's pack
     assert (g.rows_per_pack, g.seq_len, g.samples_per_pack) == (19, 1024, 10)
     pads, backlog, samples = [], [], 0
     for batch, stats in benchmark_mix.benchmark_batches(g, steps=150, seed=0):
@@ -73,7 +75,7 @@ def test_benchmark_mix_padding_at_most_10_percent():
     assert max(backlog) <= 2 * 8  # carried-over samples drain: nothing piles up
     assert samples + backlog[-1] == 150 * 2 * 8  # every generated sample packed or waiting
     # The reference layout (each text padded to the longest) pads ~70% on the same mix.
-    ref = benchmark_mix.mix_geometry(packs=1, mode="pad_to_longest")
+    ref = BatchGeometry(1, 72, 1024, 72, 8, 7)  # one text per row, 7 negatives
     longest = [s["padding_fraction_longest"] for _, s in
                benchmark_mix.benchmark_batches(ref, steps=20, mode="pad_to_longest")]
     assert 0.6 < np.mean(longest) < 0.8

@@ -206,8 +206,7 @@ def test_two_processes_get_disjoint_shares_of_the_same_steps(prepared):
     out, _ = prepared
     cfg = data_config(out, rows_per_pack=19)  # tight enough that packs carry samples over
     whole = make_train_iterator(cfg, packs=4)
-    parts = [make_train_iterator(cfg, packs=4, process_index=i, process_count=2)
-             for i in range(2)]
+    parts = [make_train_iterator(cfg, packs=4, pack_range=(2 * i, 2 * i + 2)) for i in range(2)]
     assert parts[1].inner.pack_start == 2 and parts[1].geometry.packs == 2
     for _ in range(whole.steps_per_epoch + 3):
         w, ws = next(whole)
@@ -265,18 +264,18 @@ def test_set_state_rejects_another_layout(prepared):
 def test_global_batch_over_8_devices(prepared):
     import jax
 
-    from mlembed_jax.data.global_batch import (packs_per_step, process_pack_range,
-                                               to_global_batch)
+    from mlembed_jax.sharding import packs_per_step, process_pack_range, to_global_batch
 
     out, _ = prepared
     devices = np.array(jax.devices()[:8]).reshape(4, 2)
     mesh = jax.sharding.Mesh(devices, ("data", "fsdp"))
     cfg = data_config(out)
-    P = packs_per_step(cfg.data, mesh)
-    assert P == 8 and process_pack_range(mesh, P) == (0, 8)
-    it = make_train_iterator(cfg, packs=P, pack_range=process_pack_range(mesh, P))
+    rules = cfg.mesh.logical_axis_rules
+    P = packs_per_step(cfg.data, mesh, rules)
+    assert P == 8 and process_pack_range(mesh, rules, P) == (0, 8)
+    it = make_train_iterator(cfg, packs=P, pack_range=process_pack_range(mesh, rules, P))
     batch, _ = next(it)
-    g = to_global_batch(batch, it.global_geometry, mesh)
+    g = to_global_batch(batch, it.global_geometry, mesh, rules)
     for key, arr in g.items():
         assert arr.shape == batch[key].shape
         np.testing.assert_array_equal(np.asarray(arr), batch[key])

@@ -6,15 +6,15 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_data_helpers import SMALL, TOKENIZER, data_config, make_inputs
 
-from mlembed_jax.data import DEMO_MANIFEST, DEMO_PREPARED, manifest as manifest_lib
+from mlembed_jax.data import DEMO_MANIFEST, DEMO_PREPARED
+from mlembed_jax.data import manifest as manifest_lib
 from mlembed_jax.data.pipeline import make_train_iterator
-from mlembed_jax.data.prepare import DataError, Encoder, prepare_data
+from mlembed_jax.data.prepare import DataError, TokenizerPool, prepare_data
 from mlembed_jax.data.prepared import load_prepared
 from mlembed_jax.data.text_encoding import TokenizerError, load_tokenizer
 
@@ -31,7 +31,7 @@ def test_demo_tokenizer_ids_match_plain_hf_call(tokenizer):
     texts = ["Deutschland", "Германия ドイツ", "  leading spaces and 東京 ",
              "long " + "Zürich Москва " * 200]
     L = 32
-    enc = Encoder(tokenizer, L, workers=1)
+    enc = TokenizerPool(tokenizer, L, workers=1)
     ours = enc.encode(texts, "t")
     for text, ids in zip(texts, ours):
         hf = tokenizer(text, truncation=True, max_length=L)["input_ids"]
@@ -39,7 +39,7 @@ def test_demo_tokenizer_ids_match_plain_hf_call(tokenizer):
         assert ids[-1] == 1 and len(ids) <= L
     assert len(ours[-1]) == L  # the long text really was truncated
     # The process pool (all cores) gives the same ids as in-process encoding.
-    pool = Encoder(tokenizer, L, workers=2)
+    pool = TokenizerPool(tokenizer, L, workers=2)
     try:
         assert [a.tolist() for a in pool.encode(texts, "t")] == [a.tolist() for a in ours]
     finally:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlembed_jax import encode as enc
+from mlembed_jax.data.packing import plan_batches
 from mlembed_jax.data.text_encoding import load_tokenizer
 from mlembed_jax.model.encoder import encode as forward
 from mlembed_jax.model.encoder import init_params
@@ -78,7 +79,7 @@ def test_encode_equals_direct_forward_in_input_order(model, rank, exit, dim):
 
 def test_plan_batches_packs_every_text_once_without_overlap():
     lengths = np.random.default_rng(1).integers(1, 70, size=300)
-    plans = enc.plan_batches(lengths, batch_tokens=512)
+    plans = plan_batches(lengths, batch_tokens=512)
     seen = np.concatenate([p.index for p in plans])
     assert sorted(seen) == list(range(300))
     # Longest first: a batch never holds a text longer than any text of an earlier batch.
@@ -108,7 +109,7 @@ def test_bad_requests_get_clear_errors(model):
     cases = [(dict(rank=12), "not a trained MEL rank (8, 16, 32)"),
              (dict(rank=33, allow_untrained=True), "outside [1, r_max=32]"),
              (dict(exit=3), "not one of the model's MLL exits (1, 2, 4)"),
-             (dict(exit=5, allow_untrained=True), "outside [1, 4]"),
+             (dict(exit=5, allow_untrained=True), "outside [1, L=4]"),
              (dict(dim=100), "not one of the trained MRL dims"),
              (dict(dim=65, allow_untrained=True), "outside [1, d=64]"),
              (dict(dim=2.5), "must be an integer")]
@@ -151,7 +152,7 @@ def test_hf_directory_matches_transformers(hf_dir):
         with torch.no_grad():
             out = torch_model(ids, output_hidden_states=True)
         # hidden_states[2] is the output of layer 2, before the final norm; the exit applies
-        # the model's final RMSNorm to it (RECIPE.md), here with torch's own norm module.
+        # the model's final RMSNorm to it (the recipe), here with torch's own norm module.
         with torch.no_grad():
             h = torch_model.norm(out.hidden_states[2])[0, -1, :32].numpy()
         np.testing.assert_allclose(row, h / np.linalg.norm(h), atol=1e-4)
@@ -193,8 +194,9 @@ def test_cli_writes_npy_and_parquet_in_input_order(hf_dir, tmp_path, capsys):
 def test_exported_model_encodes_like_its_checkpoint(tmp_path_factory, tmp_path):
     """tools/export_hf's output (a cut, compatibility-mode HF + sentence-transformers
     directory) loads here and gives the checkpoint's embeddings at the exported point."""
-    from mlembed_jax.export import export_checkpoint
     from test_retrieval_eval import trained_names_run
+
+    from mlembed_jax.export import export_checkpoint
 
     work, _ = trained_names_run(tmp_path_factory.getbasetemp())
     out = str(tmp_path / "export")
@@ -210,8 +212,9 @@ def test_a_gpu_trained_checkpoint_encodes_here_with_the_portable_kernel(
         tmp_path_factory, monkeypatch, capsys):
     """A checkpoint whose config names a GPU-only kernel loads on CPU with `dense`, says so,
     and gives the same embeddings; naming that kernel explicitly is a clear error."""
-    from mlembed_jax import checkpoint
     from test_retrieval_eval import trained_names_run
+
+    from mlembed_jax import checkpoint
 
     work, _ = trained_names_run(tmp_path_factory.getbasetemp())
     texts = demo_texts(8)

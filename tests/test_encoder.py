@@ -8,8 +8,9 @@ import pytest
 from mlembed_jax.config import base_config
 from mlembed_jax.model.attention import dense_masked_attention
 from mlembed_jax.model.encoder import encode, init_params, param_logical_axes
-from mlembed_jax.model.factorized_embed import mel_rank_set, sample_mel_rank, svd_factors
+from mlembed_jax.model.factorized_embed import sample_mel_rank, svd_factors
 from mlembed_jax.model.qwen3 import EncoderConfig, padded_inputs
+from mlembed_jax.recipe import mel_rank_set
 from mlembed_jax.sharding import activation_rules, batch_sharding, logical_shardings, make_mesh
 
 CFG = EncoderConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=4,
@@ -173,7 +174,8 @@ def test_sharded_on_8_devices_equals_one_device(params, attention):
     fn = lambda cfg: jax.jit(lambda p, *a: encode(p, cfg, *a, rank=jnp.int32(16))["pooled"])
     want = np.asarray(fn(CFG)(params, tok, seg, pos, pool))
     with activation_rules(mesh, rules):
-        args = [jax.device_put(x, batch_sharding(mesh, x.ndim)) for x in (tok, seg, pos, pool)]
+        args = [jax.device_put(x, batch_sharding(mesh, rules, x.ndim))
+                for x in (tok, seg, pos, pool)]
         got = fn(dataclasses.replace(CFG, attention=attention))(sharded, *args)
     assert len(got.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
@@ -255,7 +257,7 @@ def test_remat_attention_with_a_per_shard_kernel_under_a_mesh(params):
     sharded = jax.device_put(params, logical_shardings(param_logical_axes(CFG), mesh, rules))
     cfg = dataclasses.replace(CFG, attention="tokamax_xla", remat="attention")
     with activation_rules(mesh, rules):
-        rows = [jax.device_put(x, batch_sharding(mesh, x.ndim)) for x in (tok, seg, pos)]
+        rows = [jax.device_put(x, batch_sharding(mesh, rules, x.ndim)) for x in (tok, seg, pos)]
         got = grad(cfg)(sharded, *rows, pool)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         a, b = np.asarray(a), np.asarray(b)

@@ -2,13 +2,12 @@
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_fixtures import make_hf_qwen3
+
 from mlembed_jax.model.encoder import encode
 from mlembed_jax.model.hf_import import encoder_config_from_hf, load_hf_params
 from mlembed_jax.model.qwen3 import padded_inputs

@@ -17,7 +17,6 @@ import warnings
 
 import numpy as np
 import pytest
-
 from export_helpers import InputRecorder, hf_last_token, jax_embeddings, normalize
 from train_helpers import ROOT, small_config
 
@@ -275,7 +274,7 @@ def test_factorized_snippet_from_the_card_works(trained):
 
 
 def test_depth_that_is_no_exit_warns(trained):
-    assert any("not a trained MLL exit" in w for w in trained.warnings["mid"])
+    assert any("not one of the model's MLL exits" in w for w in trained.warnings["mid"])
     assert not trained.warnings["full"] and not trained.warnings["cut"]
 
 
@@ -321,10 +320,10 @@ def _cli(argv, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--rank", "64"], "--rank 64 is outside [1, r_max=32]"),
-    (["--layers", "4"], "--layers 4 is outside [1, L=3]"),
-    (["--dim", "65"], "--dim 65 is outside [1, d=64]"),
-    (["--rank", "0", "--layers", "0"], "--layers 0 is outside"),  # every error at once
+    (["--rank", "64"], "--rank 64: rank=64 is outside [1, r_max=32]"),
+    (["--layers", "4"], "--layers 4: exit=4 is outside [1, L=3]"),
+    (["--dim", "65"], "--dim 65: dim=65 is outside [1, d=64]"),
+    (["--rank", "0", "--layers", "0"], "--layers 0: exit=0 is outside"),  # every error at once
 ])
 def test_cli_rejects_impossible_sizes(trained, tmp_path, capsys, extra, message):
     out = tmp_path / "x"
@@ -357,7 +356,8 @@ def test_cli_missing_checkpoint_and_existing_out(trained, tmp_path, capsys):
     code, err = _cli(["--checkpoint", trained.workdir, "--out", trained.dirs["mid"], "--layers",
                       "2", "--rank", "16", "--dim", "32", "--dtype", "fp32", "--overwrite"],
                      capsys)
-    assert code == 0 and err.startswith("warning: exporting anyway: 2 layers is not a trained")
+    assert code == 0 and err.startswith("warning: exporting anyway: --layers 2: exit=2 is not "
+                                        "one of the model's MLL exits")
 
 
 def test_sources_when_the_prepared_data_is_elsewhere(trained, tmp_path):

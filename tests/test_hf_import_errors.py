@@ -5,10 +5,14 @@ import os
 import shutil
 
 import pytest
-
 from hf_fixtures import make_hf_qwen3
-from mlembed_jax.model.hf_import import (CheckpointError, encoder_config_from_hf,
-                                         load_hf_params, summarize)
+
+from mlembed_jax.model.hf_import import (
+    CheckpointError,
+    encoder_config_from_hf,
+    load_hf_params,
+    summarize,
+)
 from mlembed_jax.model.safetensors_io import SafetensorsFile, write_safetensors
 
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from train_helpers import ROOT
 
 from mlembed_jax import distributed
-from train_helpers import ROOT
 
 LAUNCH = os.path.join(ROOT, "launch")
 
@@ -71,7 +71,7 @@ def test_slurm_sets_flags_before_python_and_runs_srun():
                      "XLA_PYTHON_CLIENT_MEM_FRACTION": "", "JAX_COMPILATION_CACHE_DIR": "",
                      "HOME": "/home/u"})
     assert lines[0] == "cd /home/u/mlembed_jax"
-    exports = dict(shlex.split(l)[1].split("=", 1) for l in lines[1:-1])
+    exports = dict(shlex.split(ln)[1].split("=", 1) for ln in lines[1:-1])
     assert lines[-1] == ("srun --kill-on-bad-exit=1 --cpu-bind=none py3 -m mlembed_jax.train "
                          "--config=configs/8b.py --workdir=/shared/r")
     assert exports["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.90"
@@ -114,7 +114,7 @@ SLURM_BASE = {"SLURM_JOB_ID": "4097", "SLURM_STEP_NODELIST": "h100-[07-10]",
 
 def test_slurm_one_process_per_node_drives_every_gpu():
     env = {**SLURM_BASE, "SLURM_STEP_TASKS_PER_NODE": "1(x4)"}
-    assert distributed._cluster_kind(env) == "slurm"
+    assert distributed.cluster_kind(env) == "slurm"
     # No local_device_ids: the process takes all 8 GPUs of its node (JAX's own SLURM
     # detection would have pinned it to GPU 0).
     assert distributed.slurm_params(env) == {
@@ -133,13 +133,13 @@ def test_slurm_one_process_per_gpu(visible, want):
 
 
 def test_explicit_and_single_process_environments():
-    assert distributed._cluster_kind({}) is None
-    assert distributed._cluster_kind({"SLURM_NTASKS": "1"}) is None
-    assert distributed._cluster_kind({"MLEMBED_DISTRIBUTED": "auto"}) == "auto"
-    assert distributed._cluster_kind({"TPU_WORKER_HOSTNAMES": "h0,h1"}) == "tpu"
+    assert distributed.cluster_kind({}) is None
+    assert distributed.cluster_kind({"SLURM_NTASKS": "1"}) is None
+    assert distributed.cluster_kind({"MLEMBED_DISTRIBUTED": "auto"}) == "auto"
+    assert distributed.cluster_kind({"TPU_WORKER_HOSTNAMES": "h0,h1"}) == "tpu"
     env = {"MLEMBED_COORDINATOR": "n0:1234", "MLEMBED_NUM_PROCESSES": "2",
            "MLEMBED_PROCESS_ID": "1", "MLEMBED_LOCAL_DEVICE_IDS": "2,3", **SLURM_BASE}
-    assert distributed._cluster_kind(env) == "explicit"  # explicit wins over SLURM
+    assert distributed.cluster_kind(env) == "explicit"  # explicit wins over SLURM
     assert distributed.explicit_params(env) == {
         "coordinator_address": "n0:1234", "num_processes": 2, "process_id": 1,
         "local_device_ids": [2, 3]}

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from mlembed_jax import loss as L
 from mlembed_jax.batch import BatchGeometry, globalize_slots
 from mlembed_jax.config import base_config
-
+from mlembed_jax.recipe import mrl_dims, mrl_weights
 
 # jit everything: op-by-op dispatch of the loss is slow and would dominate the test time.
 loss_jit = jax.jit(L.nested_contrastive_loss,
@@ -29,18 +29,18 @@ def softplus(x):
 
 
 def test_mrl_dims_and_weights():
-    assert L.mrl_dims(64) == (64, 32, 16, 8)
+    assert mrl_dims(64) == (64, 32, 16, 8)
     # 48 is not a power of two: {8, 16, 32} below it, plus 48 itself.
-    assert L.mrl_dims(48) == (48, 32, 16, 8)
-    assert L.mrl_dims(1024, 256) == (1024, 512, 256)
-    assert L.mrl_dims(8) == (8,)
-    assert L.mrl_dims(64, 0) == (64,)  # MRL off
+    assert mrl_dims(48) == (48, 32, 16, 8)
+    assert mrl_dims(1024, 256) == (1024, 512, 256)
+    assert mrl_dims(8) == (8,)
+    assert mrl_dims(64, 0) == (64,)  # MRL off
     # n = 1, 2, 3, 4 from the largest dim; weight 1 / (n sqrt(d / m)).
-    w = dict(L.mrl_weights(64))
+    w = dict(mrl_weights(64))
     np.testing.assert_allclose(
         [w[64], w[32], w[16], w[8]],
         [1.0, 1 / (2 * math.sqrt(2)), 1 / (3 * 2), 1 / (4 * math.sqrt(8))])
-    w = dict(L.mrl_weights(48))
+    w = dict(mrl_weights(48))
     np.testing.assert_allclose(
         [w[48], w[32], w[16], w[8]],
         [1.0, 1 / (2 * math.sqrt(1.5)), 1 / (3 * math.sqrt(3)), 1 / (4 * math.sqrt(6))])

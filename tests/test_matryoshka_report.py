@@ -8,10 +8,10 @@ from importlib.util import module_from_spec, spec_from_file_location
 import jax
 import numpy as np
 import pytest
+from test_retrieval_eval import trained_names_run
 
 from mlembed_jax import encode as enc
-from mlembed_jax import retrieval_eval as rev
-from test_retrieval_eval import trained_names_run
+from mlembed_jax.eval import retrieval as rev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,9 +53,8 @@ def test_report_writes_json_grid_and_png(names_run, tmp_path):
     assert row["params"] == 4096 * 16 + 16 * 64 + layer + 64
     # A grid point equals the single-point evaluation (same queries, same search).
     [s] = rev.heldout_sets(model.train_config)
-    from mlembed_jax.periodic_eval import _cap_queries
 
-    want = rev.evaluate(model, _cap_queries(s, 150, 0), rank=16, exit=1, dim=32)
+    want = rev.evaluate(model, rev.cap_queries(s, 150, 0), rank=16, exit=1, dim=32)
     got = next(x for x in r["grid"] if (x["rank"], x["exit"], x["dim"]) == (16, 1, 32))
     assert got["ndcg@10"] == pytest.approx(want["ndcg@10"], abs=1e-6)
     for path in (out / "matryoshka.png", png):

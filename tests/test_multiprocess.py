@@ -15,8 +15,9 @@ import socket
 import subprocess
 import time
 
-from mlembed_jax.train import run
 from train_helpers import cli_args, small_config, subprocess_env, train_losses
+
+from mlembed_jax.train import run
 
 STEPS = 16
 COMMON = {"train.max_steps": STEPS, "train.checkpoint_every": 1000,

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mlembed_jax.profile_summary import category, find_trace, format_summary, op_times
+from mlembed_jax.perf.profile_summary import category, find_trace, format_summary, op_times
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "profile_summary.py")

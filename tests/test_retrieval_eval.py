@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mlembed_jax import encode as enc
-from mlembed_jax import retrieval_eval as rev
+from mlembed_jax.eval import retrieval as rev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "mlembed_jax", "demo_data")
@@ -31,9 +31,10 @@ TRAIN_OVERRIDES = {
 def trained_names_run(root) -> tuple[str, object]:
     """(workdir, config) of the shared run; trained once per pytest session (the done
     marker lets the second test module reuse it)."""
+    from train_helpers import small_config
+
     from mlembed_jax.data.prepare import prepare_data
     from mlembed_jax.train import run
-    from train_helpers import small_config
 
     base = os.path.join(str(root), "names_run")
     data, work = os.path.join(base, "data"), os.path.join(base, "work")
@@ -230,10 +231,10 @@ def test_eval_cli_writes_json_and_reports_unknown_ids(names_run, tmp_path, capsy
 def test_periodic_evaluator_on_sharded_params_in_the_training_context(names_run):
     from mlembed_jax.checkpoint import load_trained
     from mlembed_jax.config import ConfigError
+    from mlembed_jax.eval.periodic import make_periodic_evaluator
     from mlembed_jax.model.encoder import param_logical_axes
-    from mlembed_jax.periodic_eval import make_periodic_evaluator
-    from mlembed_jax.sharding import activation_rules, logical_shardings, make_mesh
     from mlembed_jax.model.qwen3 import EncoderConfig
+    from mlembed_jax.sharding import activation_rules, logical_shardings, make_mesh
 
     work, config = names_run
     assert make_periodic_evaluator(config) is None  # eval.every = 0: off

@@ -1,7 +1,6 @@
 """Training end to end: sharded equivalence, exact resume after SIGTERM, mesh changes,
 config errors, and the demo's validation loss falling."""
 
-import os
 import signal
 import subprocess
 import time
@@ -9,12 +8,18 @@ import time
 import jax
 import numpy as np
 import pytest
+from train_helpers import (
+    cli_args,
+    final_params,
+    run_cli,
+    small_config,
+    subprocess_env,
+    train_losses,
+)
 
 from mlembed_jax.config import ConfigError
 from mlembed_jax.metrics_log import read_metrics
 from mlembed_jax.train import run
-from train_helpers import (cli_args, final_params, run_cli, small_config, subprocess_env,
-                           train_losses)
 
 
 def test_8_device_mesh_matches_1_device(tmp_path):
@@ -53,7 +58,7 @@ def test_sigterm_then_resume_equals_straight_run(tmp_path):
 
     resumed = run_cli(work, **kw)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
     a, b = train_losses(tmp_path / "straight"), train_losses(work)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
@@ -107,3 +112,27 @@ def test_demo_validation_loss_falls(tmp_path):
     assert sorted(val) == [0, 150]
     assert val[150]["val/total"] < 0.8 * val[0]["val/total"], val
     assert val[150]["val/acc_in_batch"] > 1.5 * val[150]["val/acc_in_batch_chance"], val[150]
+
+
+def test_prefetch_thread_ends_with_the_run(tmp_path, monkeypatch):
+    """The data iterator's prefetch thread (data.prefetch > 0) ends when train.run returns,
+    even while something still holds the iterator; so does every other thread the run
+    started (checkpointing, TensorBoard)."""
+    import threading
+
+    import tqdm
+
+    from mlembed_jax import train
+
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)  # tqdm's own monitor thread
+    held, real = [], train.make_train_iterator
+    monkeypatch.setattr(train, "make_train_iterator",
+                        lambda *a, **k: held.append(real(*a, **k)) or held[-1])
+    before = set(threading.enumerate())
+    config = small_config(**{"train.max_steps": 3, "data.prefetch": 2,
+                             "mesh.num_devices": 1})
+    assert run(config, str(tmp_path)) == 0
+    assert len(held) == 1  # the iterator is still referenced here
+    time.sleep(0.5)  # a thread told to stop gets a moment to return
+    left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not left, left

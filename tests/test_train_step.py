@@ -6,18 +6,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from hf_fixtures import make_hf_qwen3
+from train_helpers import small_config
+
 from mlembed_jax.data.pipeline import make_train_iterator
 from mlembed_jax.loss import config_kwargs
 from mlembed_jax.metrics_log import read_metrics
 from mlembed_jax.model.encoder import init_params
 from mlembed_jax.model.qwen3 import EncoderConfig
 from mlembed_jax.optim import make_optimizer
-from mlembed_jax.state_init import _fresh_state
 from mlembed_jax.train import run
-from mlembed_jax.train_step import StepSetup, step_loss, train_step
-from train_helpers import small_config
+from mlembed_jax.train_step import StepSetup, fresh_state, step_loss, train_step
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def test_no_gradient_reaches_the_teacher(parts):
 def test_mel_has_no_plain_table_and_its_factors_train(parts):
     config, enc, geometry, batches = parts
     setup = _setup(config, enc, geometry)
-    state = _fresh_state(setup, init_params(enc, jax.random.key(0)), 0)
+    state = fresh_state(setup, init_params(enc, jax.random.key(0)), 0)
     assert set(state.params["embed_tokens"]) == {"U", "V"}  # W is never a parameter
     before = state.params
     step = jax.jit(lambda s, b: train_step(setup, s, b))
@@ -71,7 +70,7 @@ def test_mel_has_no_plain_table_and_its_factors_train(parts):
 def test_mel_learning_rate_group(parts):
     config, enc, geometry, batches = parts
     setup = _setup(config, enc, geometry, mel_lr=0.0)
-    state = _fresh_state(setup, init_params(enc, jax.random.key(0)), 0)
+    state = fresh_state(setup, init_params(enc, jax.random.key(0)), 0)
     before = state.params
     step = jax.jit(lambda s, b: train_step(setup, s, b))
     for b in batches[:2]:  # the first update has lr 0: warmup starts from zero
@@ -103,8 +102,7 @@ def test_optimizer_moments_are_sharded_like_their_params(parts, mel_lr):
     """Also with a separate MEL learning rate, whose multi_transform masks the state."""
     from mlembed_jax.config import base_config
     from mlembed_jax.sharding import make_mesh
-    from mlembed_jax.state_init import abstract_state
-    from mlembed_jax.train_step import state_shardings
+    from mlembed_jax.train_step import abstract_state, state_shardings
 
     config, enc, geometry, _ = parts
     setup = _setup(config, enc, geometry, mel_lr=mel_lr)
@@ -124,7 +122,7 @@ def test_eval_accuracies_match_numpy_with_blocks_and_pack_lookups(parts):
     """eval_step's retrieval accuracies, computed with pack-local lookups and in-batch row
     blocks (what big batches need), equal a plain NumPy computation on the same embeddings."""
     from mlembed_jax.batch import globalize_slots
-    from mlembed_jax.train_step import _forward, eval_step
+    from mlembed_jax.train_step import eval_step, pooled_embeddings
 
     config, enc, geometry, batches = parts
     params = init_params(enc, jax.random.key(0))
@@ -132,7 +130,8 @@ def test_eval_accuracies_match_numpy_with_blocks_and_pack_lookups(parts):
     batch = next(b for b in batches
                  if (np.asarray(b["in_batch"]) & np.asarray(b["sample_valid"])).any())
     slots = jax.tree.map(np.asarray, globalize_slots(batch, geometry))
-    emb = np.asarray(_forward(_setup(config, enc, geometry), params, batch, None)[-1], np.float64)
+    setup = _setup(config, enc, geometry)
+    emb = np.asarray(pooled_embeddings(setup, params, batch, None)[-1], np.float64)
     emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
     q, p = emb[slots["query_text"]], emb[slots["positive_text"]]
     valid = slots["sample_valid"].astype(bool)

@@ -21,17 +21,14 @@ topology; 3 libtpu is not installed.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mlembed_jax import aot  # noqa: E402  (imports no JAX backend)
-from mlembed_jax.config import ConfigError, validate  # noqa: E402
+from mlembed_jax.config import ConfigError, validate
+from mlembed_jax.perf import aot_target
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
@@ -46,15 +43,17 @@ flags.mark_flags_as_required(["config", "topology"])
 def main(argv):
     del argv
     try:
-        target = aot.parse_target(FLAGS.topology)
-        aot.prepare_environment(target)  # before JAX makes a backend
+        target = aot_target.parse_target(FLAGS.topology)
+        aot_target.prepare_environment(target)  # before JAX makes a backend
+        from mlembed_jax.perf import aot  # imports JAX: only after the environment is set
+
         validate(FLAGS.config)
         devices = aot.target_devices(target)
         built = aot.build_lowered(FLAGS.config, devices, FLAGS.num_datasets)
-    except aot.LibtpuMissing as e:
+    except aot_target.LibtpuMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (aot.AotError, ConfigError, ValueError) as e:
+    except (aot_target.AotError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()

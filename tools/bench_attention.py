@@ -1,4 +1,4 @@
-"""Times each attention kernel on one step's packed rows of the ANCHORS length mix, and checks
+"""Times each attention kernel on one step's packed rows of the benchmark length mix, and checks
 it against the dense fp32 reference on those very rows.
 
     python tools/bench_attention.py [--kernels=dense,cudnn,tokamax_mosaic] [--seq_len=1024] \
@@ -15,26 +15,25 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mlembed_jax.batch import text_lengths  # noqa: E402
-from mlembed_jax.data.benchmark_mix import benchmark_batches, mix_geometry  # noqa: E402
-from mlembed_jax.flops import attention_flops, peak_flops  # noqa: E402
-from mlembed_jax.model import attention  # noqa: E402
+from mlembed_jax.batch import BatchGeometry, text_lengths
+from mlembed_jax.model import attention
+from mlembed_jax.model.kernel_choice import check_platform
+from mlembed_jax.perf.benchmark_mix import MIX_NEGATIVES, benchmark_batches
+from mlembed_jax.perf.flops import attention_flops, peak_flops
 
 
 def mix_rows(seq_len: int, rows: int, seed: int) -> tuple[np.ndarray, list[int]]:
     """Segment ids [rows, seq_len] of one packed step of the mix, and its text lengths."""
-    geometry = mix_geometry(rows_per_pack=rows, seq_len=seq_len)
+    B = 8 + 2  # the recipe's 8 samples per pack, plus 2 spare slots for carried samples
+    geometry = BatchGeometry(1, rows, seq_len, B * (2 + MIX_NEGATIVES), B, MIX_NEGATIVES)
     batch, _ = next(benchmark_batches(geometry, 1, seed, vocab_size=1000, eos_id=1,
                                       max_length=seq_len))
     return batch["segment_ids"], [int(n) for n in text_lengths(batch)]
@@ -127,7 +126,7 @@ def main(argv=None) -> int:
                   "interpreter) | | | | |")
             continue
         try:
-            attention.check_platform(name, platform)
+            check_platform(name, platform)
         except (ValueError, ImportError) as e:
             print(f"| {name} | skipped: {str(e).split(';')[0]} | | | | |")
             continue

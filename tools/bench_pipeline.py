@@ -1,6 +1,6 @@
 """Packed tokens per second of the data pipeline, from prepared parquet, on one CPU core.
 
-By default it writes a prepared dataset following the ANCHORS benchmark length mix (random
+By default it writes a prepared dataset following the benchmark length mix (random
 token ids, 24 negatives per sample) and packs it as training would: seq_len 1024, 19 rows per
 pack, 8 samples + 2 spare slots, 7 negatives (retrieval).
 
@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def main(argv=None):
@@ -33,9 +30,10 @@ def main(argv=None):
 
     if not args.all_cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    # Imported after pinning, so their thread pools start on the one core.
     from mlembed_jax.config import base_config
-    from mlembed_jax.data import benchmark_mix
     from mlembed_jax.data.pipeline import make_train_iterator
+    from mlembed_jax.perf import benchmark_mix
 
     prepared = args.prepared_dir
     if not prepared:

@@ -1,4 +1,4 @@
-"""Benchmark the full train step on the ANCHORS.md length mix, optionally against the
+"""Benchmark the full train step on the benchmark length mix, optionally against the
 PyTorch reference recipe on the same samples.
 
     python tools/benchmark.py --config=configs/0.6b.py [--steps=20] [--warmup=3] \
@@ -15,23 +15,20 @@ import datetime
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Before JAX starts: allocate on demand, so the reported peak is what the step uses and the
 # torch baseline in this process finds the GPU free.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import flax  # noqa: E402
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import flax
+import jax
+from absl import app, flags
+from ml_collections import config_flags
 
-from mlembed_jax import flops as flops_lib  # noqa: E402
-from mlembed_jax.batch import text_lengths  # noqa: E402
-from mlembed_jax.benchmark import make_batches, plain_variant, run_jax  # noqa: E402
-from mlembed_jax.config import (ConfigError, apply_overrides,  # noqa: E402
-                                check_attention_platform, validate)  # noqa: E402
-from mlembed_jax.data.global_batch import batch_shards  # noqa: E402
-from mlembed_jax.sharding import make_mesh  # noqa: E402
+from mlembed_jax.batch import text_lengths
+from mlembed_jax.config import ConfigError, apply_overrides, check_attention_platform, validate
+from mlembed_jax.perf import flops as flops_lib
+from mlembed_jax.perf.benchmark import make_batches, plain_variant, run_jax
+from mlembed_jax.sharding import batch_shards, make_mesh
 
 FLAGS = flags.FLAGS
 
@@ -42,7 +39,8 @@ def _gb(x):
 
 def _row(name, median, tok_s, padding, mfu, peak):
     mfu_s = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
-    return f"| {name} | {median:.3f} s | {tok_s:,.0f} | {100 * padding:.0f}% | {mfu_s} | {_gb(peak)} |"
+    return (f"| {name} | {median:.3f} s | {tok_s:,.0f} | {100 * padding:.0f}% | {mfu_s} "
+            f"| {_gb(peak)} |")
 
 
 def main(argv):
@@ -70,7 +68,7 @@ def parse_variant(text: str) -> dict[str, str]:
     return out
 
 
-def _run_variant(config, text, batches, geometry, mesh):
+def run_variant(config, text, batches, geometry, mesh):
     """One more row: the main config with the variant's fields changed (same batches)."""
     try:
         c = apply_overrides(config.copy_and_resolve_references(), parse_variant(text))
@@ -91,7 +89,7 @@ def _run_variant(config, text, batches, geometry, mesh):
 def run(config):
     mesh = make_mesh(config.mesh)
     check_attention_platform(config, mesh.devices.flat[0].platform)
-    packs = batch_shards(mesh)
+    packs = batch_shards(mesh, config.mesh.logical_axis_rules)
     steps = FLAGS.steps + FLAGS.warmup
     geometry, batches = make_batches(config, steps, seed=0, packs=packs)
     device = jax.devices()[0]
@@ -131,9 +129,9 @@ def run(config):
     if ref is not None:
         print(f"speed-up in useful tokens/s: {ours.tokens_per_s / ref['tokens_per_s']:.2f}x")
     for text in FLAGS.variant or ():
-        _run_variant(config, text, batches, geometry, mesh)
+        run_variant(config, text, batches, geometry, mesh)
     if FLAGS.profile_dir:
-        from mlembed_jax.profile_summary import find_trace, format_summary, op_times
+        from mlembed_jax.perf.profile_summary import find_trace, format_summary, op_times
 
         print(f"\nprofile of 3 steps of {ours.name} ({FLAGS.profile_dir}):")
         try:
@@ -143,7 +141,6 @@ def run(config):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
     flags.DEFINE_integer("steps", 10, "timed steps")
     flags.DEFINE_integer("warmup", 2, "untimed steps first (compilation, autotuning)")

@@ -29,9 +29,6 @@ import json
 import os
 import random
 import shutil
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 LANGS = "en de fr es it pt nl pl sv tr ru uk el ar hi zh ja ko".split()
 SPECIALS = ["<|endoftext|>", "<|im_end|>"]  # pad = 0, eos = 1 (like Qwen3's <|im_end|>)

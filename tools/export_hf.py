@@ -9,13 +9,10 @@ README.md. Without --rank/--layers/--dim the trained full size is exported.
 """
 
 import argparse
-import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mlembed_jax.export import ExportError, ExportWarning, export_checkpoint  # noqa: E402
+from mlembed_jax.export import ExportError, ExportWarning, export_checkpoint
 
 
 def main(argv=None) -> int:
@@ -23,7 +20,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", required=True,
                     help="training workdir (its latest checkpoint), WORKDIR/STEP or "
                     "WORKDIR/checkpoints/STEP")
-    ap.add_argument("--out", required=True, help="output directory (must not exist, unless --overwrite)")
+    ap.add_argument("--out", required=True,
+                    help="output directory (must not exist, unless --overwrite)")
     ap.add_argument("--rank", type=int, help="MEL rank R <= r_max (default r_max)")
     ap.add_argument("--layers", type=int, help="keep the first K layers (default all L)")
     ap.add_argument("--dim", type=int, help="embedding dim M <= d: sentence-transformers' "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurement behind the README's Performance table (issue 8), as one script for a
+# The GPU measurement behind the README's Performance table, as one script for a
 # lent H100/H200 (the `device` tool, 15 minutes in all). On the development machine, first:
-#   ../shared/tools/device_wheels.sh $(cat tools/gpu_wheels.txt)
+#   tools/fetch_gpu_wheels.sh
 # then one device call:  command="bash tools/gpu_benchmark.sh", carry=[".whl"], timeout_s=560
 #
 # Stages, each with its own time limit (capped so that 1.7B always gets its turn within the
@@ -61,7 +61,7 @@ else
   STEPS=(--steps=10 --warmup=3)
   if ! ls .whl/tokamax-*.whl >/dev/null 2>&1; then
     say "error: no .whl/tokamax-*.whl here. On the dev machine run"
-    say "  ../shared/tools/device_wheels.sh \$(cat tools/gpu_wheels.txt)"
+    say "  tools/fetch_gpu_wheels.sh"
     say "and pass carry=[\".whl\"] to the device call."
     exit 2
   fi

@@ -26,14 +26,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from eval_retrieval import add_model_args, load_model_and_sets  # noqa: E402
-from mlembed_jax import retrieval_eval as rev  # noqa: E402
-from mlembed_jax.encode import normalize  # noqa: E402
+from mlembed_jax.encode import normalize
+from mlembed_jax.eval import retrieval as rev
+from mlembed_jax.eval.cli import add_model_args, load_model_and_sets
 
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 

@@ -9,10 +9,7 @@ Reruns skip datasets already prepared with the same inputs and settings.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def main(argv=None):

@@ -11,12 +11,9 @@ mlembed_jax/profile_summary.py for what is counted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mlembed_jax.profile_summary import find_trace, format_summary, op_times  # noqa: E402
+from mlembed_jax.perf.profile_summary import find_trace, format_summary, op_times
 
 
 def main(argv=None) -> int:

@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from mlembed_jax.config import model_exits
-from mlembed_jax.loss import mrl_weights
-from mlembed_jax.model.factorized_embed import mel_rank_set
+from mlembed_jax.recipe import mel_rank_set, model_exits, mrl_weights
 
 
 def unpack_samples(batch: dict) -> list[list[np.ndarray]]:
@@ -69,7 +67,7 @@ class ReferenceRecipe(torch.nn.Module):
             self.U = torch.nn.Parameter((u[:, :r] * s[:r]).to(device, dtype))
             self.V = torch.nn.Parameter(vh[:r].to(device, dtype))
             self.ranks = mel_rank_set(m.mel_r_min, m.mel_r_max)
-        self.exits = model_exits(m)
+        self.exits = model_exits(m.exits, m.num_layers)
         self.num_layers = m.num_layers
 
     def forward(self, ids, mask, rank):

@@ -1,9 +1,10 @@
-"""Input side of training: prepare_data (tokenise), the packed Grain pipeline, global arrays.
+"""Input side: prepare_data (tokenise), the packed Grain pipeline, and the shipped demo data.
 
 Modules: manifest (dataset -> task type), prepare (parquet -> tokenised corpus), prepared
-(loading it), schedule (pure data order), packing (texts -> fixed rows), pipeline (train and
-validation iterators), global_batch (process-local -> global jax.Array), benchmark_mix
-(synthetic batches of the ANCHORS length mix). No module here imports jax at import time.
+(loading it; how a run's texts were tokenised), schedule (pure data order), packing (the one
+first-fit packer: texts -> fixed rows, for training and for encode), pipeline (train and
+validation iterators), text_encoding (text -> token ids). No module here imports jax; the
+step's global arrays are built by sharding.to_global_batch.
 """
 
 import os

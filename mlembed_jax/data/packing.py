@@ -1,6 +1,11 @@
-"""Packing one pack: the texts of up to B samples into R fixed rows of S tokens.
+"""Packing texts into fixed rows of S tokens: one first-fit rule for training and encode.
 
-Two modes:
+`first_fit_row` is the one placement rule: a text goes into the first open row with room.
+Visiting texts longest first makes it first-fit-decreasing (FFD). Training packs with it
+(`plan_pack`: the texts of up to B samples into the R rows of one pack); so does inference
+(`plan_batches`: many texts into batches of rows, see its docstring).
+
+Training has two modes:
   ffd            first-fit-decreasing: texts sorted longest first, each into the first row
                  with room. Several texts share a row, told apart by segment ids.
   pad_to_longest one text per row (R = T), the reference recipe's layout, for comparison.
@@ -15,6 +20,9 @@ which carries them to the next batch of the same dataset (pipeline.py); nothing 
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Sequence
+
 import numpy as np
 
 from mlembed_jax.batch import BatchGeometry
@@ -24,24 +32,31 @@ class PackingError(ValueError):
     """A sample that can never fit the configured pack, or a text longer than a row."""
 
 
+def first_fit_row(loads: list[int], n: int, seq_len: int, max_rows: int) -> int:
+    """The first open row of `loads` (tokens used per row) with room for n more tokens;
+    opens a new row (appends to `loads`) when none has room. -1 when all max_rows rows are
+    open and full. The caller adds n to the returned row's load."""
+    for r, load in enumerate(loads):
+        if load + n <= seq_len:
+            return r
+    if len(loads) == max_rows:
+        return -1
+    loads.append(0)
+    return len(loads) - 1
+
+
 def ffd_place(lengths, rows: int, seq_len: int):
     """First-fit-decreasing. lengths: sequence of ints. Returns (row, offset) lists in input
     order, or None if they don't all fit in `rows` rows of `seq_len`."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    loads = [0] * rows
+    loads: list[int] = []
     row_of = [0] * len(lengths)
     off_of = [0] * len(lengths)
-    used = 0  # rows 0..used-1 are open; first fit never skips past an unopened row
     for i in order:
         n = lengths[i]
-        for r in range(used):
-            if loads[r] + n <= seq_len:
-                break
-        else:
-            if used == rows:
-                return None
-            r = used
-            used += 1
+        r = first_fit_row(loads, n, seq_len, rows)
+        if r < 0:
+            return None
         row_of[i] = r
         off_of[i] = loads[r]
         loads[r] += n
@@ -138,3 +153,99 @@ def padding_stats(real_tokens: int, cells: int, text_lengths: list[int]) -> dict
     else:
         out["padding_fraction_longest"] = 0.0
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# Inference: many texts into batches of rows (encode, evaluation, mining).
+
+_MIN_SEQ = 16  # smallest packed row length: fewer shapes for very short texts
+_MIN_TEXTS = 8  # smallest number of pooling slots per batch
+
+
+def _pow2_at_least(n: int, minimum: int = 1) -> int:
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Where the texts of one inference batch go.
+
+    index   [m] int64: input positions of the batch's texts; text slot j holds input index[j]
+    rows    [m] int: row of each text;  offsets [m] int: its first column in that row
+    num_rows, seq_len: the batch's token arrays are [num_rows, seq_len]
+    num_slots: pool_index is [1, num_slots] (>= m; the extra slots point at token 0 and their
+      outputs are dropped)
+    """
+
+    index: np.ndarray
+    rows: np.ndarray
+    offsets: np.ndarray
+    num_rows: int
+    seq_len: int
+    num_slots: int
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[BatchPlan]:
+    """Inference batches: length-sorted first-fit-decreasing packing of many texts.
+
+    lengths: [n] token counts (EOS included, each >= 1). Texts are visited longest first; a
+    batch's row length is the power of two >= its first (longest) text, it has at most
+    batch_tokens // seq_len rows, and each text goes into the first row with room (a new row
+    if none has room; the batch closes when it would need more rows). Because the visit order
+    is descending, this online loop is exactly first-fit-decreasing on each batch's texts.
+    """
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and lengths.min() < 1:
+        raise PackingError("every text needs at least one token (its EOS)")
+    order = np.argsort(-lengths, kind="stable")  # ties keep input order: deterministic
+    plans, i, n = [], 0, len(order)
+    while i < n:
+        seq = _pow2_at_least(lengths[order[i]], _MIN_SEQ)
+        max_rows = max(1, batch_tokens // seq)
+        loads: list[int] = []
+        members, rows, offsets = [], [], []
+        while i < n:
+            length = int(lengths[order[i]])
+            r = first_fit_row(loads, length, seq, max_rows)
+            if r < 0:
+                break
+            members.append(order[i])
+            rows.append(r)
+            offsets.append(loads[r])
+            loads[r] += length
+            i += 1
+        used = len(loads)
+        plans.append(BatchPlan(
+            index=np.asarray(members, np.int64), rows=np.asarray(rows, np.int64),
+            offsets=np.asarray(offsets, np.int64),
+            # Round rows and slots up to powers of two so the last, partly filled batches
+            # of each row length reuse a few compiled shapes.
+            num_rows=min(_pow2_at_least(used), max_rows), seq_len=seq,
+            num_slots=_pow2_at_least(len(members), _MIN_TEXTS)))
+    return plans
+
+
+def build_batch(plan: BatchPlan, ids: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """The packed arrays of one plan (layout as mlembed_jax/batch.py, one pack).
+
+    Returns tokens, segment_ids, positions [num_rows, seq_len] int32 and pool_index
+    [1, num_slots] int32 (flat row * seq_len + col of each text's last token).
+    """
+    R, S = plan.num_rows, plan.seq_len
+    tokens = np.zeros((R, S), np.int32)
+    segment_ids = np.zeros((R, S), np.int32)
+    positions = np.zeros((R, S), np.int32)
+    pool_index = np.zeros((1, plan.num_slots), np.int32)
+    next_segment = np.ones(R, np.int32)
+    # Texts were placed left to right within each row, so segment ids follow column order.
+    for slot, (j, r, o) in enumerate(zip(plan.index, plan.rows, plan.offsets)):
+        t = ids[j]
+        n = len(t)
+        tokens[r, o:o + n] = t
+        segment_ids[r, o:o + n] = next_segment[r]
+        positions[r, o:o + n] = np.arange(n, dtype=np.int32)
+        next_segment[r] += 1
+        pool_index[0, slot] = r * S + o + n - 1
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+            "pool_index": pool_index}

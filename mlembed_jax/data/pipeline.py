@@ -24,12 +24,13 @@ This module imports no jax: it may run in grain workers or threads.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import grain
 import numpy as np
 
-from mlembed_jax.batch import BatchGeometry
+from mlembed_jax.batch import BatchGeometry, geometry_from_config
 from mlembed_jax.data import packing, schedule
 from mlembed_jax.data.prepare import DataError
 from mlembed_jax.data.prepared import PreparedData, PreparedDataset, load_prepared
@@ -38,38 +39,8 @@ STATE_VERSION = 1
 _VALIDATION_EPOCH = 2**31 - 1  # negatives key of the held-out split: fixed, never a train epoch
 
 
-def geometry_from_config(data_cfg, packs: int) -> BatchGeometry:
-    """The step's global batch geometry for `packs` packs (see batch.py for the letters).
-
-    ffd: B = samples_per_pack + spare_sample_slots, R = rows_per_pack.
-    pad_to_longest: B = samples_per_pack, R = T (one text per row).
-    """
-    N = int(data_cfg.max_negatives)
-    if data_cfg.packing == "pad_to_longest":
-        B = int(data_cfg.samples_per_pack)
-        T = B * (2 + N)
-        R = T
-    else:
-        B = int(data_cfg.samples_per_pack) + int(data_cfg.get("spare_sample_slots", 0))
-        T = B * (2 + N)
-        R = int(data_cfg.rows_per_pack)
-    return BatchGeometry(packs=packs, rows_per_pack=R, seq_len=int(data_cfg.seq_len),
-                         texts_per_pack=T, samples_per_pack=B, max_negatives=N)
-
-
-def local_geometry(geometry: BatchGeometry, pack_start: int, pack_stop: int) -> BatchGeometry:
-    import dataclasses
-
+def _local_geometry(geometry: BatchGeometry, pack_start: int, pack_stop: int) -> BatchGeometry:
     return dataclasses.replace(geometry, packs=pack_stop - pack_start)
-
-
-def process_share(packs: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """Contiguous pack range of one process when packs are split evenly in process order."""
-    if packs % process_count:
-        raise ValueError(f"{packs} packs per step do not split evenly over {process_count} "
-                         "processes")
-    per = packs // process_count
-    return process_index * per, (process_index + 1) * per
 
 
 class _Packer:
@@ -120,13 +91,6 @@ class _Packer:
         return real, lens[:m].reshape(-1).tolist()
 
 
-def _splits(data: PreparedData, data_cfg) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [schedule.split_rows(ds.num_rows, ds.name, int(data_cfg.get("split_seed", 0)),
-                                float(data_cfg.validation_fraction),
-                                int(data_cfg.get("min_validation_samples", 0)))
-            for ds in data.datasets]
-
-
 class PackedTrainIterator(grain.DatasetIterator):
     """Yields (batch, stats) forever; epochs follow each other. See the module docstring.
 
@@ -145,13 +109,13 @@ class PackedTrainIterator(grain.DatasetIterator):
                              f"{global_geometry.packs} packs of a step")
         self.data = data
         self.global_geometry = global_geometry
-        self.geometry = local_geometry(global_geometry, pack_start, pack_stop)
+        self.geometry = _local_geometry(global_geometry, pack_start, pack_stop)
         self.pack_start, self.pack_stop = pack_start, pack_stop
         self.seed = int(data_cfg.seed)
         self.mode = data_cfg.packing
         self.nominal = int(data_cfg.samples_per_pack)
         self._packer = _Packer(data, self.geometry, self.mode, self.seed)
-        self.train_rows = [tr for tr, _ in _splits(data, data_cfg)]
+        self.train_rows = [tr for tr, _ in schedule.dataset_splits(data.datasets, data_cfg)]
         G = global_geometry.packs * self.nominal
         for ds, tr in zip(data.datasets, self.train_rows):
             if len(tr) < G:
@@ -180,11 +144,6 @@ class PackedTrainIterator(grain.DatasetIterator):
         if d not in e["rows"]:
             e["rows"][d] = schedule.sample_order(self.seed, epoch, d, self.train_rows[d])
         return e["rows"][d]
-
-    def step_dataset(self, step: int) -> int:
-        """Dataset id used by a global step (same answer on every process)."""
-        epoch, s = divmod(step, self.steps_per_epoch)
-        return int(self._epoch(epoch)["order"][s])
 
     def __next__(self):
         step = self._step
@@ -300,20 +259,19 @@ class TrainIterator:
             self._it.close()
 
 
-def make_train_iterator(config, packs: int, process_index: int = 0, process_count: int = 1,
-                        *, pack_range: tuple[int, int] | None = None,
+def make_train_iterator(config, packs: int, *, pack_range: tuple[int, int] | None = None,
                         data: PreparedData | None = None,
                         prefetch: int | None = None) -> TrainIterator:
     """The training iterator of one process.
 
     config: the run config (uses config.data). packs: P, packs per step over all processes.
-    The process builds packs [start, stop) = pack_range, or its even share by process index
-    (global_batch.process_pack_range derives the range from the mesh).
+    The process builds packs [start, stop) = pack_range (default: all of them;
+    sharding.process_pack_range derives a process's range from the mesh).
     """
     dc = config.data if hasattr(config, "data") else config
     if data is None:
         data = load_prepared(dc.prepared_dir, int(dc.seq_len), dc.manifest)
-    start, stop = pack_range or process_share(packs, process_index, process_count)
+    start, stop = pack_range or (0, packs)
     inner = PackedTrainIterator(data, dc, geometry_from_config(dc, packs), start, stop)
     if prefetch is None:
         prefetch = int(dc.get("prefetch", 2))
@@ -333,15 +291,15 @@ class ValidationBatches:
                  pack_start: int, pack_stop: int):
         self.data = data
         self.global_geometry = global_geometry
-        self.geometry = local_geometry(global_geometry, pack_start, pack_stop)
+        self.geometry = _local_geometry(global_geometry, pack_start, pack_stop)
         self.pack_start, self.pack_stop = pack_start, pack_stop
         mode, b = data_cfg.packing, int(data_cfg.samples_per_pack)
-        plan_geometry = local_geometry(global_geometry, 0, 1)
+        plan_geometry = _local_geometry(global_geometry, 0, 1)
         self._packer = _Packer(data, self.geometry, mode, int(data_cfg.seed))
         self._planner = _Packer(data, plan_geometry, mode, int(data_cfg.seed))
         P = global_geometry.packs
         self.plan = []  # (dataset id, {local pack: rows})
-        for d, (_, val) in enumerate(_splits(data, data_cfg)):
+        for d, (_, val) in enumerate(schedule.dataset_splits(data.datasets, data_cfg)):
             ds = data.datasets[d]
             per_pack = []  # per pack: list of row arrays, one per batch
             for p in range(P):
@@ -381,13 +339,11 @@ class ValidationBatches:
                           **packing.padding_stats(real, batch["tokens"].size, lengths)}
 
 
-def make_validation_iterator(config, packs: int, process_index: int = 0,
-                             process_count: int = 1, *,
-                             pack_range: tuple[int, int] | None = None,
+def make_validation_iterator(config, packs: int, *, pack_range: tuple[int, int] | None = None,
                              data: PreparedData | None = None) -> ValidationBatches:
     """Deterministic batches over the held-out split (re-iterable; same every time)."""
     dc = config.data if hasattr(config, "data") else config
     if data is None:
         data = load_prepared(dc.prepared_dir, int(dc.seq_len), dc.manifest)
-    start, stop = pack_range or process_share(packs, process_index, process_count)
+    start, stop = pack_range or (0, packs)
     return ValidationBatches(data, dc, geometry_from_config(dc, packs), start, stop)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import re
 import sys
@@ -34,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from mlembed_jax.data import manifest as manifest_lib
 from mlembed_jax.data import text_encoding
@@ -107,7 +109,7 @@ _WORKER_TOK = None
 
 def _worker_init(tokenizer_json: str, max_len: int, eos: int):
     global _WORKER_TOK
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # in the spawned worker, which needs nothing else
 
     tok = Tokenizer.from_str(tokenizer_json)
     tok.no_padding()
@@ -127,7 +129,7 @@ def _worker_encode(texts: list[str]) -> list[np.ndarray]:
     return out
 
 
-class Encoder:
+class TokenizerPool:
     """Encodes text lists on all cores (a process pool over the fast tokenizer's backend)."""
 
     def __init__(self, tokenizer, max_seq_length: int, workers: int):
@@ -136,16 +138,12 @@ class Encoder:
         self.workers = max(1, workers)
         self._pool = None
         if self.workers > 1 and getattr(tokenizer, "is_fast", False):
-            import multiprocessing as mp
-
             # spawn: the parent may hold jax/XLA threads, which fork would copy half-way.
             ctx = mp.get_context("spawn")
             self._pool = ctx.Pool(self.workers, initializer=_worker_init, initargs=(
                 tokenizer.backend_tokenizer.to_str(), max_seq_length, tokenizer.eos_token_id))
 
     def encode(self, texts: list[str], desc: str) -> list[np.ndarray]:
-        from tqdm.auto import tqdm
-
         chunk = 2048
         chunks = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
         out: list[np.ndarray] = []
@@ -169,7 +167,7 @@ class Encoder:
 
 
 # ----------------------------------------------------------------------------- writing
-def _list_array(arrays: list[np.ndarray]) -> pa.Array:
+def list_array(arrays: list[np.ndarray]) -> pa.Array:
     lengths = np.fromiter((len(a) for a in arrays), np.int64, len(arrays))
     offsets = np.zeros(len(arrays) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -207,7 +205,7 @@ def _length_stats(lengths: np.ndarray) -> dict:
             "p99": float(q[2]), "max": int(lengths.max())}
 
 
-def _tokenizer_fingerprint(tokenizer_dir: str) -> str:
+def tokenizer_fingerprint(tokenizer_dir: str) -> str:
     h = hashlib.sha256()
     for name in sorted(os.listdir(tokenizer_dir)):
         p = os.path.join(tokenizer_dir, name)
@@ -227,7 +225,7 @@ class PrepareResult:
     corpus_docs: int
 
 
-def prepare_dataset(path: str, spec: manifest_lib.DatasetSpec, encoder: Encoder,
+def prepare_dataset(path: str, spec: manifest_lib.DatasetSpec, encoder: TokenizerPool,
                     out_dir: str, fingerprint: dict) -> dict:
     """Tokenises one dataset; writes its query file, doc shard and marker. Returns stats."""
     table = read_parquet(path)
@@ -256,10 +254,10 @@ def prepare_dataset(path: str, spec: manifest_lib.DatasetSpec, encoder: Encoder,
     d_ids = encoder.encode(unique_docs, f"{spec.name} documents")
     trunc_at = encoder.max_seq_length
 
-    query_table = pa.table({"query_input_ids": _list_array(q_ids),
+    query_table = pa.table({"query_input_ids": list_array(q_ids),
                             **{c: pa.array(id_columns[c]) for c in doc_cols}})
     doc_table = pa.table({"doc_id": pa.array([doc_index[t] for t in unique_docs], pa.int64()),
-                          "input_ids": _list_array(d_ids)})
+                          "input_ids": list_array(d_ids)})
     q_len = np.fromiter((len(a) for a in q_ids), np.int64, len(q_ids))
     d_len = np.fromiter((len(a) for a in d_ids), np.int64, len(d_ids))
     stats = {
@@ -320,7 +318,7 @@ def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_
     manifest_lib.check_files_match(specs, list(files), where=input_dir)
     tokenizer = text_encoding.load_tokenizer(tokenizer_dir)
     os.makedirs(output_dir, exist_ok=True)
-    tok_fp = _tokenizer_fingerprint(tokenizer_dir)
+    tok_fp = tokenizer_fingerprint(tokenizer_dir)
 
     encoder = None
     stats, skipped = {}, []
@@ -342,7 +340,7 @@ def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_
                     continue
                 os.remove(marker)  # inputs or settings changed: redo this dataset
             if encoder is None:
-                encoder = Encoder(tokenizer, max_seq_length,
+                encoder = TokenizerPool(tokenizer, max_seq_length,
                                   os.cpu_count() if workers is None else workers)
             stats[name] = prepare_dataset(path, spec, encoder, output_dir, fingerprint)
     finally:

@@ -1,7 +1,10 @@
-"""Loading the output of prepare_data into arrays the pipeline indexes directly.
+"""The output of prepare_data: loading it for training, and how a run's texts were made.
 
-Everything is resolved once at load: doc ids -> corpus rows, lengths, and the check that no
-text is longer than the packed row (the pipeline fails loudly rather than truncating).
+`load_prepared` resolves everything once: doc ids -> corpus rows, lengths, and the check
+that no text is longer than the packed row (the pipeline fails loudly rather than
+truncating). `training_text(config)` is the one answer to "how were this run's texts
+tokenised?" (tokenizer directory, EOS, truncation length, manifest with its prefixes) that
+encode, export and the evaluation during training all ask.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import numpy as np
 
 from mlembed_jax.data import manifest as manifest_lib
 from mlembed_jax.data.prepare import FORMAT_VERSION, DataError, negative_columns, read_parquet
+
+# The repository root (the package's parent): prepare_data usually runs there, so a relative
+# tokenizer path in prepared.json is often relative to it.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclasses.dataclass
@@ -66,11 +73,10 @@ def load_prepared(prepared_dir: str, seq_len: int, manifest_path: str = "") -> P
     overrides apply.
     """
     info_path = os.path.join(prepared_dir, "prepared.json")
-    if not os.path.exists(info_path):
+    info = read_prepared_info(prepared_dir)
+    if info is None:
         raise DataError(f"{prepared_dir!r} holds no complete prepared data ({info_path} is "
                         "missing); run tools/prepare_data.py first")
-    with open(info_path) as f:
-        info = json.load(f)
     if info.get("version") != FORMAT_VERSION:
         raise DataError(f"{info_path}: format version {info.get('version')} != "
                         f"{FORMAT_VERSION}; re-run tools/prepare_data.py")
@@ -143,3 +149,89 @@ def _load_dataset(prepared_dir: str, spec, dataset_id: int, corpus: Corpus,
         doc_rows[:, j] = rows
     return PreparedDataset(spec=spec, dataset_id=dataset_id, path=path, q_tokens=q_tokens,
                            q_offsets=q_offsets, q_lengths=q_lengths, doc_rows=doc_rows)
+
+
+# ------------------------------------------------------------------------------------------
+# How a run's texts were made.
+
+
+def read_prepared_info(prepared_dir: str) -> dict | None:
+    """prepared.json of a prepared data directory, or None when it is not there."""
+    path = os.path.join(prepared_dir, "prepared.json") if prepared_dir else ""
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def find_tokenizer_dir(recorded: str, prepared_dir: str) -> str | None:
+    """An existing directory for the tokenizer path prepared.json recorded (as prepare_data
+    was given it): as given when absolute; else relative to the current directory, the
+    prepared data directory or any directory above it, or the repository root."""
+    if os.path.isabs(recorded):
+        return recorded if os.path.isdir(recorded) else None
+    anchors = [os.getcwd()]
+    d = os.path.abspath(prepared_dir) if prepared_dir else ""
+    while d and d not in anchors:
+        anchors.append(d)
+        parent = os.path.dirname(d)
+        d = parent if parent != d else ""
+    anchors.append(_REPO_ROOT)
+    for a in anchors:
+        cand = os.path.join(a, recorded)
+        if os.path.isdir(cand):
+            return os.path.abspath(cand)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingText:
+    """How a training run's texts were tokenised, from its config and prepared data.
+
+    tokenizer_dir: the tokenizer found on this machine, or None (then `recorded_tokenizer`
+    says what prepared.json named, None when the prepared data itself is not here).
+    manifest: dataset -> DatasetSpec; prefixes as baked into the prepared tokens, task types
+    and negative counts from the run's manifest file when it is here. {} when unknown.
+    """
+
+    prepared_dir: str
+    tokenizer_dir: str | None
+    recorded_tokenizer: str | None
+    fingerprint: str | None  # of the tokenizer files prepare_data used
+    eos_token_id: int | None  # what prepare_data appended (None: prepared data not here)
+    max_seq_length: int
+    manifest: dict
+
+    def prefixes(self) -> dict:
+        """dataset -> {"query": prefix, "document": prefix}."""
+        return {n: {"query": s.query_prefix, "document": s.document_prefix}
+                for n, s in self.manifest.items()}
+
+
+def training_text(config) -> TrainingText:
+    """The TrainingText of a run config (a training checkpoint's saved config, or a live
+    one). Never raises for missing files: callers decide what they cannot do without."""
+    data_cfg = config.data if "data" in config else {}
+    prepared_dir = str(data_cfg.get("prepared_dir", "")) if data_cfg else ""
+    info = read_prepared_info(prepared_dir)
+    recorded = (info or {}).get("tokenizer_dir")
+    manifest = {}
+    if info is not None and "manifest" in info:
+        manifest = manifest_lib.parse_manifest(info["manifest"], source=prepared_dir)
+    manifest_path = str(data_cfg.get("manifest", "")) if data_cfg else ""
+    if manifest_path and os.path.isfile(manifest_path):
+        given = manifest_lib.load_manifest(manifest_path)
+        # Prefixes are baked into the prepared tokens, so those come from prepared.json; task
+        # types and negative counts are what the run's manifest file said (as load_prepared).
+        manifest = {n: dataclasses.replace(given[n], query_prefix=s.query_prefix,
+                                           document_prefix=s.document_prefix)
+                    if n in given else s for n, s in manifest.items()} or given
+    default_len = int(data_cfg.get("max_seq_length", 1024)) if data_cfg else 1024
+    return TrainingText(
+        prepared_dir=prepared_dir,
+        tokenizer_dir=find_tokenizer_dir(recorded, prepared_dir) if recorded else None,
+        recorded_tokenizer=recorded, fingerprint=(info or {}).get("tokenizer_fingerprint"),
+        eos_token_id=int(info["eos_token_id"]) if info and "eos_token_id" in info else None,
+        max_seq_length=int((info or {}).get("max_seq_length", default_len)),
+        manifest=manifest)
+

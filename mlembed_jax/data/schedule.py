@@ -48,6 +48,15 @@ def split_rows(num_rows: int, name: str, split_seed: int, fraction: float,
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def dataset_splits(datasets, data_cfg) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train_rows, validation_rows) of each dataset (objects with .num_rows and .name), by
+    the config's data.split_seed, validation_fraction and min_validation_samples."""
+    return [split_rows(ds.num_rows, ds.name, int(data_cfg.get("split_seed", 0)),
+                       float(data_cfg.validation_fraction),
+                       int(data_cfg.get("min_validation_samples", 0)))
+            for ds in datasets]
+
+
 def epoch_order(seed: int, epoch: int, batches: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Which dataset each step of an epoch uses, and that step's batch index in the dataset.
 

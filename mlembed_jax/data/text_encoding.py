@@ -1,4 +1,4 @@
-"""Turning text into the token ids training sees: truncate, then append EOS (RECIPE.md).
+"""Turning text into the token ids training sees: truncate, then append EOS (the recipe's rule).
 
 The encoding never relies on the tokenizer's post-processor: it encodes without special
 tokens, keeps the first `max_seq_length - 1` ids and appends `eos_token_id`, so every text
@@ -6,6 +6,8 @@ ends with EOS (the last-token pooling position) whatever the tokenizer's templat
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -16,10 +18,8 @@ class TokenizerError(ValueError):
 
 def load_tokenizer(tokenizer_dir: str):
     """Loads a local HF tokenizer directory (offline) and checks it has an EOS token."""
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # slow to import: data workers never need it
 
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)

@@ -3,7 +3,6 @@
 `export_checkpoint` is the library entry point; tools/export_hf.py is its command line.
 """
 
-from mlembed_jax.export.hf_export import (ExportError, ExportWarning, export_checkpoint,
-                                          fold_mel)
+from mlembed_jax.export.hf_export import ExportError, ExportWarning, export_checkpoint, fold_mel
 
 __all__ = ["ExportError", "ExportWarning", "export_checkpoint", "fold_mel"]

@@ -26,15 +26,18 @@ import ml_dtypes
 import numpy as np
 
 from mlembed_jax.checkpoint import TrainedParams
-from mlembed_jax.config import model_exits
 from mlembed_jax.export.errors import ExportError, ExportWarning
-from mlembed_jax.export import model_card, sentence_transformers_files, tokenizer_files
+from mlembed_jax.export.model_card import final_metrics, render
+from mlembed_jax.export.sentence_transformers_files import (
+    prompts_from_manifest,
+    write_sentence_transformers_files,
+)
+from mlembed_jax.export.tokenizer_files import check_same_ids, write_tokenizer
 from mlembed_jax.export.training_sources import training_sources
-from mlembed_jax.loss import mrl_dims
 from mlembed_jax.model import hf_names
-from mlembed_jax.model.factorized_embed import mel_rank_set
 from mlembed_jax.model.qwen3 import EncoderConfig
 from mlembed_jax.model.safetensors_io import write_safetensors
+from mlembed_jax.recipe import TrainedPoints, model_exits, resolve_point
 
 __all__ = ["ExportError", "ExportWarning", "Cut", "choose_cut", "export_checkpoint", "fold_mel",
            "hf_config"]
@@ -57,42 +60,23 @@ class Cut:
 
 
 def choose_cut(enc: EncoderConfig, mrl_min_dim: int, rank=None, layers=None, dim=None) -> Cut:
-    """Checks the requested (R, K, M) against the trained model; None means the full size.
+    """Checks the requested (R, K, M) = (rank, exit, dim) against the trained model; None
+    means the full size.
 
     Raises ExportError listing every impossible choice; warns (ExportWarning) for a choice the
     model can run but was not trained for (a depth that is no MLL exit, a rank outside the MEL
-    rank set, a width that is no MRL dim).
+    rank set, a width that is no MRL dim): recipe.resolve_point decides which is which.
     """
-    errors, notes = [], []
-    if rank is not None and not enc.mel:
-        errors.append(f"--rank {rank}: this model was trained without MEL (model.mel=False), "
-                      "so it has no rank to choose")
-    elif enc.mel:
-        if rank is None:
-            rank = enc.mel_r_max
-        elif not 1 <= rank <= enc.mel_r_max:
-            errors.append(f"--rank {rank} is outside [1, r_max={enc.mel_r_max}] (the MEL "
-                          "factors have r_max columns)")
-        elif rank not in mel_rank_set(enc.mel_r_min, enc.mel_r_max):
-            notes.append(f"MEL rank {rank} was never sampled in training (ranks "
-                         f"{mel_rank_set(enc.mel_r_min, enc.mel_r_max)})")
-    layers = enc.num_layers if layers is None else layers
-    if not 1 <= layers <= enc.num_layers:
-        errors.append(f"--layers {layers} is outside [1, L={enc.num_layers}] (the model has "
-                      f"{enc.num_layers} layers)")
-    elif layers not in enc.exits:
-        notes.append(f"{layers} layers is not a trained MLL exit (exits {enc.exits}); its "
-                     "embeddings were never trained to be used")
-    dim = enc.hidden_size if dim is None else dim
-    if not 1 <= dim <= enc.hidden_size:
-        errors.append(f"--dim {dim} is outside [1, d={enc.hidden_size}] (the embedding width)")
-    elif dim not in (dims := mrl_dims(enc.hidden_size, mrl_min_dim)):
-        notes.append(f"dim {dim} is not a trained MRL dim ({sorted(dims)})")
-    if errors:
-        raise ExportError("cannot export this size:\n  " + "\n  ".join(errors))
-    for note in notes:
-        warnings.warn(f"exporting anyway: {note}", ExportWarning, stacklevel=3)
-    return Cut(rank=rank if enc.mel else None, layers=layers, dim=dim)
+    check = resolve_point(TrainedPoints.of(enc, mrl_min_dim), rank, layers, dim)
+    flag = {"rank": f"--rank {rank}", "exit": f"--layers {layers}", "dim": f"--dim {dim}"}
+    if check.impossible:
+        raise ExportError("cannot export this size:\n  " + "\n  ".join(
+            f"{flag[a]}: {m}" for a, m in check.impossible.items()))
+    for axis, note in check.untrained.items():
+        warnings.warn(f"exporting anyway: {flag[axis]}: {note}; its embeddings were never "
+                      "trained to be used", ExportWarning, stacklevel=3)
+    p = check.point
+    return Cut(rank=p.rank, layers=p.exit, dim=p.dim)
 
 
 def fold_mel(u: np.ndarray, v: np.ndarray, rank: int, dtype=np.float32,
@@ -296,22 +280,22 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, rank: int | None = None,
         if mode == "factorized":
             _write_factors(tmp, reader, cut, np_dtype)
             files.append(FACTORS_FILE)
-        special = tokenizer_files.write_tokenizer(sources.tokenizer_dir, tmp,
-                                                  sources.eos_token_id, sources.max_seq_length,
-                                                  enc.vocab_size)
-        tokenizer_files.check_same_ids(sources.tokenizer_dir, tmp, sources.max_seq_length)
+        special = write_tokenizer(sources.tokenizer_dir, tmp, sources.eos_token_id,
+                                  sources.max_seq_length, enc.vocab_size)
+        check_same_ids(sources.tokenizer_dir, tmp, sources.max_seq_length)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config(enc, cut.layers, dtype, special,
                                 _max_positions(config, sources.max_seq_length)), f, indent=2)
-        prompts = sentence_transformers_files.prompts_from_manifest(sources.manifest)
-        sentence_transformers_files.write_sentence_transformers_files(
+        prompts = prompts_from_manifest(sources.manifest)
+        write_sentence_transformers_files(
             tmp, enc.hidden_size, sources.max_seq_length, prompts,
             truncate_dim=cut.dim if cut.dim != enc.hidden_size else None)
-        card = model_card.render(
+        card = render(
             config=config, step=reader.step, checkpoint=os.path.abspath(checkpoint), cut=cut,
             enc=enc, mode=mode, dtype=dtype, manifest=sources.manifest, prompts=prompts,
-            metrics=model_card.final_metrics(reader.workdir, reader.step),
-            exits=model_exits(config.model), mrl_min_dim=int(config.loss.mrl_min_dim))
+            metrics=final_metrics(reader.workdir, reader.step),
+            exits=model_exits(config.model.exits, config.model.num_layers),
+            mrl_min_dim=int(config.loss.mrl_min_dim))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(card)
         if os.path.lexists(out):

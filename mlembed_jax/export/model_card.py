@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from mlembed_jax.loss import mrl_dims
 from mlembed_jax.metrics_log import read_metrics
 from mlembed_jax.model import hf_names
-from mlembed_jax.model.factorized_embed import mel_rank_set
+from mlembed_jax.recipe import mel_rank_set, mrl_dims
 
 
 def final_metrics(workdir: str, step: int) -> dict[str, tuple[int, dict]]:

@@ -14,7 +14,9 @@ import json
 import os
 
 import numpy as np
+from tokenizers import Tokenizer, processors
 
+from mlembed_jax.data import text_encoding
 from mlembed_jax.export.errors import ExportError
 
 # Config keys dropped from the source tokenizer_config.json: custom code, and keys that make
@@ -24,8 +26,6 @@ _DROPPED_KEYS = ("auto_map", "add_bos_token", "add_eos_token", "tokenizer_file",
 
 def _eos_post_processor(tokenizer_json: dict, eos: str, eos_id: int):
     """Keeps the source's ByteLevel offset fix-ups (they add no tokens) and appends EOS."""
-    from tokenizers import processors
-
     old = tokenizer_json.get("post_processor") or {}
     parts = old.get("processors", []) if old.get("type") == "Sequence" else [old]
     keep = [processors.ByteLevel(trim_offsets=p.get("trim_offsets", True),
@@ -41,8 +41,6 @@ def write_tokenizer(src_dir: str, out_dir: str, eos_id: int, max_seq_length: int
                     model_vocab_size: int) -> dict:
     """Writes tokenizer.json and tokenizer_config.json to out_dir; returns
     {"eos_token", "eos_token_id", "pad_token", "pad_token_id"} for config.json."""
-    from tokenizers import Tokenizer
-
     path = os.path.join(src_dir, "tokenizer.json")
     if not os.path.isfile(path):
         raise ExportError(f"tokenizer {src_dir!r} has no tokenizer.json; the export needs a "
@@ -101,9 +99,7 @@ def check_same_ids(training_tokenizer_dir: str, export_dir: str, max_seq_length:
                    texts: list[str] | None = None) -> None:
     """Raises ExportError unless the exported tokenizer, called as sentence-transformers calls
     it (special tokens on, truncation at model_max_length), gives prepare_data's ids."""
-    from transformers import AutoTokenizer
-
-    from mlembed_jax.data import text_encoding
+    from transformers import AutoTokenizer  # slow to import: only the export's check needs it
 
     texts = probe_texts(max_seq_length) if texts is None else texts
     want = text_encoding.encode_texts(text_encoding.load_tokenizer(training_tokenizer_dir),

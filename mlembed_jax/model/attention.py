@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import flags
 from jax.ad_checkpoint import checkpoint_name
+
+from mlembed_jax.model.kernel_choice import KERNELS, TOKAMAX_MISSING
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -54,8 +58,7 @@ def dense_masked_attention(q, k, v, segment_ids):
 def sdpa_attention(implementation: str | None):
     """jax.nn.dot_product_attention with the packed mask as a dense bool [b, 1, s, s].
 
-    implementation "cudnn" is the fused GPU kernel (ANCHORS.md: correct, 2.4 ms per layer at
-    20 rows of 1024 on an H200, vs 6.9 ms for `dense`); "xla" is the same call lowered by XLA,
+    implementation "cudnn" is the fused GPU kernel; "xla" is the same call lowered by XLA,
     which runs everywhere and is what the CPU tests check the masking with.
     """
 
@@ -73,8 +76,9 @@ def splash_attention(q, k, v, segment_ids, *, block: int = 512, interpret: bool 
     kernel works on local data, so under a mesh it runs inside shard_map over the batch
     axes (heads stay whole); the sequence must be a multiple of `block`.
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as sk, splash_attention_mask as sm)
+    # Imported on use: the TPU Pallas kernels load a large module only TPU runs need.
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, s, h, d = q.shape
     kv = k.shape[2]
@@ -102,12 +106,17 @@ def per_batch_shard(local: AttentionFn) -> AttentionFn:
     """Runs a kernel that only sees local arrays once per batch shard of the current mesh.
 
     Pallas and other custom-call kernels cannot be partitioned by XLA, which would otherwise
-    gather the whole batch onto every device. Heads stay whole inside the shard.
+    gather the whole batch onto every device. The shards are those of the logical "batch"
+    axis under the rules table in effect (sharding.activation_rules); with no rule for it
+    the kernel sees the whole array. Heads stay whole inside the shard.
     """
 
     def attn(q, k, v, segment_ids):
         mesh = jax.sharding.get_abstract_mesh()
-        batch_axes = tuple(a for a in ("data", "fsdp") if a in (mesh.axis_names or ()))
+        # The mesh axes of the logical "batch" axis, from the rules table in effect.
+        mapped = nn.logical_to_mesh_axes(("batch",))[0]
+        mapped = mapped if isinstance(mapped, tuple) else (mapped,) if mapped else ()
+        batch_axes = tuple(a for a in mapped if a in (mesh.axis_names or ()))
         if not batch_axes:
             return local(q, k, v, segment_ids)
         spec = jax.sharding.PartitionSpec(batch_axes)
@@ -119,13 +128,9 @@ def per_batch_shard(local: AttentionFn) -> AttentionFn:
 
 def _import_tokamax():
     try:
-        import tokamax
+        import tokamax  # optional: only the tokamax kernels need it
     except ImportError as e:
-        raise ImportError(
-            f"the tokamax attention kernels need the tokamax package ({e}); "
-            "install it with `pip install tokamax` or pick model.attention='cudnn'") from e
-    from absl import flags
-
+        raise ImportError(f"{TOKAMAX_MISSING} ({e})") from e
     # tokamax reads its settings from absl flags and, if nobody has parsed flags yet (pytest,
     # a notebook, a library caller), parses sys.argv itself and fails on foreign options.
     if not flags.FLAGS.is_parsed():
@@ -136,11 +141,10 @@ def _import_tokamax():
 def tokamax_attention(implementation: str) -> AttentionFn:
     """tokamax.dot_product_attention with a same-text bool mask [b, 1, s, s] and is_causal.
 
-    "mosaic" is the Pallas Mosaic GPU flash kernel for Hopper and newer (ANCHORS.md: 1.06 ms
-    per layer at 20 rows of 1024 on an H200, vs 2.36 ms for `cudnn`); "triton" is its
+    "mosaic" is the Pallas Mosaic GPU flash kernel for Hopper and newer; "triton" is its
     Pallas Triton kernel; "xla" runs everywhere and is what CPU tests check the wiring with.
     A dense mask gives the kernels no block structure to skip, so masked-out blocks cost the
-    same as real ones: one more reason rows stay at 1024 (ANCHORS.md: 2048 is slower).
+    same as real ones: one reason rows stay short (1024) rather than long.
     """
 
     def local(q, k, v, segment_ids):
@@ -187,19 +191,7 @@ ATTENTION_IMPLS: dict[str, AttentionFn] = {
     "tokamax_xla": tokamax_attention("xla"),
 }
 
-# Kernels that only compile for NVIDIA GPUs; `check_platform` turns a mismatch into one error.
-GPU_ONLY = frozenset({"cudnn", "tokamax_mosaic", "tokamax_triton"})
-
-
-def check_platform(name: str, platform: str) -> None:
-    """Raises ValueError, naming the fix, when kernel `name` cannot run on `platform`
-    ("cpu", "gpu", "tpu") or needs a package that is missing."""
-    if name in GPU_ONLY and platform != "gpu":
-        raise ValueError(f"model.attention={name!r} runs on NVIDIA GPUs only, but this run's "
-                         f"devices are {platform!r}; use 'dense' or 'xla_sdpa' (portable), or "
-                         "'splash' on TPU")
-    if name.startswith("tokamax_"):
-        _import_tokamax()
+assert set(ATTENTION_IMPLS) == set(KERNELS), "kernel_choice.KERNELS lists every kernel"
 
 
 def get_attention(name: str) -> AttentionFn:

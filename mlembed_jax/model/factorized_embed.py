@@ -11,14 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def mel_rank_set(r_min: int, r_max: int) -> tuple[int, ...]:
-    """{r_min, 2 r_min, 4 r_min, ...} below r_max, plus r_max (the recipe's rank set)."""
-    ranks, r = [], r_min
-    while r < r_max:
-        ranks.append(r)
-        r *= 2
-    return tuple(ranks) + (r_max,)
+from mlembed_jax.recipe import mel_rank_set
 
 
 def sample_mel_rank(key: jax.Array, r_min: int, r_max: int) -> jax.Array:

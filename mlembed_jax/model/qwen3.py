@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mlembed_jax.model.attention import get_attention, with_named_residuals
 from mlembed_jax.model.factorized_embed import FactorizedEmbed, PlainEmbed
+from mlembed_jax.recipe import model_exits, recipe_exits
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -44,18 +45,14 @@ class EncoderConfig:
     attention: str = "dense"
 
     def __post_init__(self):
-        from mlembed_jax.config import recipe_exits
-
         if not self.exits:  # () means the recipe's exits for this depth
             object.__setattr__(self, "exits", recipe_exits(self.num_layers))
 
     @classmethod
     def from_config(cls, model_cfg) -> "EncoderConfig":
-        from mlembed_jax.config import model_exits
-
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: model_cfg[k] for k in fields if k in model_cfg}
-        kw["exits"] = model_exits(model_cfg)
+        kw["exits"] = model_exits(model_cfg.exits, model_cfg.num_layers)
         return cls(**kw)
 
     def truncated(self, num_layers: int) -> "EncoderConfig":

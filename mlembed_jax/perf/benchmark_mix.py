@@ -1,22 +1,28 @@
-"""The benchmark length mix of ANCHORS.md, as packed batches of synthetic token ids.
+"""The benchmark length mix, as packed batches of synthetic token ids.
 
-A step has 8 samples per pack, each a query (length uniform int [12, 64]) plus a positive and
-7 negatives (each int(lognormal(ln 220, 0.7)) clipped to [16, 1023]); lengths include EOS.
-Batches go through the same packing and carry-over rule as the real pipeline, so the padding
-measured here is what training gets. The GPU benchmark reuses `benchmark_batches`.
+The mix every speed comparison uses (the reference recipe was measured on it): a step has 8
+samples per pack, each a query (length uniform int [12, 64]) plus a positive and 7 negatives
+(each int(lognormal(ln 220, 0.7)) clipped to [16, 1023]); lengths include EOS. Batches go
+through the same packing and carry-over rule as the real pipeline, so the padding measured
+here is what training gets.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import numpy as np
+import pyarrow as pa
 
 from mlembed_jax.batch import BatchGeometry
 from mlembed_jax.data import packing
+from mlembed_jax.data.prepare import FORMAT_VERSION, atomic_save_npy, atomic_write_table, list_array
 
 QUERY_RANGE = (12, 64)
 DOC_MEDIAN, DOC_SIGMA, DOC_CLIP = 220, 0.7, (16, 1023)
+MIX_NEGATIVES = 7
 
 
 def sample_lengths(rng: np.random.Generator, samples: int, negatives: int = 7,
@@ -31,26 +37,15 @@ def sample_lengths(rng: np.random.Generator, samples: int, negatives: int = 7,
     return out if max_length is None else np.minimum(out, max_length)
 
 
-def mix_geometry(packs: int = 1, rows_per_pack: int = 19, seq_len: int = 1024,
-                 samples_per_pack: int = 8, spare_sample_slots: int = 2, negatives: int = 7,
-                 mode: str = "ffd") -> BatchGeometry:
-    """Geometry for the mix. 19 rows of 1024 hold the mix's mean of ~17.9k tokens per pack of
-    8 samples at ~92% fill; the spare slots let carried-over samples drain."""
-    if mode == "pad_to_longest":
-        T = samples_per_pack * (2 + negatives)
-        return BatchGeometry(packs, T, seq_len, T, samples_per_pack, negatives)
-    B = samples_per_pack + spare_sample_slots
-    return BatchGeometry(packs, rows_per_pack, seq_len, B * (2 + negatives), B, negatives)
-
-
 def benchmark_batches(geometry: BatchGeometry, steps: int, seed: int = 0,
                       vocab_size: int = 151936, eos_id: int = 151645,
-                      samples_per_pack: int = 8, mode: str = "ffd",
-                      max_length: int | None = None):
+                      samples_per_pack: int = 8, negatives: int = MIX_NEGATIVES,
+                      mode: str = "ffd", max_length: int | None = None):
     """Yields `steps` (batch, stats) of the mix: every pack gets `samples_per_pack` new
-    samples per step plus its carry-over. Token ids are random in [2, vocab) with EOS last."""
+    samples per step plus its carry-over, each with `negatives` (<= the geometry's
+    max_negatives) hard negatives. Token ids are random in [2, vocab) with EOS last."""
     rng = np.random.default_rng(seed)
-    N = geometry.max_negatives
+    N = negatives
     carry = [np.zeros((0, 2 + N), np.int64) for _ in range(geometry.packs)]
     for step in range(steps):
         batch = geometry.empty()
@@ -79,14 +74,6 @@ def write_mix_prepared(out_dir: str, samples: int = 4000, negatives: int = 24, s
     """Writes a prepared dataset (the prepare_data output format) whose lengths follow the
     mix, with random token ids: one retrieval dataset 'mix' of `samples` rows, each with its
     own positive and `negatives` negatives. Returns out_dir."""
-    import json
-    import os
-
-    import pyarrow as pa
-
-    from mlembed_jax.data.prepare import FORMAT_VERSION, _list_array, atomic_save_npy
-    from mlembed_jax.data.prepare import atomic_write_table
-
     rng = np.random.default_rng(seed)
     os.makedirs(out_dir, exist_ok=True)
     lens = sample_lengths(rng, samples, negatives)
@@ -103,7 +90,7 @@ def write_mix_prepared(out_dir: str, samples: int = 4000, negatives: int = 24, s
     queries = [np.append(rng.integers(2, vocab_size, n - 1), eos_id).astype(np.int32)
                for n in lens[:, 0]]
     ids = np.arange(n_docs, dtype=np.int64).reshape(samples, 1 + negatives)
-    table = pa.table({"query_input_ids": _list_array(queries), "passage": pa.array(ids[:, 0]),
+    table = pa.table({"query_input_ids": list_array(queries), "passage": pa.array(ids[:, 0]),
                       **{f"negative_{j}": pa.array(ids[:, j]) for j in range(1, 1 + negatives)}})
     atomic_write_table(table, os.path.join(out_dir, "mix_query.parquet"))
     info = {"version": FORMAT_VERSION, "eos_token_id": eos_id, "vocab_size": vocab_size,

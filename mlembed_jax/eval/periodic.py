@@ -16,11 +16,16 @@ off for it, so it needs no batch geometry of its own.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Callable
 
 from mlembed_jax.config import ConfigError
+from mlembed_jax.data.prepared import training_text
+from mlembed_jax.data.text_encoding import TokenizerError, encode_texts, load_tokenizer
+from mlembed_jax.embedding import embed_token_ids, normalize
+from mlembed_jax.eval import retrieval as rev
+from mlembed_jax.model.qwen3 import EncoderConfig
+from mlembed_jax.recipe import TrainedPoints, resolve_point
 
 
 def _eval_settings(config):
@@ -34,65 +39,51 @@ def make_periodic_evaluator(config) -> Callable[[object, int], dict] | None:
     """A callable(params, step) -> {"eval/<set>/<metric>": float, ...}, or None when
     eval.every <= 0 or the config has no eval section.
 
-    Metrics per set: ndcg@10, recall@100, mrr@10 (retrieval_eval), plus eval/seconds.
+    Metrics per set: ndcg@10, recall@100, mrr@10 (eval/retrieval.py), plus eval/seconds.
     With several sets, eval/<metric> is their mean. Raises ConfigError for settings the
     model or the data cannot serve (unknown rank/exit/dim, missing BEIR directory...),
     so a bad setting fails before training starts rather than at the first evaluation.
     """
     if "eval" not in config or int(config.eval.every) <= 0:
         return None
-    from mlembed_jax import retrieval_eval as rev
-    from mlembed_jax.encode import EncodeError, Encoder, _training_tokenizer
-    from mlembed_jax.model.qwen3 import EncoderConfig
-
     e, rank, exit, dim = _eval_settings(config)
     if not e.beir_dir and not e.heldout:
         raise ConfigError("eval.every > 0 needs something to evaluate: set eval.beir_dir to a "
                           "BEIR-layout directory and/or eval.heldout=True")
     cfg = EncoderConfig.from_config(config.model)
-    mrl_min = int(config.loss.mrl_min_dim)
-    base = Encoder(params=None, cfg=cfg, mrl_min_dim=mrl_min)
-    try:
-        rank, exit, dim = base.check(rank, exit, dim, bool(e.allow_untrained))
-    except EncodeError as err:
-        raise ConfigError(f"eval.rank/exit/dim: {err}") from None
+    check = resolve_point(TrainedPoints.of(cfg, int(config.loss.mrl_min_dim)), rank, exit, dim)
+    problems = check.problems(bool(e.allow_untrained))
+    if problems:
+        raise ConfigError(f"eval.rank/exit/dim: {'; '.join(problems)}"
+                          + ("" if e.allow_untrained or not check.untrained else
+                             "; set eval.allow_untrained=True to evaluate a point the loss "
+                             "never trained"))
+    rank, exit, dim = check.point.rank, check.point.exit, check.point.dim
 
     sets = []
     try:
         if e.heldout:
             sets += rev.heldout_sets(config)
         if e.beir_dir:
-            tok_dir, max_len, _ = _training_tokenizer(config, e.tokenizer_dir or None,
-                                                      "the training run")
-            from mlembed_jax.data.text_encoding import load_tokenizer
-
-            base = dataclasses.replace(base, tokenizer=load_tokenizer(tok_dir),
-                                       max_seq_length=max_len)
-            beir = rev.load_beir(e.beir_dir, e.split, max_queries=int(e.max_queries),
-                                 max_corpus=int(e.max_corpus), seed=int(e.seed))
-            note = rev.describe_load(beir.info)
-            if note:
-                print(f"eval set {e.beir_dir}: {note}", flush=True)
-            sets.append(rev.tokenize_set(base, beir, e.query_prefix, e.document_prefix))
-    except (rev.RetrievalDataError, EncodeError, FileNotFoundError) as err:
+            sets.append(_beir_set(config, e))
+    except (rev.RetrievalDataError, TokenizerError, FileNotFoundError) as err:
         raise ConfigError(f"eval: {err}") from None
     if e.heldout and int(e.max_queries) > 0:  # the same cap for the held-out sets
-        sets = [_cap_queries(s, int(e.max_queries), int(e.seed)) for s in sets]
+        sets = [rev.cap_queries(s, int(e.max_queries), int(e.seed)) for s in sets]
 
     batch_tokens = int(e.batch_tokens)
+
+    def embed(params, ids):
+        pooled = embed_token_ids(params, cfg, ids, (exit,), rank=rank, batch_tokens=batch_tokens)
+        return normalize(pooled[0], dim)
 
     def evaluate(params, step: int) -> dict:
         """Embeds every set with `params` at the configured point; returns scalars."""
         del step  # the caller logs under its own step
         t0 = time.time()
-        enc = dataclasses.replace(base, params=params)
         out, sums = {}, {}
         for s in sets:
-            kw = dict(rank=rank, exit=exit, dim=dim, allow_untrained=bool(e.allow_untrained),
-                      batch_tokens=batch_tokens)
-            q = enc.encode_ids(s.queries, **kw)
-            d = enc.encode_ids(s.docs, **kw)
-            m = rev.evaluate_embeddings(s, q, d)
+            m = rev.evaluate_embeddings(s, embed(params, s.queries), embed(params, s.docs))
             for k in ("ndcg@10", "recall@100", "mrr@10"):
                 out[f"eval/{s.name}/{k}"] = float(m[k])
                 sums[k] = sums.get(k, 0.0) + float(m[k])
@@ -106,14 +97,23 @@ def make_periodic_evaluator(config) -> Callable[[object, int], dict] | None:
     return evaluate
 
 
-def _cap_queries(s, n: int, seed: int):
-    """A seeded sample of n queries of a held-out set (the corpus is kept whole)."""
-    import numpy as np
-
-    if len(s.query_ids) <= n:
-        return s
-    pick = np.sort(np.random.default_rng(seed).choice(len(s.query_ids), n, replace=False))
-    qids = [s.query_ids[i] for i in pick]
-    return dataclasses.replace(s, query_ids=qids, queries=[s.queries[i] for i in pick],
-                               qrels={q: s.qrels[q] for q in qids})
-
+def _beir_set(config, e) -> "rev.RetrievalSet":
+    """The configured BEIR set, tokenised as training tokenised its texts."""
+    text = training_text(config)
+    tok_dir = e.tokenizer_dir or text.tokenizer_dir
+    if not tok_dir:
+        raise TokenizerError(
+            f"cannot find the tokenizer the training data was prepared with (prepared data "
+            f"{text.prepared_dir!r}" + (f" records {text.recorded_tokenizer!r}, not found here"
+                                       if text.recorded_tokenizer else " is not here")
+            + "); set eval.tokenizer_dir")
+    tokenizer = load_tokenizer(tok_dir)
+    beir = rev.load_beir(e.beir_dir, e.split, max_queries=int(e.max_queries),
+                         max_corpus=int(e.max_corpus), seed=int(e.seed))
+    note = rev.describe_load(beir.info)
+    if note:
+        print(f"eval set {e.beir_dir}: {note}", flush=True)
+    return rev.tokenize_set(
+        beir, lambda texts, prefix: encode_texts(tokenizer, [prefix + t for t in texts],
+                                                 text.max_seq_length),
+        e.query_prefix, e.document_prefix)

@@ -1,4 +1,5 @@
-"""FLOPs of a train step, counted by hand (XLA's cost analysis counts a scanned body once).
+"""FLOPs of a train step, counted by hand (XLA's cost analysis counts a scanned body once),
+and the one table of accelerators (HBM and peak FLOP/s) that MFU and the AOT report use.
 
 Per real token: 6 * N_non_embedding (forward 2N, backward 4N). Per text of n tokens, causal
 attention adds per layer QK^T and PV over the n(n+1)/2 visible pairs: 2 matmuls x 2 FLOPs x
@@ -7,20 +8,45 @@ n(n+1)/2 x heads x head_dim forward, times 3 for forward + backward.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
-# Dense bf16 peak FLOP/s per chip, by device_kind substring (vendor datasheets).
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,  # a v5p reports its kind as plain "TPU v5"
-    "TPU v6": 918e12,
-    "TPU v4": 275e12,
-}
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """An accelerator: HBM per chip (decimal bytes) and dense bf16 peak FLOP/s (datasheets).
+
+    name: what tools/aot_compile.py's --topology calls it. kinds: substrings of
+    jax's device_kind that identify it (the longest matching one wins)."""
+
+    name: str
+    platform: str  # "tpu" or "gpu"
+    kinds: tuple[str, ...]
+    hbm_bytes: float
+    peak_flops: float
+
+
+CHIPS = (
+    Chip("h200", "gpu", ("H200",), 141e9, 989e12),
+    Chip("h100", "gpu", ("H100",), 80e9, 989e12),
+    Chip("a100", "gpu", ("A100",), 80e9, 312e12),
+    Chip("v4", "tpu", ("TPU v4",), 32e9, 275e12),
+    Chip("v5e", "tpu", ("TPU v5 lite", "TPU v5e"), 16e9, 197e12),
+    Chip("v5litepod", "tpu", (), 16e9, 197e12),  # gcloud's name for v5e slices
+    Chip("v5p", "tpu", ("TPU v5p", "TPU v5"), 95e9, 459e12),  # a v5p reports plain "TPU v5"
+    Chip("v6e", "tpu", ("TPU v6",), 32e9, 918e12),
+)
+CHIPS_BY_NAME = {c.name: c for c in CHIPS}
+
+
+def chip_of(device_kind: str) -> Chip | None:
+    """The chip a jax device_kind names, or None (a CPU, an unlisted accelerator)."""
+    best, best_len = None, 0
+    for chip in CHIPS:
+        for kind in chip.kinds:
+            if kind.lower() in device_kind.lower() and len(kind) > best_len:
+                best, best_len = chip, len(kind)
+    return best
 
 
 def non_embedding_params(model_cfg) -> int:
@@ -46,14 +72,12 @@ def attention_flops(num_heads: int, head_dim: int, text_lengths: Iterable[int]) 
 
 
 def peak_flops(device_kind: str) -> float | None:
-    for key, value in PEAK_FLOPS.items():
-        if key.lower() in device_kind.lower():
-            return value
-    return None
+    chip = chip_of(device_kind)
+    return chip.peak_flops if chip else None
 
 
 def mfu(flops: float, seconds: float, device_kind: str, devices: int = 1) -> float | None:
     """Model FLOPs utilisation: `flops` done in `seconds` on `devices` chips of this kind,
-    against their dense bf16 peak; None for a chip not in PEAK_FLOPS."""
+    against their dense bf16 peak; None for a chip not in CHIPS."""
     peak = peak_flops(device_kind)
     return flops / seconds / (peak * devices) if peak else None

@@ -1,15 +1,13 @@
-"""Shared by the size configs: the recipe's base config with one Qwen3 shape filled in.
+"""Run presets the size configs build on: the recipe's base config with one published Qwen3
+shape and that size's default layout filled in (configs/0.6b.py ... configs/8b.py).
 
 Shapes (hidden, intermediate, layers, q heads, kv heads) and tie flags are the published
-Qwen3 ones (see ../shared/RECIPE.md); vocab 151,936, head_dim 128, RoPE theta 1e6.
+Qwen3 ones; vocab 151,936, head_dim 128, RoPE theta 1e6.
 """
 
-import os
-import sys
+from __future__ import annotations
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mlembed_jax.config import base_config  # noqa: E402
+from mlembed_jax.config import base_config
 
 # Default layout per size, for the hardware each size is meant for (tools/aot_compile.py
 # checks them; README table). "fsdp": every device holds 1/n of the params and optimizer
@@ -37,6 +35,7 @@ QWEN3_SHAPES = {
 
 
 def qwen3_config(size: str):
+    """base_config() with the Qwen3 `size` ("0.6b", "1.7b", "4b", "8b") shape and layout."""
     hidden, inter, layers, heads, kv, tied = QWEN3_SHAPES[size]
     c = base_config()
     m = c.model

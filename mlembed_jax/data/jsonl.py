@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 
 def iter_jsonl(path: str, error: type[Exception] = ValueError) -> Iterator[tuple[int, object]]:
     """Yields (line number, parsed value) for every non-blank line; a line that is not JSON
     raises `error` naming `path:line`."""
-    import json
-
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():

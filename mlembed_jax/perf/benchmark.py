@@ -1,5 +1,7 @@
-"""Times the full train step (forward, 3D-ML loss, backward, AdamW) on the ANCHORS.md
-benchmark length mix, with random weights of a config's shape. tools/benchmark.py prints it.
+"""Times the full train step (forward, 3D-ML loss, backward, AdamW) on the benchmark length
+mix (perf/benchmark_mix.py), with random weights of a config's shape. The step is the one
+`train_step.build_step` builds for training, at the config's batch geometry; only the data
+is synthetic. tools/benchmark.py prints it.
 """
 
 from __future__ import annotations
@@ -11,16 +13,11 @@ import time
 import jax
 import numpy as np
 
-from mlembed_jax import flops as flops_lib
-from mlembed_jax.batch import text_lengths
-from mlembed_jax.data.benchmark_mix import benchmark_batches, mix_geometry
-from mlembed_jax.data.global_batch import to_global_batch
-from mlembed_jax.loss import config_kwargs
-from mlembed_jax.model.qwen3 import EncoderConfig
-from mlembed_jax.optim import make_optimizer
-from mlembed_jax.sharding import activation_rules, make_mesh
-from mlembed_jax.state_init import abstract_state, init_state
-from mlembed_jax.train_step import StepSetup, jit_steps, state_shardings
+from mlembed_jax.batch import geometry_from_config, text_lengths
+from mlembed_jax.perf import flops as flops_lib
+from mlembed_jax.perf.benchmark_mix import MIX_NEGATIVES, benchmark_batches
+from mlembed_jax.sharding import make_mesh, to_global_batch
+from mlembed_jax.train_step import build_step
 
 
 @dataclasses.dataclass
@@ -62,16 +59,14 @@ def plain_variant(config):
 
 
 def make_batches(config, steps: int, seed: int = 0, packs: int = 1):
-    """Host batches of the mix for `packs` packs (one per batch shard), with their stats."""
-    geometry = mix_geometry(packs=packs, rows_per_pack=int(config.data.rows_per_pack),
-                            seq_len=int(config.data.seq_len),
-                            samples_per_pack=int(config.data.samples_per_pack),
-                            spare_sample_slots=int(config.data.get("spare_sample_slots", 2)),
-                            mode=config.data.packing)
+    """Host batches of the mix at the config's batch geometry with `packs` packs (one per
+    batch shard), with their stats."""
+    geometry = geometry_from_config(config.data, packs)
     batches = list(benchmark_batches(geometry, steps, seed, vocab_size=config.model.vocab_size,
                                      eos_id=min(config.model.eos_token_id,
                                                 config.model.vocab_size - 1),
                                      samples_per_pack=int(config.data.samples_per_pack),
+                                     negatives=min(MIX_NEGATIVES, geometry.max_negatives),
                                      mode=config.data.packing,
                                      max_length=int(config.data.max_seq_length)))
     return geometry, batches
@@ -82,20 +77,13 @@ def run_jax(config, batches, geometry, warmup: int, name: str = "mlembed_jax",
     """Times `len(batches) - warmup` train steps after `warmup` untimed ones. With
     `profile_dir`, three more steps then run under jax.profiler (outside the timing)."""
     mesh = make_mesh(config.mesh)
-    rules = config.mesh.logical_axis_rules
-    enc = EncoderConfig.from_config(config.model)
-    tx, schedule = make_optimizer(config.optim, max(len(batches), 1))
-    setup = StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
-                      loss_kwargs=config_kwargs(config.loss, packs=geometry.packs))
-    abstract = abstract_state(setup, 0)
-    state_sh = state_shardings(setup, mesh, rules, abstract)
-    state = init_state(setup, state_sh, 0)
-    train_fn, _ = jit_steps(setup, mesh, state_sh)
+    step = build_step(config, mesh, total_steps=max(len(batches), 1), geometry=geometry)
+    state = step.init_state()
     # Batches go to the device before timing: the step is what is measured here.
-    device_batches = [to_global_batch(b, geometry, mesh) for b, _ in batches]
+    device_batches = [to_global_batch(b, geometry, mesh, step.rules) for b, _ in batches]
     times, tokens, flops = [], [], []
-    with activation_rules(mesh, rules):
-        compiled = train_fn.lower(state, device_batches[0], None).compile()
+    with step.rules_context():
+        compiled = step.train.lower(state, device_batches[0], None).compile()
         for i, ((host, _), batch) in enumerate(zip(batches, device_batches)):
             t0 = time.perf_counter()
             state, metrics = compiled(state, batch, None)

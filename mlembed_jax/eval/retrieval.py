@@ -34,7 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlembed_jax.jsonl import iter_jsonl
+from mlembed_jax.data.jsonl import iter_jsonl
+from mlembed_jax.data.prepared import load_prepared
+from mlembed_jax.data.schedule import dataset_splits
+from mlembed_jax.embedding import DEFAULT_BATCH_TOKENS
 
 
 class RetrievalDataError(ValueError):
@@ -213,14 +216,11 @@ def heldout_sets(config) -> list[RetrievalSet]:
     are exactly what training saw (prefixes included). Ids: "<dataset>/<row>" for queries,
     the corpus doc id for docs.
     """
-    from mlembed_jax.data.pipeline import _splits
-    from mlembed_jax.data.prepared import load_prepared
-
     dc = config.data
     data = load_prepared(str(dc.prepared_dir), int(dc.seq_len), str(dc.manifest))
     corpus = data.corpus
     sets = []
-    for ds, (_, val) in zip(data.datasets, _splits(data, dc)):
+    for ds, (_, val) in zip(data.datasets, dataset_splits(data.datasets, dc)):
         if ds.spec.task_type != "retrieval" or not len(val):
             continue
         doc_rows = ds.doc_rows[val]  # [n, 1 + K]: positive, then negatives
@@ -243,14 +243,24 @@ def heldout_sets(config) -> list[RetrievalSet]:
     return sets
 
 
-def tokenize_set(encoder, rset: RetrievalSet, query_prefix: str = "",
+def tokenize_set(rset: RetrievalSet, tokenize, query_prefix: str = "",
                  document_prefix: str = "") -> RetrievalSet:
-    """A text set -> the same set with token ids (done once, reused across grid points)."""
+    """A text set -> the same set with token ids (done once, reused across grid points).
+    tokenize(texts, prefix) -> token-id arrays, e.g. an encode.Encoder's `tokenize`."""
     if rset.tokenized:
         return rset
-    return dataclasses.replace(rset, queries=encoder.tokenize(rset.queries, query_prefix),
-                               docs=encoder.tokenize(rset.docs, document_prefix),
-                               tokenized=True)
+    return dataclasses.replace(rset, queries=tokenize(rset.queries, query_prefix),
+                               docs=tokenize(rset.docs, document_prefix), tokenized=True)
+
+
+def cap_queries(s: RetrievalSet, n: int, seed: int) -> RetrievalSet:
+    """A seeded sample of n queries of a set (the corpus is kept whole)."""
+    if len(s.query_ids) <= n:
+        return s
+    pick = np.sort(np.random.default_rng(seed).choice(len(s.query_ids), n, replace=False))
+    qids = [s.query_ids[i] for i in pick]
+    return dataclasses.replace(s, query_ids=qids, queries=[s.queries[i] for i in pick],
+                               qrels={q: s.qrels[q] for q in qids})
 
 
 # --------------------------------------------------------------------------- search
@@ -362,12 +372,10 @@ def evaluate(encoder, rset: RetrievalSet, *, rank=None, exit=None, dim=None,
              batch_tokens: int | None = None, progress: bool = False) -> dict:
     """Encodes a set at one (rank, exit, dim) and scores it. Returns the metrics plus
     num_docs and encode/search seconds."""
-    from mlembed_jax.encode import DEFAULT_BATCH_TOKENS
-
     rank, exit, dim = encoder.check(rank, exit, dim, allow_untrained)
     if not rset.docs:
         raise RetrievalDataError(f"{rset.name}: the corpus is empty (no documents)")
-    tok = tokenize_set(encoder, rset, query_prefix, document_prefix)
+    tok = tokenize_set(rset, encoder.tokenize, query_prefix, document_prefix)
     kw = dict(rank=rank, exit=exit, dim=dim, allow_untrained=allow_untrained,
               batch_tokens=batch_tokens or DEFAULT_BATCH_TOKENS, progress=progress)
     t0 = time.time()

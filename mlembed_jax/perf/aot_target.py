@@ -1,0 +1,114 @@
+"""What an AOT compile targets, and the process environment it needs. No JAX here: this
+must run before JAX starts a backend (tools/aot_compile.py calls `prepare_environment`
+first, then imports perf/aot.py).
+
+A target is a TPU topology described by libtpu (`v5p:4x4x4`, `v6e:8x8`, ...) with no TPU
+attached, or N fake CPU devices standing in for a GPU cluster (`h100:8`, `h200:16`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import warnings
+
+from mlembed_jax.perf.flops import CHIPS, CHIPS_BY_NAME
+
+
+class AotError(RuntimeError):
+    """A target or environment the tool cannot use; the message says what to do."""
+
+
+class LibtpuMissing(AotError):
+    """libtpu is not installed, so TPU topologies cannot be described here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What to compile for. platform: 'tpu' (libtpu topology) or 'cpu' (fake devices)."""
+
+    spec: str  # as given: "v5p:4x4x4", "h100:8"
+    platform: str
+    chip: str  # "v5p", "h100", ...
+    shape: str  # "4x4x4" (TPU) or the device count (GPU planning)
+    num_devices: int
+    hbm_bytes: float | None
+    peak_flops: float | None
+
+    @property
+    def indicative(self) -> bool:
+        return self.platform == "cpu"
+
+
+def parse_target(spec: str) -> Target:
+    """'v5p:4x4x4' -> a 64-chip TPU target; 'h100:8' -> 8 fake CPU devices sized as H100s."""
+    if ":" not in spec:
+        raise AotError(f"--topology={spec!r}: expected CHIP:SHAPE, e.g. v5p:4x4x4, v6e:8x8, "
+                       "or GPU:COUNT for cluster planning, e.g. h100:8")
+    chip, shape = spec.lower().split(":", 1)
+    known = CHIPS_BY_NAME.get(chip)
+    if known is not None and known.platform == "tpu":
+        dims = shape.split("x")
+        if not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise AotError(f"--topology={spec!r}: TPU shape must look like 4x4x4 or 8x8")
+        n = 1
+        for d in dims:
+            n *= int(d)
+        return Target(spec, "tpu", chip, shape, n, known.hbm_bytes, known.peak_flops)
+    if known is not None or chip == "cpu":  # GPUs, or "cpu": a plain shape check, no HBM limit
+        if not shape.isdigit() or int(shape) < 1:
+            raise AotError(f"--topology={spec!r}: GPU planning takes a device count, e.g. h100:8")
+        hbm, peak = (known.hbm_bytes, known.peak_flops) if known else (None, None)
+        return Target(spec, "cpu", chip, shape, int(shape), hbm, peak)
+    tpus = sorted(c.name for c in CHIPS if c.platform == "tpu")
+    gpus = sorted(c.name for c in CHIPS if c.platform == "gpu") + ["cpu"]
+    raise AotError(f"--topology={spec!r}: unknown chip {chip!r}; TPU: {tpus}, GPU planning "
+                   f"on fake CPU devices: {gpus}")
+
+
+def find_libtpu() -> str | None:
+    """Path of libtpu.so: $TPU_LIBRARY_PATH, the `libtpu` package, or the copy `make setup`
+    puts under <venv>/libtpu (kept off sys.path, so ordinary CPU runs never load it)."""
+    env = os.environ.get("TPU_LIBRARY_PATH")
+    if env and os.path.isfile(env):
+        return env
+    try:
+        import libtpu  # optional: only TPU targets need it
+    except ImportError:  # not importable: look beside the venv (make libtpu puts it there)
+        side = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
+        return side if os.path.isfile(side) else None
+    return libtpu.get_library_path()
+
+
+def prepare_environment(target: Target) -> None:
+    """Env vars for the target; call before anything creates a JAX backend.
+
+    Compilation never needs a local accelerator, so the local backend is always CPU (a GPU
+    machine would otherwise grab its GPUs). Fake CPU devices get their count from XLA_FLAGS.
+    """
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported already: the env var alone is read too late
+        try:
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
+        except Exception as e:  # a backend already exists; say so rather than hide it
+            warnings.warn(f"could not switch JAX to the CPU backend ({e}); the compile may "
+                          "use a local accelerator")
+    if target.platform == "cpu":
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                       os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={target.num_devices}").strip()
+        return
+    path = find_libtpu()
+    if path is None:
+        raise LibtpuMissing(
+            "libtpu is not installed, so TPU topologies cannot be described on this machine. "
+            "Install it with `make libtpu` (into the venv, off the import path) or "
+            "`pip install 'mlembed_jax[tpu]'`, or point TPU_LIBRARY_PATH at a libtpu.so.")
+    os.environ["TPU_LIBRARY_PATH"] = path
+    # Several compiles may run at once (tests, other users): libtpu otherwise takes a
+    # machine-wide lock meant for real chips. No metadata server here either.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
