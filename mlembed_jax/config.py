@@ -82,6 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.num_devices = -1  # use the first N devices; -1 = all
+    # Slices joined by the data-center network (DCN), e.g. two TPU v5p-64 slices: the mesh's
+    # data axis is dcn_data x mesh.data, and mesh.data/fsdp/tensor describe ONE slice (-1
+    # resolved against the chips per slice), so FSDP and tensor collectives stay inside a
+    # slice and only gradients cross DCN. -1 = the slices the devices belong to (1 off TPU);
+    # on devices without slices (CPU, GPU) N > 1 makes consecutive device chunks the slices.
+    c.mesh.dcn_data = -1
     c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
 
     c.data = d = ml_collections.ConfigDict()
@@ -192,6 +198,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for ax in ("data", "fsdp", "tensor"):
         if not isinstance(c.mesh[ax], int) or (c.mesh[ax] < 1 and c.mesh[ax] != -1):
             errs.append(f"mesh.{ax}={c.mesh[ax]!r} must be a positive integer or -1")
+    dcn = c.mesh.get("dcn_data", -1)
+    if not isinstance(dcn, int) or (dcn < 1 and dcn != -1):
+        errs.append(f"mesh.dcn_data={dcn!r} must be a positive integer (slices) or -1")
     if sum(c.mesh[ax] == -1 for ax in ("data", "fsdp", "tensor")) > 1:
         errs.append("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     d = c.data
