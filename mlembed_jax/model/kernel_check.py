@@ -20,9 +20,10 @@ from mlembed_jax.config import ConfigError, apply_overrides
 from mlembed_jax.model import attention
 from mlembed_jax.model.kernel_choice import AUTO, Choice, auto_candidates, choose, remat_for
 
-# Relative error ||kernel - dense|| / ||dense|| allowed, outputs and gradients. bf16 kernels
-# round q, k, v and probabilities to 8 bits of mantissa (2^-8 = 0.4% per element), so a few
-# percent over a whole tensor; fp32 kernels agree to ~1e-6 (splash in interpret mode).
+# Relative error ||kernel - dense (fp32)|| / ||dense (fp32)|| allowed, outputs and gradients:
+# about 10x what bf16 rounding alone costs (dense itself in bf16: 1.6e-3 outputs, 2.3e-3 to
+# 2.8e-3 gradients; xla_sdpa 2.2e-3 to 2.9e-3; CPU, 512 tokens, 16/8 heads of 128). A mask
+# or layout bug moves whole texts' outputs: errors of order 1e-1 or more.
 PROBE_TOLERANCE = {"bfloat16": 3e-2, "float32": 1e-3}
 
 
