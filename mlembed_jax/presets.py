@@ -45,8 +45,7 @@ def qwen3_config(size: str):
     m.hidden_size, m.intermediate_size, m.num_layers = hidden, inter, layers
     m.num_heads, m.num_kv_heads, m.tie_word_embeddings = heads, kv, tied
     # The fastest kernel this platform has that passes its start-up check (splash on TPU,
-    # tokamax Mosaic or cuDNN on NVIDIA GPUs, dense on CPU); remat keeps its residuals
-    # (base_config's model.remat="auto").
+    # tokamax Mosaic or cuDNN on NVIDIA GPUs, dense on CPU); remat per QWEN3_LAYOUT.
     m.attention = "auto"
     layout, block, m.remat = QWEN3_LAYOUT[size]
     if layout == "fsdp":

@@ -1,13 +1,15 @@
 """Ahead-of-time compilation of the real train step for hardware we do not have.
 
 `tools/aot_compile.py` is the command line; this module does the work:
-  * the target's devices: TPU chips described by libtpu (no TPU attached) or this process's
-    fake CPU devices (perf/aot_target.py sets the environment up first);
-  * the step: `train_step.build_step`, the very builder `mlembed_jax.train` runs, lowered on
-    ShapeDtypeStructs (no weights, no data) and compiled for the target;
+  * the target's devices: TPU chips described by libtpu (no TPU attached; one slice or
+    several joined by DCN) or this process's fake CPU devices (perf/aot_target.py sets the
+    environment up first);
+  * the step: the attention kernel a run there would choose, then `train_step.build_step`,
+    the very builder `mlembed_jax.train` runs, lowered on ShapeDtypeStructs (no weights, no
+    data) and compiled for the target;
   * the report: per-chip memory from `compiled.memory_analysis()`, FLOPs per step counted by
-    hand (perf/flops.py; XLA's cost analysis counts a scanned layer body only once), and the
-    collectives in the compiled HLO (perf/hlo.py).
+    hand (perf/flops.py; XLA's cost analysis counts a scanned layer body only once), the
+    collectives in the compiled HLO and, across slices, those that cross DCN (perf/hlo.py).
 
 Nothing here touches a device: TPU programs are compiled for the described chips only, and
 the CPU path only compiles. Memory figures for TPU come from XLA:TPU itself; on fake CPU
