@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml
 LIBTPU = $(VENV)/libtpu/libtpu/libtpu.so
 
 $(LIBTPU): $(BIN)/.installed
-	spec=$$($(BIN)/python -c "import importlib.metadata as m; print(next((r.split(';')[0].strip() for r in (m.requires('jax') or []) if r.startswith('libtpu')), 'libtpu'))"); \
+	spec=$$($(BIN)/python -c "from mlembed_jax.perf.aot_target import jax_libtpu_requirement as r; q = r(); print(f'{q.name}{q.specifier}' if q else 'libtpu')"); \
 	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/libtpu "$$spec" \
 	  || echo "warning: could not install $$spec; tests/test_aot.py will skip its TPU tests"
 

@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from mlembed_jax.model.kernel_choice import KERNELS, check_platform
+from mlembed_jax.model.kernel_choice import AUTO, KERNELS, seq_len_problem
 
 # The mesh axes a step's packs are split over: data parallel and FSDP both shard the batch.
 BATCH_MESH_AXES = ("data", "fsdp")
@@ -41,8 +41,9 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 # none: everything; full: only its input; dots: matmul outputs; attn_out: the attention
 # output; attention: the attention kernel's residuals (q, k, v, output, softmax stats), so
 # the backward pass never reruns the kernel; dots_attention: both dots and attention, so
-# only elementwise work is recomputed.
-REMAT_POLICIES = ("none", "full", "dots", "attn_out", "attention", "dots_attention")
+# only elementwise work is recomputed; auto: attention for the flash kernels, full for the
+# others (kernel_choice.remat_for).
+REMAT_POLICIES = ("none", "full", "dots", "attn_out", "attention", "dots_attention", AUTO)
 
 
 class ConfigError(ValueError):
@@ -71,14 +72,22 @@ def base_config() -> ml_collections.ConfigDict:
     m.exits = ()  # () = the recipe's exits <= num_layers, plus num_layers
     m.param_dtype = "float32"
     m.compute_dtype = "bfloat16"
-    m.remat = "full"  # one of REMAT_POLICIES
-    m.attention = "dense"  # dense (portable reference); faster kernels are added by name
+    m.remat = "auto"  # one of REMAT_POLICIES; auto: "attention" for flash kernels, else "full"
+    # dense: the portable reference; "auto": the platform's fastest kernel that passes its
+    # start-up check (model/kernel_choice.py; the size configs use it); or a kernel by name.
+    m.attention = "dense"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.num_devices = -1  # use the first N devices; -1 = all
+    # Slices joined by the data-center network (DCN), e.g. two TPU v5p-64 slices: the mesh's
+    # data axis is dcn_data x mesh.data, and mesh.data/fsdp/tensor describe ONE slice (-1
+    # resolved against the chips per slice), so FSDP and tensor collectives stay inside a
+    # slice and only gradients cross DCN. -1 = the slices the devices belong to (1 off TPU);
+    # on devices without slices (CPU, GPU) N > 1 makes consecutive device chunks the slices.
+    c.mesh.dcn_data = -1
     c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
 
     c.data = d = ml_collections.ConfigDict()
@@ -177,14 +186,21 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             errs.append(f"model.{f}={m[f]!r} must be 'float32' or 'bfloat16'")
     if m.remat not in REMAT_POLICIES:
         errs.append(f"model.remat={m.remat!r} must be one of {', '.join(REMAT_POLICIES)}")
-    if m.attention not in KERNELS:
-        errs.append(f"model.attention={m.attention!r} must be one of {sorted(KERNELS)}")
+    if m.attention not in KERNELS + (AUTO,):
+        errs.append(f"model.attention={m.attention!r} must be one of "
+                    f"{sorted(KERNELS + (AUTO,))}")
     elif m.attention.startswith("tokamax_") and importlib.util.find_spec("tokamax") is None:
         errs.append(f"model.attention={m.attention!r} needs the tokamax package: "
                     "`pip install tokamax`, or pick 'cudnn'")
+    elif seq_len_problem(m.attention, c.data.seq_len):
+        errs.append(f"model.attention={m.attention!r}: "
+                    f"{seq_len_problem(m.attention, c.data.seq_len)}")
     for ax in ("data", "fsdp", "tensor"):
         if not isinstance(c.mesh[ax], int) or (c.mesh[ax] < 1 and c.mesh[ax] != -1):
             errs.append(f"mesh.{ax}={c.mesh[ax]!r} must be a positive integer or -1")
+    dcn = c.mesh.get("dcn_data", -1)
+    if not isinstance(dcn, int) or (dcn < 1 and dcn != -1):
+        errs.append(f"mesh.dcn_data={dcn!r} must be a positive integer (slices) or -1")
     if sum(c.mesh[ax] == -1 for ax in ("data", "fsdp", "tensor")) > 1:
         errs.append("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     d = c.data
@@ -205,14 +221,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     return c
-
-
-def check_attention_platform(c: ml_collections.ConfigDict, platform: str) -> None:
-    """Raises ConfigError when model.attention cannot run on `platform` ("cpu", "gpu", "tpu")."""
-    try:
-        check_platform(c.model.attention, platform)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def load_config_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mlembed_jax.data.packing import build_batch, plan_batches
 from mlembed_jax.model.encoder import encode, truncate_params
+from mlembed_jax.model.kernel_choice import serves
 
 DEFAULT_BATCH_TOKENS = 16384
 
@@ -46,10 +47,13 @@ def embed_token_ids(params, cfg, ids: Sequence[np.ndarray], exits: Sequence[int]
     ids: n int arrays, EOS last. exits: layers to pool after (each in [1, cfg.num_layers]);
     only max(exits) layers run. rank: MEL rank (None = r_max / plain embedding).
     Returns [len(exits), n, d] float32, NOT normalised (see `normalize`), in input order.
+    A batch whose row length the kernel cannot serve (splash: rows of short texts, shorter
+    than 128 tokens) runs with `dense`: the same function (tests/test_attention_kernels.py).
     """
     exits = tuple(int(e) for e in exits)
     depth = max(exits)
     run_cfg = dataclasses.replace(cfg.truncated(depth), exits=exits, remat="none")
+    portable_cfg = dataclasses.replace(run_cfg, attention="dense")
     rank_arg = None if (rank is None or not cfg.mel) else np.int32(rank)
     lengths = [len(t) for t in ids]
     out = np.zeros((len(exits), len(ids), cfg.hidden_size), np.float32)
@@ -67,8 +71,9 @@ def embed_token_ids(params, cfg, ids: Sequence[np.ndarray], exits: Sequence[int]
         pending = None
         for plan in plans:
             arrays = build_batch(plan, ids)
+            batch_cfg = run_cfg if serves(run_cfg.attention, plan.seq_len) else portable_cfg
             pooled = _forward(params, arrays["tokens"], arrays["segment_ids"],
-                              arrays["positions"], arrays["pool_index"], rank_arg, run_cfg)
+                              arrays["positions"], arrays["pool_index"], rank_arg, batch_cfg)
             # Fetch the previous batch only after dispatching this one, so packing the next
             # batch on the host overlaps the device's work.
             if pending is not None:

@@ -48,7 +48,8 @@ from mlembed_jax.data.prepared import training_text
 from mlembed_jax.data.text_encoding import TokenizerError, encode_texts, load_tokenizer
 from mlembed_jax.embedding import DEFAULT_BATCH_TOKENS, embed_token_ids, normalize
 from mlembed_jax.model.hf_import import encoder_config_from_hf, load_hf_params
-from mlembed_jax.model.kernel_choice import check_platform
+from mlembed_jax.model.kernel_check import choose_for_devices
+from mlembed_jax.model.kernel_choice import AUTO, SPLASH_LANES, check_platform
 from mlembed_jax.model.qwen3 import EncoderConfig
 from mlembed_jax.recipe import TrainedPoints, resolve_point
 
@@ -234,7 +235,6 @@ def load(path: str, *, tokenizer_dir: str | None = None, max_seq_length: int | N
         cfg = dataclasses.replace(EncoderConfig.from_config(config.model), **overrides)
         tok_dir, max_len, prefixes = _training_tokenizer(config, tokenizer_dir, path)
         mrl_min = int(config.loss.mrl_min_dim) if "loss" in config else 8
-    cfg = _runnable_attention(cfg, attention is not None, path)
     try:
         tokenizer = load_tokenizer(tok_dir)
     except TokenizerError as e:
@@ -243,6 +243,7 @@ def load(path: str, *, tokenizer_dir: str | None = None, max_seq_length: int | N
         max_len = int(max_seq_length)
     if max_len < 2:
         raise EncodeError(f"max_seq_length={max_len} must be at least 2 (text + EOS)")
+    cfg = _runnable_attention(cfg, attention is not None, path, max_len)
     if device_put:
         params = jax.device_put(params)  # once, not on every batch
     return Encoder(params=params, cfg=cfg, tokenizer=tokenizer, max_seq_length=max_len,
@@ -250,14 +251,21 @@ def load(path: str, *, tokenizer_dir: str | None = None, max_seq_length: int | N
                    train_config=config, default_dim=default_dim)
 
 
-def _runnable_attention(cfg, chosen: bool, path: str):
+def _runnable_attention(cfg, chosen: bool, path: str, max_len: int):
     """cfg, with the portable `dense` kernel if the saved one cannot run on this platform.
 
     A model trained with a GPU kernel still encodes on a CPU: every kernel computes the same
     function (tests/test_attention_kernels.py), so only speed changes, and a note says so.
     A kernel the caller chose explicitly is never replaced: that is an error instead.
+    "auto" is chosen for this platform as training does, checked at the longest row
+    length encode uses (a power of two >= max_len).
     """
     platform = jax.devices()[0].platform
+    if cfg.attention == AUTO:
+        rows = max(SPLASH_LANES, 1 << (max_len - 1).bit_length())
+        choice = choose_for_devices(AUTO, cfg, rows, jax.local_devices())
+        print(f"note: attention {choice.line()}", file=sys.stderr)
+        return dataclasses.replace(cfg, attention=choice.kernel)
     try:
         check_platform(cfg.attention, platform)
         return cfg

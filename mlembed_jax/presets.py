@@ -17,12 +17,15 @@ from mlembed_jax.config import base_config
 # in_batch_block_size: rows per block of the in-batch logits (loss.py). A block holds every
 # device's rows, so no device holds more than [exits, block/devices, global samples] logits;
 # with <= block sample slots (e.g. 8 per device x 64 devices) it is one plain block.
+# remat: "auto" keeps a flash kernel's residuals (model.remat); 4B on its v6e-64 (32 GB per
+# chip) cannot afford them: tools/aot_compile.py gives 31.66 GB per chip with splash and
+# "attention", 90% = 28.8 GB is the limit, so it recomputes the layer ("full").
 QWEN3_LAYOUT = {
-    #        layout, in_batch_block_size
-    "0.6b": ("data", 4096),
-    "1.7b": ("fsdp", 4096),
-    "4b": ("fsdp", 4096),
-    "8b": ("fsdp", 4096),
+    #        layout, in_batch_block_size, remat
+    "0.6b": ("data", 4096, "auto"),
+    "1.7b": ("fsdp", 4096, "auto"),
+    "4b": ("fsdp", 4096, "full"),
+    "8b": ("fsdp", 4096, "auto"),
 }
 
 QWEN3_SHAPES = {
@@ -41,7 +44,10 @@ def qwen3_config(size: str):
     m = c.model
     m.hidden_size, m.intermediate_size, m.num_layers = hidden, inter, layers
     m.num_heads, m.num_kv_heads, m.tie_word_embeddings = heads, kv, tied
-    layout, block = QWEN3_LAYOUT[size]
+    # The fastest kernel this platform has that passes its start-up check (splash on TPU,
+    # tokamax Mosaic or cuDNN on NVIDIA GPUs, dense on CPU); remat per QWEN3_LAYOUT.
+    m.attention = "auto"
+    layout, block, m.remat = QWEN3_LAYOUT[size]
     if layout == "fsdp":
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     else:

@@ -42,21 +42,66 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
     return sizes
 
 
+def num_slices(devices) -> int:
+    """Slices the devices belong to: distinct `slice_index` values (multi-slice TPU); 1 for
+    devices without one (CPU, GPU, a single TPU slice)."""
+    ids = {getattr(d, "slice_index", None) for d in devices}
+    ids.discard(None)
+    return max(len(ids), 1)
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all), sizes from the config."""
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), sizes from the config.
+
+    With several slices (mesh.dcn_data) the data axis is slice-major: [slices x mesh.data],
+    each slice a whole (mesh.data, fsdp, tensor) block laid out on its own chips, so the
+    rules table is unchanged and only data-parallel traffic (the gradient reduction) crosses
+    slices. Real slices come from the devices' slice_index (jax's hybrid mesh); on devices
+    without one, consecutive chunks of the device list stand in for slices (GPU nodes, CPU
+    tests).
+    """
     devices = list(devices if devices is not None else jax.devices())
     n = mesh_cfg.get("num_devices", -1)
     if n != -1:
         if not 1 <= n <= len(devices):
             raise ConfigError(f"mesh.num_devices={n} but {len(devices)} devices are present")
         devices = devices[:n]
-    sizes = mesh_shape(mesh_cfg, len(devices))
+    real = num_slices(devices)
+    dcn = mesh_cfg.get("dcn_data", -1)
+    slices = real if dcn == -1 else dcn
+    if real > 1 and slices != real:
+        raise ConfigError(f"mesh.dcn_data={dcn} but the devices span {real} slices; set "
+                          f"mesh.dcn_data=-1 (or {real})")
+    if len(devices) % slices:
+        raise ConfigError(f"mesh.dcn_data={slices} slices do not divide the {len(devices)} "
+                          "devices")
     try:
-        arr = mesh_utils.create_device_mesh([sizes[a] for a in MESH_AXES], devices)
+        sizes = mesh_shape(mesh_cfg, len(devices) // slices)
+    except ConfigError as e:
+        if slices == 1:
+            raise
+        raise ConfigError(f"{e} (with {slices} slices, mesh.data/fsdp/tensor describe one "
+                          f"slice of {len(devices) // slices} devices)") from None
+    ici = [sizes[a] for a in MESH_AXES]
+    if slices == 1:
+        arr = _device_grid(ici, devices)
+    elif real > 1:
+        arr = mesh_utils.create_hybrid_device_mesh(ici, [slices, 1, 1], devices,
+                                                   allow_split_physical_axes=True)
+    else:
+        per = len(devices) // slices
+        arr = np.concatenate([_device_grid(ici, devices[i * per:(i + 1) * per])
+                              for i in range(slices)], axis=0)
+    return Mesh(arr, MESH_AXES)
+
+
+def _device_grid(shape: list[int], devices) -> np.ndarray:
+    """`devices` arranged as `shape`, following the physical topology where there is one."""
+    try:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except (ValueError, AssertionError, NotImplementedError):
         # Fake/CPU devices have no physical topology; a plain reshape is exact there.
-        arr = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
-    return Mesh(arr, MESH_AXES)
+        return np.asarray(devices).reshape(shape)
 
 
 def rules_list(rules) -> list[tuple[str, object]]:

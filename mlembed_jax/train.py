@@ -31,12 +31,13 @@ from tqdm import tqdm  # noqa: E402
 
 from mlembed_jax.batch import text_lengths  # noqa: E402
 from mlembed_jax.checkpoint import Checkpointer, DataStateBox  # noqa: E402
-from mlembed_jax.config import ConfigError, check_attention_platform, validate  # noqa: E402
+from mlembed_jax.config import ConfigError, validate  # noqa: E402
 from mlembed_jax.data.pipeline import make_train_iterator, make_validation_iterator  # noqa: E402
 from mlembed_jax.eval.periodic import make_periodic_evaluator  # noqa: E402
 from mlembed_jax.metrics_log import MetricsWriter, flatten  # noqa: E402
 from mlembed_jax.model.encoder import abstract_params  # noqa: E402
 from mlembed_jax.model.hf_import import load_hf_params  # noqa: E402
+from mlembed_jax.model.kernel_check import resolve_attention  # noqa: E402
 from mlembed_jax.model.qwen3 import param_count  # noqa: E402
 from mlembed_jax.perf import flops as flops_lib  # noqa: E402
 from mlembed_jax.perf.hlo import memory_line  # noqa: E402
@@ -80,7 +81,8 @@ def run(config, workdir: str) -> int:
     _log(f"config:\n{config}")
 
     mesh = sharding.make_mesh(config.mesh)
-    check_attention_platform(config, mesh.devices.flat[0].platform)
+    config, kernel = resolve_attention(config, mesh.devices.flat)
+    _log(f"attention: {kernel.line()}; remat {config.model.remat}")
     rules = config.mesh.logical_axis_rules
     _log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} devices "
          f"({jax.devices()[0].device_kind}), {jax.process_count()} process(es)")

@@ -99,3 +99,25 @@ def test_apply_overrides_parses_strings_as_the_fields_type():
         apply_overrides(c, {"model.num_layers": "x"})
     with pytest.raises(ConfigError, match="unknown config field 'model.nope'"):
         apply_overrides(c, {"model.nope": "1"})
+
+
+@pytest.mark.parametrize("size", sorted(RECIPE_SHAPES))
+def test_size_configs_take_the_fast_path_by_default(size):
+    from mlembed_jax.model.kernel_choice import choose, remat_for
+
+    c = load_config_file(os.path.join(CONFIGS, f"{size}.py"))
+    assert c.model.attention == "auto"
+    # On TPU: splash at the recipe's 1024-token rows, keeping its residuals except where the
+    # AOT compile says they do not fit (4B on v6e-64, presets.QWEN3_LAYOUT); on CPU: dense.
+    tpu = choose(c.model.attention, "tpu", c.data.seq_len)
+    assert tpu.kernel == "splash"
+    assert remat_for(c.model.remat, tpu.kernel) == ("full" if size == "4b" else "attention")
+    cpu = choose(c.model.attention, "cpu", c.data.seq_len)
+    assert (cpu.kernel, remat_for(c.model.remat, cpu.kernel)) == ("dense", "full")
+
+
+def test_base_config_stays_dense():
+    from mlembed_jax.config import base_config
+
+    m = base_config().model
+    assert (m.attention, m.remat) == ("dense", "auto")  # auto with dense: "full", as before

@@ -236,3 +236,33 @@ def test_a_gpu_trained_checkpoint_encodes_here_with_the_portable_kernel(
     np.testing.assert_allclose(got.encode(texts), want, atol=1e-6)
     with pytest.raises(enc.EncodeError, match="'cudnn' runs on NVIDIA GPUs only"):
         enc.load(work, attention="cudnn")
+
+
+def test_a_tpu_trained_checkpoint_and_auto_encode_here(tmp_path_factory, monkeypatch, capsys):
+    """A checkpoint trained with splash (TPU) encodes on CPU with `dense`, saying so, and
+    attention="auto" picks this platform's kernel as training would."""
+    from test_retrieval_eval import trained_names_run
+
+    from mlembed_jax import checkpoint
+
+    work, _ = trained_names_run(tmp_path_factory.getbasetemp())
+    texts = demo_texts(8)
+    want = enc.load(work).encode(texts)
+    real = checkpoint.load_trained
+
+    def as_if_trained_on_tpu(path):
+        config, params, step = real(path)
+        with config.unlocked():
+            config.model.attention = "splash"
+        return config, params, step
+
+    monkeypatch.setattr(checkpoint, "load_trained", as_if_trained_on_tpu)
+    capsys.readouterr()
+    got = enc.load(work)
+    assert got.cfg.attention == "dense"
+    assert "trained with attention='splash', which cannot run on this cpu" in \
+        capsys.readouterr().err
+    np.testing.assert_allclose(got.encode(texts), want, atol=1e-6)
+    auto = enc.load(work, attention="auto")
+    assert auto.cfg.attention == "dense"
+    assert "attention dense (auto: the portable XLA reference on cpu)" in capsys.readouterr().err

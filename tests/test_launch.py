@@ -49,9 +49,12 @@ def test_tpu_pod_runs_the_same_command_on_every_worker():
                 "--config=configs/8b.py", "--workdir=/mnt/shared/8b",
                 "--config.train.max_steps=10")
     ssh = "gcloud compute tpus tpu-vm ssh pod-1 --zone=us-east5-a --project=p --worker=all"
+    pin_check = ("from mlembed_jax.perf.aot_target import check_libtpu as c; m = c(None); "
+                 "m and print(m); raise SystemExit(1 if m else 0)")
     assert lines == [
         f"{ssh} --command 'cd ~/mlembed_jax && python3 -m venv .venv && .venv/bin/pip install"
-        " -q --upgrade pip && .venv/bin/pip install -q -e \".[tpu]\"'",
+        f" -q --upgrade pip && .venv/bin/pip install -q -e \".[tpu]\" && .venv/bin/python -c "
+        f"\"{pin_check}\"'",
         f"{ssh} --command 'cd ~/mlembed_jax && MLEMBED_DISTRIBUTED=auto .venv/bin/python -m "
         "mlembed_jax.train --config=configs/8b.py --workdir=/mnt/shared/8b "
         "--config.train.max_steps=10'"]
@@ -63,6 +66,24 @@ def test_tpu_pod_runs_the_same_command_on_every_worker():
     r = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run", "--zone=z",
                         "--config=c"], capture_output=True, text=True)
     assert r.returncode == 2 and "--tpu=NAME" in r.stderr
+    # The setup's pin check is valid Python that passes where libtpu follows jax's pin (or,
+    # as on this CPU machine, is not importable at all).
+    r = subprocess.run([sys.executable, "-c", pin_check], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_tpu_pod_two_slices_run_on_every_node_of_a_queued_resource():
+    lines = dry("tpu_pod.sh", "--queued-resource=qr-8b", "--zone=us-east5-a",
+                "--config=configs/8b.py", "--workdir=/mnt/shared/8b")
+    assert lines == [
+        "gcloud compute tpus queued-resources ssh qr-8b --zone=us-east5-a --node=all "
+        "--worker=all --command 'cd ~/mlembed_jax && MLEMBED_DISTRIBUTED=auto .venv/bin/python "
+        "-m mlembed_jax.train --config=configs/8b.py --workdir=/mnt/shared/8b'"]
+    r = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run", "--zone=z",
+                        "--tpu=a", "--queued-resource=b", "--config=c"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "one of --tpu=NAME or --queued-resource=QR" in r.stderr
 
 
 def test_slurm_sets_flags_before_python_and_runs_srun():

@@ -1,6 +1,6 @@
 r"""Compile the real train step ahead of time for a TPU pod or a GPU cluster, and say if it fits.
 
-    python tools/aot_compile.py --config=configs/8b.py --topology=v5p:4x4x4 \
+    python tools/aot_compile.py --config=configs/8b.py --topology=v5p:4x4x4 [--num_slices=2] \
         [--config.section.field=value ...] [--max_fraction=0.9] [--hlo_out=FILE]
 
 --topology:
@@ -9,11 +9,16 @@ r"""Compile the real train step ahead of time for a TPU pod or a GPU cluster, an
   h100:8, h100:32, h200:8, a100:16, cpu:8                    GPU-cluster planning: the same
       mesh over N fake CPU devices, compiled by XLA:CPU. Memory figures are only indicative.
 
+--num_slices=N: N such TPU slices joined by the data-center network (DCN), described by
+  libtpu as one multi-slice system; the mesh puts data parallelism across them
+  (mesh.dcn_data) and the report adds the collectives that cross DCN.
+
 Builds the step exactly as `python -m mlembed_jax.train` would for that many devices (mesh,
-rules table, batch geometry, optimizer and 3D-ML loss from the config), with no weights and
-no data, compiles it, and prints per-chip argument/temp/total bytes against the chip's HBM,
-FLOPs per step (counted by hand; XLA's cost analysis counts a scanned body once), and the
-collectives in the compiled HLO.
+rules table, attention kernel, batch geometry, optimizer and 3D-ML loss from the config),
+with no weights and no data, compiles it, and prints per-chip argument/temp/total bytes
+against the chip's HBM, FLOPs per step (counted by hand; XLA's cost analysis counts a scanned
+body once), and the collectives in the compiled HLO. A libtpu other than the one the
+installed jax pins is named in a WARNING line (its memory figures differ).
 
 Exit codes: 0 fits; 1 does not fit (or XLA ran out of memory compiling); 2 bad config or
 topology; 3 libtpu is not installed.
@@ -33,6 +38,7 @@ from mlembed_jax.perf import aot_target
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 flags.DEFINE_string("topology", None, "v5p:4x4x4, v6e:8x8, ... or h100:8 for GPU planning")
+flags.DEFINE_integer("num_slices", 1, "TPU slices of --topology joined by DCN")
 flags.DEFINE_float("max_fraction", 0.9, "the step fits if its per-chip total is at most this "
                    "fraction of the chip's HBM (the rest: runtime, fragmentation)")
 flags.DEFINE_string("hlo_out", "", "also write the compiled HLO text here")
@@ -43,7 +49,7 @@ flags.mark_flags_as_required(["config", "topology"])
 def main(argv):
     del argv
     try:
-        target = aot_target.parse_target(FLAGS.topology)
+        target = aot_target.parse_target(FLAGS.topology, FLAGS.num_slices)
         aot_target.prepare_environment(target)  # before JAX makes a backend
         from mlembed_jax.perf import aot  # imports JAX: only after the environment is set
 
@@ -66,10 +72,12 @@ def main(argv):
             return 1
         raise
     compile_s = time.time() - t0
-    if FLAGS.hlo_out:
+    text, text_error = aot.compiled_text(compiled)
+    if FLAGS.hlo_out and text is not None:
         with open(FLAGS.hlo_out, "w") as f:
-            f.write(compiled.as_text())
-    fits = aot.report(built, compiled, target, compile_s, FLAGS.max_fraction)
+            f.write(text)
+    fits = aot.report(built, compiled, target, compile_s, FLAGS.max_fraction, hlo_text=text,
+                      hlo_error=text_error)
     return 0 if fits else 1
 
 

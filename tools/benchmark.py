@@ -25,7 +25,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlembed_jax.batch import text_lengths
-from mlembed_jax.config import ConfigError, apply_overrides, check_attention_platform, validate
+from mlembed_jax.config import ConfigError, apply_overrides, validate
+from mlembed_jax.model.kernel_check import resolve_attention
 from mlembed_jax.perf import flops as flops_lib
 from mlembed_jax.perf.benchmark import make_batches, plain_variant, run_jax
 from mlembed_jax.sharding import batch_shards, make_mesh
@@ -73,7 +74,7 @@ def run_variant(config, text, batches, geometry, mesh):
     try:
         c = apply_overrides(config.copy_and_resolve_references(), parse_variant(text))
         validate(c)
-        check_attention_platform(c, mesh.devices.flat[0].platform)
+        c, _ = resolve_attention(c, mesh.devices.flat)
         r = run_jax(c, batches, geometry, FLAGS.warmup, f"variant {text}")
     except ConfigError as e:
         print(f"| variant {text} | error: {' '.join(str(e).split())} | | | | |", flush=True)
@@ -88,7 +89,8 @@ def run_variant(config, text, batches, geometry, mesh):
 
 def run(config):
     mesh = make_mesh(config.mesh)
-    check_attention_platform(config, mesh.devices.flat[0].platform)
+    config, kernel = resolve_attention(config, mesh.devices.flat)
+    print(f"attention: {kernel.line()}")
     packs = batch_shards(mesh, config.mesh.logical_axis_rules)
     steps = FLAGS.steps + FLAGS.warmup
     geometry, batches = make_batches(config, steps, seed=0, packs=packs)

@@ -22,7 +22,14 @@ import jax.numpy as jnp
 from absl import flags
 from jax.ad_checkpoint import checkpoint_name
 
-from mlembed_jax.model.kernel_choice import KERNELS, TOKAMAX_MISSING
+from mlembed_jax.model.kernel_choice import (
+    AUTO,
+    KERNELS,
+    SPLASH_BLOCK,
+    TOKAMAX_MISSING,
+    pallas_interpret,
+    splash_block,
+)
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -69,12 +76,15 @@ def sdpa_attention(implementation: str | None):
     return attn
 
 
-def splash_attention(q, k, v, segment_ids, *, block: int = 512, interpret: bool = False):
+def splash_attention(q, k, v, segment_ids, *, block: int = SPLASH_BLOCK,
+                     interpret: bool | None = None):
     """TPU splash attention (Pallas) with real segment ids and a causal mask.
 
     Per row and kv head, the kv head's query group runs as one multi-query kernel call. The
     kernel works on local data, so under a mesh it runs inside shard_map over the batch
-    axes (heads stay whole); the sequence must be a multiple of `block`.
+    axes (heads stay whole). seq must be a multiple of 128; the block size is the largest
+    multiple of 128 <= `block` that divides it (kernel_choice.splash_block).
+    interpret: run in Pallas' interpreter (CPU tests); None = kernel_choice.INTERPRET_ENV.
     """
     # Imported on use: the TPU Pallas kernels load a large module only TPU runs need.
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -83,9 +93,9 @@ def splash_attention(q, k, v, segment_ids, *, block: int = 512, interpret: bool 
     b, s, h, d = q.shape
     kv = k.shape[2]
     g = h // kv
-    blk = min(block, s)
-    if s % blk:
-        raise ValueError(f"splash attention needs seq_len ({s}) to be a multiple of {blk}")
+    blk = splash_block(s, block)
+    if interpret is None:
+        interpret = pallas_interpret()
     sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
                           block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
                           block_kv_dq=blk)
@@ -195,6 +205,9 @@ assert set(ATTENTION_IMPLS) == set(KERNELS), "kernel_choice.KERNELS lists every 
 
 
 def get_attention(name: str) -> AttentionFn:
+    if name == AUTO:
+        raise ValueError("model.attention='auto' must be resolved to a kernel for the run's "
+                         "devices first (kernel_check.resolve_attention)")
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {name!r}; "
                          f"choose one of {sorted(ATTENTION_IMPLS)}")

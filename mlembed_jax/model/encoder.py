@@ -6,10 +6,13 @@ which the sharding rules table maps onto a mesh.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mlembed_jax.model.kernel_choice import remat_for
 from mlembed_jax.model.qwen3 import EncoderConfig, Qwen3Encoder
 
 
@@ -18,9 +21,18 @@ def _dummy_inputs():
     return tokens, jnp.ones_like(tokens), jnp.zeros_like(tokens), jnp.zeros((1, 1), jnp.int32)
 
 
+def _init_module(cfg: EncoderConfig) -> Qwen3Encoder:
+    """The module that creates the params. Params do not depend on the attention kernel (it
+    is a plain function, not a submodule), so init traces the portable `dense` one: kernels
+    with shape rules (splash: seq a multiple of 128) never see the [1, 4] dummy batch, and
+    init runs on any platform."""
+    return Qwen3Encoder(dataclasses.replace(cfg, attention="dense",
+                                            remat=remat_for(cfg.remat, "dense")))
+
+
 def init_params(cfg: EncoderConfig, rng: jax.Array):
     """Random params (the shapes of `cfg`), unboxed."""
-    boxed = Qwen3Encoder(cfg).init(rng, *_dummy_inputs())["params"]
+    boxed = _init_module(cfg).init(rng, *_dummy_inputs())["params"]
     return nn.unbox(boxed)
 
 
@@ -32,7 +44,7 @@ def abstract_params(cfg: EncoderConfig):
 def param_logical_axes(cfg: EncoderConfig):
     """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
     boxed = jax.eval_shape(
-        lambda r: Qwen3Encoder(cfg).init(r, *_dummy_inputs())["params"], jax.random.key(0))
+        lambda r: _init_module(cfg).init(r, *_dummy_inputs())["params"], jax.random.key(0))
     return nn.get_partition_spec(boxed)
 
 

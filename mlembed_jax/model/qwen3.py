@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mlembed_jax.model.attention import get_attention, with_named_residuals
 from mlembed_jax.model.factorized_embed import FactorizedEmbed, PlainEmbed
+from mlembed_jax.model.kernel_choice import remat_for
 from mlembed_jax.recipe import model_exits, recipe_exits
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -53,6 +54,9 @@ class EncoderConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: model_cfg[k] for k in fields if k in model_cfg}
         kw["exits"] = model_exits(model_cfg.exits, model_cfg.num_layers)
+        # remat "auto" follows the kernel (kernel_choice.remat_for); both stay "auto" until
+        # the run resolves the kernel for its devices (kernel_check.resolve_attention).
+        kw["remat"] = remat_for(kw.get("remat", "none"), kw.get("attention", "dense"))
         return cls(**kw)
 
     def truncated(self, num_layers: int) -> "EncoderConfig":
@@ -79,6 +83,8 @@ def _remat_policy(name: str):
         return jax.checkpoint_policies.save_from_both_policies(
             jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
             jax.checkpoint_policies.save_only_these_names("attn_res", "attn_out"))
+    if name != "full":
+        raise ValueError(f"remat policy {name!r} must be resolved first (kernel_choice.remat_for)")
     return None  # "full": save nothing, recompute the whole layer
 
 

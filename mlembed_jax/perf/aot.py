@@ -1,13 +1,15 @@
 """Ahead-of-time compilation of the real train step for hardware we do not have.
 
 `tools/aot_compile.py` is the command line; this module does the work:
-  * the target's devices: TPU chips described by libtpu (no TPU attached) or this process's
-    fake CPU devices (perf/aot_target.py sets the environment up first);
-  * the step: `train_step.build_step`, the very builder `mlembed_jax.train` runs, lowered on
-    ShapeDtypeStructs (no weights, no data) and compiled for the target;
+  * the target's devices: TPU chips described by libtpu (no TPU attached; one slice or
+    several joined by DCN) or this process's fake CPU devices (perf/aot_target.py sets the
+    environment up first);
+  * the step: the attention kernel a run there would choose, then `train_step.build_step`,
+    the very builder `mlembed_jax.train` runs, lowered on ShapeDtypeStructs (no weights, no
+    data) and compiled for the target;
   * the report: per-chip memory from `compiled.memory_analysis()`, FLOPs per step counted by
-    hand (perf/flops.py; XLA's cost analysis counts a scanned layer body only once), and the
-    collectives in the compiled HLO (perf/hlo.py).
+    hand (perf/flops.py; XLA's cost analysis counts a scanned layer body only once), the
+    collectives in the compiled HLO and, across slices, those that cross DCN (perf/hlo.py).
 
 Nothing here touches a device: TPU programs are compiled for the described chips only, and
 the CPU path only compiles. Memory figures for TPU come from XLA:TPU itself; on fake CPU
@@ -19,11 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 import tempfile
 import time
-from importlib import metadata
 
 import jax
 import jaxlib
@@ -31,12 +31,14 @@ import numpy as np
 from jax.experimental import topologies
 
 from mlembed_jax.model.encoder import abstract_params
+from mlembed_jax.model.kernel_check import resolve_attention
+from mlembed_jax.model.kernel_choice import Choice
 from mlembed_jax.model.qwen3 import param_count
 from mlembed_jax.perf import flops as flops_lib
 from mlembed_jax.perf import hlo
-from mlembed_jax.perf.aot_target import AotError, Target
+from mlembed_jax.perf.aot_target import AotError, Target, check_libtpu, libtpu_version
 from mlembed_jax.perf.benchmark_mix import sample_lengths
-from mlembed_jax.sharding import make_mesh, pack_ranges
+from mlembed_jax.sharding import make_mesh, num_slices, pack_ranges
 from mlembed_jax.train_step import BuiltStep, build_step
 
 
@@ -69,7 +71,8 @@ def target_devices(target: Target) -> list:
                            "prepare_environment first)")
         return devices
     name = f"{target.chip}:{target.shape}"
-    topo = _quiet_stderr(lambda: topologies.get_topology_desc(name, "tpu"))
+    kwargs = {"num_slices": target.num_slices} if target.num_slices > 1 else {}
+    topo = _quiet_stderr(lambda: topologies.get_topology_desc(name, "tpu", **kwargs))
     if len(topo.devices) != target.num_devices:
         raise AotError(f"topology {target.spec} has {len(topo.devices)} chips, expected "
                        f"{target.num_devices}")
@@ -79,18 +82,8 @@ def target_devices(target: Target) -> list:
 def versions(libtpu: bool = True) -> dict:
     """jax, jaxlib and (for TPU targets) the libtpu release that compiled the step."""
     out = {"jax": jax.__version__, "jaxlib": jaxlib.__version__}
-    if not libtpu:
-        return out
-    try:
-        out["libtpu"] = metadata.version("libtpu")
-    except metadata.PackageNotFoundError:  # the copy under <venv>/libtpu: read its dist-info name
-        lib = os.environ.get("TPU_LIBRARY_PATH", "")
-        try:
-            names = " ".join(os.listdir(os.path.dirname(os.path.dirname(lib))))
-        except OSError:
-            names = ""
-        m = re.search(r"libtpu-(\d[\w.]*)\.dist-info", names)
-        out["libtpu"] = m.group(1) if m else "unknown"
+    if libtpu:
+        out["libtpu"] = libtpu_version(os.environ.get("TPU_LIBRARY_PATH")) or "unknown"
     return out
 
 
@@ -105,21 +98,33 @@ class Built:
     step: BuiltStep
     lowered: object
     lower_s: float
+    kernel: Choice
 
 
 def build_lowered(config, devices, num_datasets: int = 1) -> Built:
     """Lowers mlembed_jax.train's train step for `devices`, from the config alone: the mesh
-    from config.mesh over the devices, then `train_step.build_step` (the schedule length
-    changes no shape, so any will do). A KD teacher (loss.teacher) is read from its HF
-    config.json only."""
+    from config.mesh over the devices, the attention kernel the run would choose there
+    (model.attention="auto": by the rules only, the devices are not attached to probe),
+    then `train_step.build_step` (the schedule length changes no shape, so any will do). A
+    KD teacher (loss.teacher) is read from its HF config.json only."""
     mesh = make_mesh(config.mesh, devices)
+    config, kernel = resolve_attention(config, mesh.devices.flat, check=False)
     step = build_step(config, mesh, total_steps=max(int(config.train.max_steps), 1000),
                       num_datasets=num_datasets)
     t0 = time.time()
     with step.rules_context():
         lowered = step.train.lower(step.abstract_state, step.abstract_batch(),
                                    step.abstract_teacher())
-    return Built(step, lowered, time.time() - t0)
+    return Built(step, lowered, time.time() - t0, kernel)
+
+
+def compiled_text(compiled) -> tuple[str | None, str | None]:
+    """(the compiled HLO text, None) or (None, why not): XLA can fail to print a program it
+    compiled (e.g. a libtpu other than jax's pin), and the report must still stand."""
+    try:
+        return compiled.as_text(), None
+    except Exception as e:  # noqa: BLE001 - an XLA error of any kind: reported, not fatal
+        return None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
 
 
 def per_device_bytes(tree) -> int:
@@ -160,8 +165,10 @@ def hand_flops(config, geometry, seed: int = 0) -> dict:
 
 
 def report(built: Built, compiled, target: Target, compile_s: float, max_fraction: float,
-           out=None) -> bool:
-    """Prints the report; returns whether the step fits (True without an HBM figure)."""
+           out=None, hlo_text: str | None = None, hlo_error: str | None = None) -> bool:
+    """Prints the report; returns whether the step fits (True without an HBM figure).
+    hlo_text: the compiled program's text (`compiled_text`); without it (hlo_error says
+    why) the collectives are left out and everything else still prints."""
     def p(s=""):
         print(s, file=out or sys.stdout, flush=True)
 
@@ -172,7 +179,12 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
     ver = ", ".join(f"{k} {x}" for k, x in v.items() if x)
     p(f"mlembed_jax AOT compile, {time.strftime('%Y-%m-%d')}, {ver}")
     if target.platform == "tpu":
-        p(f"target: TPU {target.chip} topology {target.shape} = {n_dev} chips, "
+        mismatch = check_libtpu(os.environ.get("TPU_LIBRARY_PATH"))
+        if mismatch:
+            p(f"WARNING: {mismatch}")
+        slices = (f"{target.num_slices} slices x " if target.num_slices > 1 else "")
+        dcn = " joined by DCN" if target.num_slices > 1 else ""
+        p(f"target: {slices}TPU {target.chip} topology {target.shape} = {n_dev} chips{dcn}, "
           f"{_gb(target.hbm_bytes)} HBM per chip (compiled by XLA:TPU from libtpu; no TPU "
           "attached)")
     else:
@@ -181,7 +193,11 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
         p(f"target: GPU-cluster planning, {n_dev} fake CPU devices{hbm}. Compiled by XLA:CPU: "
           "memory figures are ONLY INDICATIVE of a GPU (other fusions, layouts and kernels)")
     mesh = dict(step.mesh.shape)
-    p(f"mesh: {' '.join(f'{k}={v}' for k, v in mesh.items())}")
+    sliced = num_slices(step.mesh.devices.flat)
+    across = (f" (data = {sliced} slices x {mesh['data'] // sliced}; fsdp and tensor inside "
+              "a slice)" if sliced > 1 else "")
+    p(f"mesh: {' '.join(f'{k}={v}' for k, v in mesh.items())}{across}")
+    p(f"attention: {built.kernel.line()}")
     enc = setup.enc
     params = abstract_params(enc)
     p(f"model: {param_count(params):,} params ({param_count(params, True):,} non-embedding), "
@@ -253,10 +269,15 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
         p(f"  XLA cost_analysis: {cf:.3e} per chip. Not used: it counts the scanned layer body "
           f"once, not {enc.num_layers} times")
     p()
-    cols = hlo.collectives(compiled.as_text())
-    p("collectives in the compiled HLO (static count; 'in loop' ones run once per layer):")
-    if not cols:
-        p("  none")
+    if hlo_text is None:
+        p(f"collectives: the compiled HLO text is unavailable ({hlo_error}); the figures "
+          "above stand")
+        cols = []
+    else:
+        cols = hlo.collectives(hlo_text)
+        p("collectives in the compiled HLO (static count; 'in loop' ones run once per layer):")
+        if not cols:
+            p("  none")
     kinds = sorted({x.kind for x in cols})
     for k in kinds:
         xs = [x for x in cols if x.kind == k]
@@ -265,12 +286,48 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
         p(f"  {k:<20} {len(xs):>4} ({loop} in loop)  largest {_gb(big.bytes)}: {big.result}")
     if target.platform == "tpu" and cols:
         p("  (XLA:TPU often expresses FSDP all-gathers as all-reduce of a dynamic-update-slice)")
+        if target.num_slices > 1:
+            p("  (each slice runs its own copy of this program: these stay inside a slice)")
+    if hlo_text is not None and target.num_slices > 1:
+        dcn_report(hlo.dcn_transfers(hlo_text), enc.num_layers, p)
     p()
     if m is not None and target.hbm_bytes:
         p(f"RESULT: {'fits' if fits else 'does NOT fit'}: {_gb(m.total)} per chip "
           f"of {_gb(target.hbm_bytes)}" + (" (indicative only: XLA:CPU)" if
                                             target.indicative else ""))
     return fits
+
+
+def dcn_summary(transfers: list, num_layers: int) -> list[dict]:
+    """Cross-slice transfers grouped by (kind, in_loop): count, bytes per chip per
+    occurrence of the group, and bytes per chip per step (in-loop ones run num_layers
+    times)."""
+    groups: dict = {}
+    for t in transfers:
+        groups.setdefault((t.kind, t.in_loop), []).append(t)
+    out = []
+    for (kind, in_loop), ts in sorted(groups.items()):
+        sent = sum(t.bytes for t in ts)
+        out.append(dict(kind=kind, in_loop=in_loop, count=len(ts), bytes=sent,
+                        per_step=sent * (num_layers if in_loop else 1),
+                        largest=max(ts, key=lambda t: t.bytes).result))
+    return out
+
+
+def dcn_report(transfers: list, num_layers: int, p) -> None:
+    p()
+    p("collectives across slices (DCN: the megascale runtime's sends in the compiled HLO; "
+      "bytes per chip):")
+    if not transfers:
+        p("  none")
+        return
+    rows = dcn_summary(transfers, num_layers)
+    for r in rows:
+        when = (f"per layer (in the scan), x {num_layers} = {_gb(r['per_step'])}/step"
+                if r["in_loop"] else "once per step")
+        p(f"  {r['kind']:<12} {r['count']:>4}  {_gb(r['bytes']):>10}  {when}; largest "
+          f"{r['largest']}")
+    p(f"  total: {_gb(sum(r['per_step'] for r in rows))} per chip per step over DCN")
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -13,7 +13,12 @@ import os
 import re
 import sys
 import warnings
+from importlib import metadata
 
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from mlembed_jax.model.kernel_choice import INTERPRET_ENV
 from mlembed_jax.perf.flops import CHIPS, CHIPS_BY_NAME
 
 
@@ -33,17 +38,21 @@ class Target:
     platform: str
     chip: str  # "v5p", "h100", ...
     shape: str  # "4x4x4" (TPU) or the device count (GPU planning)
-    num_devices: int
+    num_devices: int  # all slices together
     hbm_bytes: float | None
     peak_flops: float | None
+    num_slices: int = 1  # TPU slices joined by DCN (--num_slices)
 
     @property
     def indicative(self) -> bool:
         return self.platform == "cpu"
 
 
-def parse_target(spec: str) -> Target:
-    """'v5p:4x4x4' -> a 64-chip TPU target; 'h100:8' -> 8 fake CPU devices sized as H100s."""
+def parse_target(spec: str, num_slices: int = 1) -> Target:
+    """'v5p:4x4x4' -> a 64-chip TPU target; 'h100:8' -> 8 fake CPU devices sized as H100s.
+    num_slices: that many TPU slices of the shape, joined by DCN (TPU only)."""
+    if num_slices < 1:
+        raise AotError(f"--num_slices={num_slices} must be at least 1")
     if ":" not in spec:
         raise AotError(f"--topology={spec!r}: expected CHIP:SHAPE, e.g. v5p:4x4x4, v6e:8x8, "
                        "or GPU:COUNT for cluster planning, e.g. h100:8")
@@ -56,7 +65,11 @@ def parse_target(spec: str) -> Target:
         n = 1
         for d in dims:
             n *= int(d)
-        return Target(spec, "tpu", chip, shape, n, known.hbm_bytes, known.peak_flops)
+        return Target(spec, "tpu", chip, shape, n * num_slices, known.hbm_bytes,
+                      known.peak_flops, num_slices)
+    if num_slices != 1:
+        raise AotError(f"--num_slices is for TPU topologies; for GPU nodes give the total "
+                       f"count ({spec}) and --config.mesh.dcn_data=NODES")
     if known is not None or chip == "cpu":  # GPUs, or "cpu": a plain shape check, no HBM limit
         if not shape.isdigit() or int(shape) < 1:
             raise AotError(f"--topology={spec!r}: GPU planning takes a device count, e.g. h100:8")
@@ -80,6 +93,42 @@ def find_libtpu() -> str | None:
         side = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
         return side if os.path.isfile(side) else None
     return libtpu.get_library_path()
+
+
+def jax_libtpu_requirement():
+    """jax's pin of libtpu in its `tpu` extra (a packaging Requirement, e.g. libtpu==0.0.42.*),
+    read from the installed jax's metadata; None if it declares none."""
+    for text in metadata.requires("jax") or []:
+        req = Requirement(text)
+        if req.name == "libtpu" and (req.marker is None or req.marker.evaluate({"extra": "tpu"})):
+            return req
+    return None
+
+
+def libtpu_version(library_path: str | None) -> str | None:
+    """The version of the libtpu distribution that holds `library_path` (its dist-info, as
+    `make libtpu` installs it), else of the importable libtpu package; None if unknown."""
+    if library_path:
+        top = os.path.dirname(os.path.dirname(os.path.abspath(library_path)))
+        for dist in metadata.distributions(path=[top]):
+            if dist.metadata["Name"] == "libtpu":
+                return dist.version
+    try:
+        return metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_libtpu(library_path: str | None) -> str | None:
+    """None when libtpu's version is what the installed jax pins (or cannot be told), else one
+    line saying what to do: XLA:TPU's memory figures differ between libtpu releases, and a
+    newer libtpu than jax's can fail on jax's programs."""
+    req, have = jax_libtpu_requirement(), libtpu_version(library_path)
+    if req is None or have is None or req.specifier.contains(Version(have), prereleases=True):
+        return None
+    jax_version = metadata.version("jax")
+    return (f"libtpu {have} does not match jax {jax_version}'s pin libtpu{req.specifier}; "
+            f"install the pinned one: `make libtpu`, or pip install 'jax[tpu]=={jax_version}'")
 
 
 def prepare_environment(target: Target) -> None:
@@ -108,6 +157,8 @@ def prepare_environment(target: Target) -> None:
             "Install it with `make libtpu` (into the venv, off the import path) or "
             "`pip install 'mlembed_jax[tpu]'`, or point TPU_LIBRARY_PATH at a libtpu.so.")
     os.environ["TPU_LIBRARY_PATH"] = path
+    # The Pallas interpreter switch is for CPU tests; a TPU program gets the real kernels.
+    os.environ.pop(INTERPRET_ENV, None)
     # Several compiles may run at once (tests, other users): libtpu otherwise takes a
     # machine-wide lock meant for real chips. No metadata server here either.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

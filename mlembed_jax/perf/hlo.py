@@ -1,4 +1,5 @@
-"""Reading a compiled XLA program: per-device memory, XLA's FLOP count, and its collectives.
+"""Reading a compiled XLA program: per-device memory, XLA's FLOP count, its collectives, and
+which of them cross slices (DCN) in a multi-slice TPU program.
 
 Used by the training loop's start-up line, the AOT report (perf/aot.py) and its tests.
 """
@@ -77,8 +78,8 @@ def _array_bytes(text: str) -> list[int]:
     return out
 
 
-def collectives(hlo_text: str) -> list[Collective]:
-    """Collective ops of an HLO module's text, each marked as inside a while loop or not."""
+def computations(hlo_text: str) -> dict[str, list[str]]:
+    """{computation name: its instruction lines} of an HLO module's text."""
     comps: dict[str, list[str]] = {}
     current = None
     for line in hlo_text.splitlines():
@@ -87,11 +88,18 @@ def collectives(hlo_text: str) -> list[Collective]:
             current = head.group(1)
             comps[current] = []
         elif current is not None:
-            if line.startswith("}"):
+            # Only a line that is exactly "}" ends a computation: Pallas custom calls (splash)
+            # carry kernel metadata with raw newlines, so lines like "}}, metadata=..." occur
+            # inside one.
+            if line.rstrip() == "}":
                 current = None
             else:
                 comps[current].append(line)
-    # Computations reachable from a while body run once per loop iteration.
+    return comps
+
+
+def loop_computations(comps: dict[str, list[str]]) -> set[str]:
+    """Names of the computations reachable from a while body: they run once per iteration."""
     loop_roots = set()
     for lines in comps.values():
         for line in lines:
@@ -107,6 +115,13 @@ def collectives(hlo_text: str) -> list[Collective]:
         for line in comps[name]:
             for group in _CALLS.findall(line):
                 stack.extend(n.strip().lstrip("%") for n in group.split(",") if n.strip())
+    return in_loop
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Collective ops of an HLO module's text, each marked as inside a while loop or not."""
+    comps = computations(hlo_text)
+    in_loop = loop_computations(comps)
     found = []
     for name, lines in comps.items():
         for line in lines:
@@ -123,6 +138,69 @@ def collectives(hlo_text: str) -> list[Collective]:
             found.append(Collective(base, shapes if len(shapes) < 100 else shapes[:97] + "...",
                                     nbytes, name in in_loop))
     return found
+
+
+# Multi-slice TPU programs: XLA compiles one program per slice, whose replica groups only
+# name that slice's chips. Collectives across slices (over the data-center network, DCN) are
+# host-transfer sends to the megascale runtime, tagged with frontend attributes, e.g.
+#   %send.1 = (f32[1024,8,128]{...}, u32[], token[]) send(...), is_host_transfer=true,
+#     frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",
+#     _xla_megascale_reduce_operation="SUM", _xla_megascale_target="{1,2}x{0:3}",
+#     _xla_megascale_transfer_type="ALL_REDUCE"}
+_SEND = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\((.+?),\s*u32\[\],\s*token\[\]\)"
+                   r"\s+send\(")
+_MEGASCALE_ATTR = re.compile(r'(_xla_megascale_\w+)=("[^"]*"|\{(?:\{[\d,]*\},?)*\})')
+
+
+@dataclasses.dataclass
+class DcnTransfer:
+    """One collective across slices: what the megascale runtime sends from each chip."""
+
+    kind: str  # ALL_REDUCE, ALL_GATHER, ...
+    reduce: str | None  # SUM, ... (reductions only)
+    result: str  # payload type, e.g. bf16[768,8,128]
+    bytes: int  # payload bytes per chip
+    slices: list[list[int]] | None  # groups of slice indices that exchange data
+    in_loop: bool  # inside the layer scan: sent once per layer
+
+
+def megascale_slices(target: str | None) -> list[list[int]] | None:
+    """_xla_megascale_target -> groups of (0-based) slice indices.
+
+    Two forms (libtpu 0.0.42): "{1,2}x{0:3}" (1-based slice ids x a local chip range: each
+    chip with the same chip of every listed slice) and explicit groups of global device ids
+    "{{100000,300000},...}", where a described chip's id is (slice + 1) * 100000 + local id.
+    """
+    if not target:
+        return None
+    m = re.fullmatch(r"\{([\d,]+)\}x\{\d+:\d+\}", target)
+    if m:
+        return [[int(x) - 1 for x in m.group(1).split(",")]]
+    groups = {tuple(sorted({int(x) // 100000 - 1 for x in g.split(",") if x}))
+              for g in re.findall(r"\{([\d,]*)\}", target)}
+    return [list(g) for g in sorted(groups)] or None
+
+
+def dcn_transfers(hlo_text: str) -> list[DcnTransfer]:
+    """The cross-slice (DCN) collectives of a multi-slice TPU program's HLO text; [] for a
+    single-slice program."""
+    comps = computations(hlo_text)
+    in_loop = loop_computations(comps)
+    out = []
+    for name, lines in comps.items():
+        for line in lines:
+            m = _SEND.match(line)
+            if not m or "xla_megascale_runtime" not in line:
+                continue
+            attrs = {k: v.strip('"') for k, v in _MEGASCALE_ATTR.findall(line)}
+            payload = re.sub(r"\{[^}]*\}", "", m.group(2))  # drop layouts
+            out.append(DcnTransfer(
+                kind=attrs.get("_xla_megascale_transfer_type", "unknown"),
+                reduce=attrs.get("_xla_megascale_reduce_operation"), result=payload,
+                bytes=sum(_array_bytes(payload)),
+                slices=megascale_slices(attrs.get("_xla_megascale_target")),
+                in_loop=name in in_loop))
+    return out
 
 
 def memory_line(compiled) -> str:
