@@ -5,16 +5,19 @@ sharded step that training, the AOT compile and the benchmark all run.
 rank is sampled inside the step, and the state is donated so params are updated in place.
 
 `build_step(config, mesh, ...)` assembles everything a run's step needs from the config:
-model, batch geometry (packs from the mesh's batch shards), optimizer, loss options, the KD
-teacher's shape, the state's abstract shapes and shardings, and the jitted train and eval
-steps. `tools/aot_compile.py` lowers what it returns on shapes alone; `tools/benchmark.py`
-times it; `python -m mlembed_jax.train` runs it.
+model, batch geometries (one per row bucket; packs from the mesh's batch shards), optimizer,
+loss options, the KD teacher's shape, the state's abstract shapes and shardings, and the
+jitted train and eval steps (one trace per bucket; `compile_train` / `compile_eval` compile
+them all before the first step). `tools/aot_compile.py` lowers what it returns on shapes
+alone (the largest bucket, for memory); `tools/benchmark.py` times it;
+`python -m mlembed_jax.train` runs it.
 State creation never builds anything whole on one device: random init runs under jit with
 the state's out_shardings, and host weights go to devices shard by shard.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from typing import Any, Callable
 
@@ -25,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mlembed_jax.batch import BatchGeometry, geometry_from_config, globalize_slots
+from mlembed_jax.batch import BatchGeometry, geometry_from_config, globalize_slots, row_buckets
 from mlembed_jax.config import ConfigError
 from mlembed_jax.loss import (
     config_kwargs,
@@ -52,7 +55,9 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepSetup:
-    """Everything static a step needs: model, geometry, optimiser, loss options, teacher."""
+    """Everything static a step needs: model, geometry, optimiser, loss options, teacher.
+    Only the geometry's packs, texts and negatives per pack matter here (they are the same
+    in every row bucket); its rows are the largest bucket's."""
 
     enc: EncoderConfig
     geometry: BatchGeometry
@@ -268,6 +273,7 @@ class BuiltStep:
     mesh: Mesh
     rules: Any
     setup: StepSetup
+    geometries: tuple  # BatchGeometry per row bucket, fewest rows first
     abstract_state: TrainState  # ShapeDtypeStructs with shardings
     state_shardings: TrainState
     batch_shardings: dict
@@ -277,15 +283,35 @@ class BuiltStep:
 
     @property
     def geometry(self) -> BatchGeometry:
-        return self.setup.geometry
+        """The largest bucket's geometry: the step whose memory a run must have."""
+        return self.geometries[-1]
 
     def rules_context(self):
         return activation_rules(self.mesh, self.rules)
 
-    def abstract_batch(self) -> dict:
-        """ShapeDtypeStructs of a global batch, with the batch shardings."""
+    def abstract_batch(self, geometry: BatchGeometry | None = None) -> dict:
+        """ShapeDtypeStructs of a global batch (default: the largest bucket's), with the
+        batch shardings."""
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_shardings[k])
-                for k, (shape, dtype) in self.geometry.shapes().items()}
+                for k, (shape, dtype) in (geometry or self.geometry).shapes().items()}
+
+    def _compile(self, fn, first, teacher_params, rows) -> dict:
+        with self.rules_context():
+            lowered = {g.rows_per_pack: fn.lower(first, self.abstract_batch(g), teacher_params)
+                       for g in self.geometries if rows is None or g.rows_per_pack in rows}
+        # XLA compiles outside the GIL: the buckets compile side by side.
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(lowered))) as pool:
+            done = {r: pool.submit(low.compile) for r, low in lowered.items()}
+            return {r: f.result() for r, f in done.items()}
+
+    def compile_train(self, state, teacher_params=None, rows=None) -> dict:
+        """{rows per pack: compiled train step} for the buckets `rows` (default: all).
+        Calling a compiled step with another shape is an error, never a recompile."""
+        return self._compile(self.train, state, teacher_params, rows)
+
+    def compile_eval(self, params, teacher_params=None, rows=None) -> dict:
+        """{rows per pack: compiled eval step} for the buckets `rows` (default: all)."""
+        return self._compile(self.eval, params, teacher_params, rows)
 
     def abstract_teacher(self):
         """ShapeDtypeStructs of the teacher's params (None without a teacher)."""
@@ -307,16 +333,31 @@ class BuiltStep:
 
 
 def build_step(config, mesh: Mesh, *, total_steps: int, num_datasets: int | None = None,
-               geometry: BatchGeometry | None = None) -> BuiltStep:
+               geometries=None) -> BuiltStep:
     """The run's step for `mesh`, from the config alone (no weights, no data).
 
     total_steps: the length of the lr schedule (it changes no shape). num_datasets: for the
-    per-dataset loss metrics. geometry: the global batch geometry; by default the config's
-    (data.*) with one pack per batch shard of the mesh (data.packs_per_step).
+    per-dataset loss metrics. geometries: the global batch geometry of each row bucket (a
+    BatchGeometry or a sequence of them, same packs); by default the config's
+    data.rows_per_pack buckets with one pack per batch shard of the mesh
+    (data.packs_per_step). Derived buckets (data.rows_per_pack=()) come from the data plan
+    (data/plan.py), so they must be passed.
     """
     rules = config.mesh.logical_axis_rules
-    if geometry is None:
-        geometry = geometry_from_config(config.data, packs_per_step(config.data, mesh, rules))
+    if geometries is None:
+        packs = packs_per_step(config.data, mesh, rules)
+        buckets = row_buckets(config.data) or (None,)
+        try:
+            geometries = [geometry_from_config(config.data, packs, r) for r in buckets]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if isinstance(geometries, BatchGeometry):
+        geometries = [geometries]
+    geometries = tuple(sorted(geometries, key=lambda g: g.rows_per_pack))
+    if len({dataclasses.replace(g, rows_per_pack=0) for g in geometries}) != 1:
+        raise ValueError(f"the row buckets' geometries differ in more than their rows: "
+                         f"{geometries}")
+    geometry = geometries[-1]
     enc = EncoderConfig.from_config(config.model)
     tx, schedule = make_optimizer(config.optim, total_steps)
     teacher = teacher_config(config, enc)
@@ -329,7 +370,7 @@ def build_step(config, mesh: Mesh, *, total_steps: int, num_datasets: int | None
                   if teacher is not None else None)
     train, evaluate = jit_steps(setup, mesh, rules, state_sh, teacher_sh)
     return BuiltStep(config=config, mesh=mesh, rules=rules, setup=setup,
-                     abstract_state=with_shardings(abstract, state_sh),
+                     geometries=geometries, abstract_state=with_shardings(abstract, state_sh),
                      state_shardings=state_sh,
                      batch_shardings=batch_shardings(mesh, rules, geometry),
                      teacher_shardings=teacher_sh, train=train, eval=evaluate)
