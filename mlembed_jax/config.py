@@ -115,9 +115,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ls = ml_collections.ConfigDict()
     ls.temperature = 0.05
     ls.mrl_min_dim = 8
-    ls.kd_weight = 0.0
+    ls.kd_weight = 0.0  # > 0 exactly when loss.teacher is set (the reference uses 1)
     ls.teacher = ""  # HF directory of a frozen teacher; "" = no distillation
     ls.in_batch_block_size = 0  # rows per block of the in-batch logits; 0 = no blocking
+    # full: in-batch gradient reaches queries and positives (the paper's maths, the
+    # reference on one GPU); queries: positives get none from it (the reference on several
+    # GPUs, whose gather autograd does not track).
+    ls.in_batch_gradient = "full"
 
     c.train = t = ml_collections.ConfigDict()
     t.init_from = ""  # HF Qwen3 directory; "" = random init
@@ -215,6 +219,16 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         errs.append(f"loss.temperature={c.loss.temperature} must be > 0")
     if c.loss.mrl_min_dim > m.hidden_size:
         errs.append(f"loss.mrl_min_dim={c.loss.mrl_min_dim} exceeds model.hidden_size")
+    if c.loss.teacher and not c.loss.kd_weight > 0:
+        errs.append(f"loss.teacher={c.loss.teacher!r} is set but loss.kd_weight="
+                    f"{c.loss.kd_weight}: set loss.kd_weight > 0 (the reference uses 1), or "
+                    "drop the teacher")
+    if not c.loss.teacher and c.loss.kd_weight != 0:
+        errs.append(f"loss.kd_weight={c.loss.kd_weight} needs a teacher: set loss.teacher to "
+                    "an HF model directory, or loss.kd_weight=0")
+    if c.loss.in_batch_gradient not in ("full", "queries"):
+        errs.append(f"loss.in_batch_gradient={c.loss.in_batch_gradient!r} must be 'full' or "
+                    "'queries'")
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     return c

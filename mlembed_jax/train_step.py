@@ -66,6 +66,8 @@ class StepSetup:
     loss_kwargs: dict
     num_datasets: int | None = None
     teacher: EncoderConfig | None = None
+    # For each student exit, the index of its paired exit among teacher.exits.
+    teacher_pairs: tuple[int, ...] = ()
 
 
 def pooled_embeddings(setup: StepSetup, params, batch, rank):
@@ -74,11 +76,14 @@ def pooled_embeddings(setup: StepSetup, params, batch, rank):
 
 
 def _teacher_pooled(setup: StepSetup, teacher_params, batch):
+    """[E, X, d_t]: the teacher's pooled embeddings at the exit paired with each of the
+    student's E exits (`teacher_config`), or None without a teacher."""
     if setup.teacher is None:
         return None
     out = encode(teacher_params, setup.teacher, batch["tokens"], batch["segment_ids"],
-                 batch["positions"], batch["pool_index"])["pooled"][-1]
-    return jax.lax.stop_gradient(out)
+                 batch["positions"], batch["pool_index"])["pooled"]
+    pairs = setup.teacher_pairs or tuple(range(out.shape[0]))
+    return jax.lax.stop_gradient(out[jnp.asarray(pairs)])
 
 
 def step_rank(setup: StepSetup, state: TrainState):
@@ -244,20 +249,37 @@ def with_shardings(abstract, shardings):
 # The one builder.
 
 
-def teacher_config(config, enc: EncoderConfig) -> EncoderConfig | None:
-    """The KD teacher's shape from its HF config.json (no weights read), run in the
-    student's compute dtype and attention kernel, with one exit: its last layer."""
+def teacher_exit_layers(student_exits, student_layers: int, teacher_layers: int):
+    """The teacher layer paired with each student exit (the KD rule).
+
+    The student's last layer pairs with the teacher's last layer. Every other exit e pairs
+    with the teacher's layer e when the teacher has it, else with its last layer. A teacher
+    of the student's depth thus runs through exactly the student's exits, paired by index;
+    a deeper one is also read at the student's intermediate exits; a shallower one gives its
+    last layer to the exits it does not reach.
+    """
+    return tuple(teacher_layers if e == student_layers else min(e, teacher_layers)
+                 for e in student_exits)
+
+
+def teacher_config(config, enc: EncoderConfig):
+    """(teacher EncoderConfig, pairs) from its HF config.json (no weights read), run in the
+    student's compute dtype and attention kernel, at the layers `teacher_exit_layers` pairs
+    with the student's exits; pairs[i] indexes the teacher exit of student exit i.
+    (None, ()) without a teacher."""
     if not config.loss.teacher:
-        return None
+        return None, ()
     teacher = encoder_config_from_hf(config.loss.teacher, compute_dtype=enc.compute_dtype,
                                      param_dtype=enc.compute_dtype, attention=enc.attention,
                                      exits=())
-    teacher = teacher.truncated(teacher.num_layers)
+    layers = teacher_exit_layers(enc.exits, enc.num_layers, teacher.num_layers)
+    exits = tuple(sorted(set(layers)))
+    teacher = dataclasses.replace(teacher, exits=exits)
     if teacher.vocab_size < enc.vocab_size:
         raise ConfigError(f"teacher {config.loss.teacher!r} has vocab {teacher.vocab_size}, "
                           f"smaller than the student's {enc.vocab_size}; use a teacher with "
                           "the same tokenizer")
-    return teacher
+    return teacher, tuple(exits.index(t) for t in layers)
 
 
 @dataclasses.dataclass
@@ -360,10 +382,10 @@ def build_step(config, mesh: Mesh, *, total_steps: int, num_datasets: int | None
     geometry = geometries[-1]
     enc = EncoderConfig.from_config(config.model)
     tx, schedule = make_optimizer(config.optim, total_steps)
-    teacher = teacher_config(config, enc)
+    teacher, pairs = teacher_config(config, enc)
     setup = StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
                       loss_kwargs=config_kwargs(config.loss, packs=geometry.packs),
-                      num_datasets=num_datasets, teacher=teacher)
+                      num_datasets=num_datasets, teacher=teacher, teacher_pairs=pairs)
     abstract = abstract_state(setup, int(config.train.seed))
     state_sh = state_shardings(setup, mesh, rules, abstract)
     teacher_sh = (logical_shardings(param_logical_axes(teacher), mesh, rules)
