@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.validation_fraction = 0.01
     d.split_seed = 0  # held-out split seed; separate from data.seed so the split stays put
     d.min_validation_samples = 32  # held-out floor for tiny datasets (at most half the rows)
+    d.task_types = ()  # train only these task types, e.g. ("retrieval",); () = all
     d.prefetch = 2  # batches built ahead in a background thread (0 = none)
 
     c.optim = o = ml_collections.ConfigDict()
@@ -124,7 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
     ls.in_batch_gradient = "full"
 
     c.train = t = ml_collections.ConfigDict()
-    t.init_from = ""  # HF Qwen3 directory; "" = random init
+    # HF Qwen3 directory, or a training workdir / checkpoint (its params, MEL factors as
+    # they are, with a fresh optimizer and data order); "" = random init
+    t.init_from = ""
     t.epochs = 2
     t.max_steps = -1  # -1 = epochs decide
     t.seed = 0
@@ -212,6 +215,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         errs.append(f"data.num_shapes={d.num_shapes!r} must be a positive integer")
     if not isinstance(d.samples_per_pack, int) or d.samples_per_pack < 1:
         errs.append(f"data.samples_per_pack={d.samples_per_pack!r} must be a positive integer")
+    bad_types = [t for t in d.task_types if t not in ("retrieval", "clustering",
+                                                       "classification")]
+    if bad_types:
+        errs.append(f"data.task_types has {bad_types}; use retrieval, clustering, "
+                    "classification")
     if c.optim.schedule not in ("cosine", "constant_with_warmup"):
         errs.append(f"optim.schedule={c.optim.schedule!r} must be 'cosine' or "
                     "'constant_with_warmup'")

@@ -30,7 +30,7 @@ from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mlembed_jax.batch import text_lengths  # noqa: E402
-from mlembed_jax.checkpoint import Checkpointer, DataStateBox  # noqa: E402
+from mlembed_jax.checkpoint import Checkpointer, DataStateBox, init_params_from  # noqa: E402
 from mlembed_jax.config import ConfigError, check_attention_platform, validate  # noqa: E402
 from mlembed_jax.data.manifest import ManifestError  # noqa: E402
 from mlembed_jax.data.pipeline import make_train_iterator, make_validation_iterator  # noqa: E402
@@ -39,7 +39,6 @@ from mlembed_jax.data.prepare import DataError  # noqa: E402
 from mlembed_jax.eval.periodic import make_periodic_evaluator  # noqa: E402
 from mlembed_jax.metrics_log import MetricsWriter, flatten  # noqa: E402
 from mlembed_jax.model.encoder import abstract_params  # noqa: E402
-from mlembed_jax.model.hf_import import load_hf_params  # noqa: E402
 from mlembed_jax.model.qwen3 import param_count  # noqa: E402
 from mlembed_jax.perf import flops as flops_lib  # noqa: E402
 from mlembed_jax.perf.hlo import memory_line  # noqa: E402
@@ -127,10 +126,10 @@ def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
         train_iter.set_state(data_box.state)
         _log(f"resumed from {ckpt.directory}/{latest}")
     elif config.train.init_from:
-        host = load_hf_params(config.train.init_from, enc, allow_fewer_layers=True)
+        host, what = init_params_from(config.train.init_from, enc, config)
         state = step_fns.init_state(host)
         del host
-        _log(f"initialised from HF checkpoint {config.train.init_from}")
+        _log(what)
     else:
         state = step_fns.init_state()
         _log("initialised from scratch (random weights)")

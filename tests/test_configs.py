@@ -72,6 +72,7 @@ def test_overrides_apply_and_unknown_fields_are_rejected():
     ({"mesh.data": -1, "mesh.fsdp": -1}, "at most one of"),
     ({"data.max_seq_length": 128}, "exceeds data.seq_len"),
     ({"data.rows_per_pack": (19, 0)}, "data.rows_per_pack=\\(19, 0\\) must be \\(\\)"),
+    ({"data.task_types": ("retrieval", "ranking")}, "data.task_types has \\['ranking'\\]"),
     ({"loss.teacher": "/some/teacher"}, "loss.teacher='/some/teacher' is set but "
      "loss.kd_weight=0.0: set loss.kd_weight > 0"),
     ({"loss.kd_weight": 1.0}, "loss.kd_weight=1.0 needs a teacher"),

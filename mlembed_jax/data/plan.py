@@ -336,7 +336,8 @@ def make_data_plan(config, packs: int, data: PreparedData | None = None) -> Data
     number of epochs to plan when the config has a train section)."""
     dc = config.data if hasattr(config, "data") else config
     if data is None:
-        data = load_prepared(dc.prepared_dir, int(dc.seq_len), dc.manifest)
+        data = load_prepared(dc.prepared_dir, int(dc.seq_len), dc.manifest,
+                             task_types=tuple(dc.get("task_types", ())))
     epochs = 1
     if hasattr(config, "train"):
         epochs = int(config.train.epochs)
