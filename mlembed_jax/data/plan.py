@@ -25,8 +25,10 @@ imports no jax.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import os
 
 import numpy as np
 
@@ -209,21 +211,28 @@ class DataPlan:
                                        self.samples_per_pack, self.seq_len)
         return out
 
+    def _needs_per_dataset(self, epoch: int, rows: list) -> list[np.ndarray]:
+        """_batch_needs of every dataset; NumPy does the work outside the GIL, so the
+        datasets are planned side by side on all cores."""
+        workers = max(1, min(len(rows), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+            return list(ex.map(lambda d: self._batch_needs(d, epoch, rows[d]),
+                               range(len(rows))))
+
     def epoch_needs(self, epoch: int) -> np.ndarray:
         """[steps_per_epoch]: the rows each step of `epoch` needs (cached)."""
         if epoch not in self._needs:
             e = self._epoch(epoch)
+            rows = [self.dataset_order(epoch, d) for d in range(len(self.data.datasets))]
             needs = np.zeros(self.steps_per_epoch, np.int64)
-            for d in range(len(self.data.datasets)):
+            for d, need in enumerate(self._needs_per_dataset(epoch, rows)):
                 at = e["order"] == d
-                needs[at] = self._batch_needs(d, epoch, self.dataset_order(epoch, d))[e["k"][at]]
+                needs[at] = need[e["k"][at]]
             self._needs[epoch] = needs
         return self._needs[epoch]
 
     def _validation_needs(self) -> np.ndarray:
-        out = []
-        for d, val in enumerate(self.val_rows):
-            out.append(self._batch_needs(d, VALIDATION_EPOCH, val))
+        out = self._needs_per_dataset(VALIDATION_EPOCH, self.val_rows)
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     # ---------------------------------------------------------------------- shapes
