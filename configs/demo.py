@@ -5,9 +5,9 @@ tokenizer live in mlembed_jax/demo_data (see its README for source and license).
 
 Sized for learning from scratch in that time: 2 layers (MLL exits 1 and 2), a full-rank MEL
 embedding (ranks 32, 64, 128 of d = 128; a lower r_max learns names much more slowly from
-random factors), 8 rows of 64 tokens per pack (the names are short), and enough epochs for
-every name to be seen many times: the held-out retrieval accuracy then ends several times
-above chance and the validation loss well below step 0's.
+random factors), rows of 64 tokens (the names are short; the row buckets are derived from
+the data), and enough epochs for every name to be seen many times: the held-out retrieval
+accuracy then ends several times above chance and the validation loss well below step 0's.
 """
 
 from mlembed_jax.config import base_config
@@ -35,7 +35,6 @@ def get_config():
     d.prepared_dir = DEMO_PREPARED
     d.max_seq_length = 64
     d.seq_len = 64
-    d.rows_per_pack = 8
     d.validation_fraction = 0.05
 
     o = c.optim

@@ -5,9 +5,11 @@ is the unit the data pipeline fills independently and the unit the mesh's batch 
 (so a pack never straddles two devices). Every index inside a pack is *pack-local*;
 `globalize_slots` turns them into indices over the whole step inside jit.
 
-Sizes (all fixed per run, from the config; see `BatchGeometry`):
-  P = packs per step, R = rows per pack, S = seq_len,
+Sizes (see `BatchGeometry`): P = packs per step, R = rows per pack, S = seq_len,
   T = texts per pack, B = samples per pack, N = max negatives per sample.
+All are fixed per run except R, which takes one of a few values (the run's row buckets,
+data/plan.py): each step runs at the smallest bucket that holds its packs, and every bucket
+is compiled before the first step.
 
 Token arrays, [P * R, S] int32, pack-major (rows p*R .. p*R+R-1 belong to pack p):
   tokens       token ids; 0 on padding (masked out, its value never matters)
@@ -72,21 +74,33 @@ class BatchGeometry:
         return {k: np.zeros(s, d) for k, (s, d) in self.shapes().items()}
 
 
-def geometry_from_config(data_cfg, packs: int) -> BatchGeometry:
-    """The step's global batch geometry for `packs` packs, from the config's data section.
+def row_buckets(data_cfg) -> tuple[int, ...]:
+    """data.rows_per_pack as a sorted tuple of row buckets; () = derived from the data."""
+    value = data_cfg.rows_per_pack
+    buckets = (value,) if isinstance(value, int) else tuple(value)
+    return tuple(sorted({int(r) for r in buckets}))
 
-    ffd: B = samples_per_pack + spare_sample_slots, R = rows_per_pack.
+
+def geometry_from_config(data_cfg, packs: int, rows: int | None = None) -> BatchGeometry:
+    """The step's global batch geometry for `packs` packs at `rows` rows per pack.
+
+    ffd: B = samples_per_pack, R = rows (default: the largest of data.rows_per_pack, which
+    must then be given; a derived bucket set comes from data/plan.py).
     pad_to_longest: B = samples_per_pack, R = T (one text per row).
     """
     N = int(data_cfg.max_negatives)
+    B = int(data_cfg.samples_per_pack)
+    T = B * (2 + N)
     if data_cfg.packing == "pad_to_longest":
-        B = int(data_cfg.samples_per_pack)
-        T = B * (2 + N)
         R = T
+    elif rows is not None:
+        R = int(rows)
+    elif row_buckets(data_cfg):
+        R = row_buckets(data_cfg)[-1]
     else:
-        B = int(data_cfg.samples_per_pack) + int(data_cfg.get("spare_sample_slots", 0))
-        T = B * (2 + N)
-        R = int(data_cfg.rows_per_pack)
+        raise ValueError("data.rows_per_pack=() derives the row buckets from the data: take "
+                         "the geometries from the data plan (data/plan.py), or give "
+                         "data.rows_per_pack=(R1, R2, ...)")
     return BatchGeometry(packs=packs, rows_per_pack=R, seq_len=int(data_cfg.seq_len),
                          texts_per_pack=T, samples_per_pack=B, max_negatives=N)
 

@@ -97,13 +97,43 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", 
                 "num_kv_heads", "head_dim", "mel", "mel_r_max", "param_dtype")
 
 
-def check_same_model(saved: dict, current: dict, where: str) -> None:
+def check_same_model(saved: dict, current: dict, where: str, fields=SHAPE_FIELDS,
+                     fix: str = "Resume with the config it was trained with, or use a fresh "
+                     "--workdir.") -> None:
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
-             for k in SHAPE_FIELDS if json.dumps(saved.get(k)) != json.dumps(current.get(k))]
+             for k in fields if json.dumps(saved.get(k)) != json.dumps(current.get(k))]
     if diffs:
         raise ConfigError(
-            f"checkpoint {where} was saved by a different model ({'; '.join(diffs)}). Resume "
-            "with the config it was trained with, or use a fresh --workdir.")
+            f"checkpoint {where} was saved by a different model ({'; '.join(diffs)}). {fix}")
+
+
+def init_params_from(path: str, enc, config) -> tuple[dict, str]:
+    """train.init_from -> (host params of the configured model, a line saying what they are).
+
+    path: a Hugging Face Qwen3 directory (config.json + safetensors: imported, MEL factors by
+    SVD of its token embedding), or a training workdir / WORKDIR/STEP /
+    WORKDIR/checkpoints/STEP (its params exactly as trained, MEL factors included; the
+    optimizer state and data position are not taken). Raises ConfigError when it is neither
+    or holds another model shape.
+    """
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from mlembed_jax.model.hf_import import load_hf_params  # reads safetensors only
+
+        return (load_hf_params(path, enc, allow_fewer_layers=True),
+                f"initialised from HF checkpoint {path}")
+    try:
+        reader = TrainedParams(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.init_from={path!r} is neither a Hugging Face model directory "
+                          f"(config.json + safetensors) nor a training checkpoint: {e}") from None
+    where = f"{reader.workdir} step {reader.step}"
+    # The dtype may differ (params are cast on placement); the shapes may not.
+    check_same_model(reader.config.model.to_dict(), config.model.to_dict(), where,
+                     fields=tuple(f for f in SHAPE_FIELDS if f != "param_dtype"),
+                     fix="train.init_from needs a checkpoint of the configured model shape.")
+    return reader.read_all(), (f"initialised from training checkpoint {where}: its params as "
+                               "trained (MEL factors kept), a fresh optimizer state and data "
+                               "order")
 
 
 def resolve_checkpoint(path: str) -> tuple[str, int]:
@@ -136,13 +166,7 @@ def load_trained(path: str):
     checkpoint without the mesh it was trained on.
     """
     source = TrainedParams(path)
-    params: dict = {}
-    for leaf_path in source.leaves:
-        node = params
-        for key in leaf_path[:-1]:
-            node = node.setdefault(key, {})
-        node[leaf_path[-1]] = source.read(leaf_path)
-    return source.config, params, source.step
+    return source.config, source.read_all(), source.step
 
 
 class TrainedParams:
@@ -175,6 +199,16 @@ class TrainedParams:
         flat = jax.tree_util.tree_flatten_with_path(
             tree["params"], is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
         self.leaves = {tuple(k.key for k in p): (tuple(m.shape), m.dtype) for p, m in flat}
+
+    def read_all(self) -> dict:
+        """Every param as host numpy arrays, nested like the params."""
+        params: dict = {}
+        for leaf_path in self.leaves:
+            node = params
+            for key in leaf_path[:-1]:
+                node = node.setdefault(key, {})
+            node[leaf_path[-1]] = self.read(leaf_path)
+        return params
 
     def read(self, path: tuple[str, ...]):
         """One param array (e.g. ("layers", "mlp", "up_proj")) as a host numpy array."""

@@ -7,6 +7,7 @@ the model shape. Every field can be overridden on the command line as
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 
@@ -95,8 +96,11 @@ def base_config() -> ml_collections.ConfigDict:
     d.prepared_dir = ""  # output of tools/prepare_data.py
     d.max_seq_length = 1024  # truncation length, EOS included
     d.seq_len = 1024  # packed row length
-    d.samples_per_pack = 8  # the recipe's per-device batch
-    d.rows_per_pack = 19  # 19 x 1024 holds 8 samples of the benchmark length mix at ~92% fill
+    d.samples_per_pack = 8  # the recipe's per-device batch: every pack holds exactly this
+    # Row buckets: each step runs at the smallest that holds its packs (data/plan.py).
+    # () = derived from the data: the num_shapes sizes that pad least over the whole run.
+    d.rows_per_pack = ()
+    d.num_shapes = 3  # derived row buckets, i.e. compiled step shapes
     d.max_negatives = 9  # largest per-task count (clustering)
     d.packs_per_step = -1  # -1 = one pack per batch shard of the mesh
     d.packing = "ffd"  # ffd | pad_to_longest
@@ -104,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.validation_fraction = 0.01
     d.split_seed = 0  # held-out split seed; separate from data.seed so the split stays put
     d.min_validation_samples = 32  # held-out floor for tiny datasets (at most half the rows)
-    d.spare_sample_slots = 2  # extra sample slots per pack so carried-over samples drain
+    d.task_types = ()  # train only these task types, e.g. ("retrieval",); () = all
     d.prefetch = 2  # batches built ahead in a background thread (0 = none)
 
     c.optim = o = ml_collections.ConfigDict()
@@ -121,12 +125,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ls = ml_collections.ConfigDict()
     ls.temperature = 0.05
     ls.mrl_min_dim = 8
-    ls.kd_weight = 0.0
+    ls.kd_weight = 0.0  # > 0 exactly when loss.teacher is set (the reference uses 1)
     ls.teacher = ""  # HF directory of a frozen teacher; "" = no distillation
     ls.in_batch_block_size = 0  # rows per block of the in-batch logits; 0 = no blocking
+    # full: in-batch gradient reaches queries and positives (the paper's maths, the
+    # reference on one GPU); queries: positives get none from it (the reference on several
+    # GPUs, whose gather autograd does not track).
+    ls.in_batch_gradient = "full"
 
     c.train = t = ml_collections.ConfigDict()
-    t.init_from = ""  # HF Qwen3 directory; "" = random init
+    # HF Qwen3 directory, or a training workdir / checkpoint (its params, MEL factors as
+    # they are, with a fresh optimizer and data order); "" = random init
+    t.init_from = ""
     t.epochs = 2
     t.max_steps = -1  # -1 = epochs decide
     t.seed = 0
@@ -211,6 +221,21 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                     "a text could not fit in a packed row")
     if d.packing not in ("ffd", "pad_to_longest"):
         errs.append(f"data.packing={d.packing!r} must be 'ffd' or 'pad_to_longest'")
+    rows = d.rows_per_pack
+    rows = (rows,) if isinstance(rows, int) else rows
+    if not isinstance(rows, (tuple, list)) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rows):
+        errs.append(f"data.rows_per_pack={d.rows_per_pack!r} must be () (derived from the data)"
+                    " or positive row counts, e.g. (18, 20, 24)")
+    if not isinstance(d.num_shapes, int) or d.num_shapes < 1:
+        errs.append(f"data.num_shapes={d.num_shapes!r} must be a positive integer")
+    if not isinstance(d.samples_per_pack, int) or d.samples_per_pack < 1:
+        errs.append(f"data.samples_per_pack={d.samples_per_pack!r} must be a positive integer")
+    bad_types = [t for t in d.task_types if t not in ("retrieval", "clustering",
+                                                       "classification")]
+    if bad_types:
+        errs.append(f"data.task_types has {bad_types}; use retrieval, clustering, "
+                    "classification")
     if c.optim.schedule not in ("cosine", "constant_with_warmup"):
         errs.append(f"optim.schedule={c.optim.schedule!r} must be 'cosine' or "
                     "'constant_with_warmup'")
@@ -218,6 +243,16 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         errs.append(f"loss.temperature={c.loss.temperature} must be > 0")
     if c.loss.mrl_min_dim > m.hidden_size:
         errs.append(f"loss.mrl_min_dim={c.loss.mrl_min_dim} exceeds model.hidden_size")
+    if c.loss.teacher and not c.loss.kd_weight > 0:
+        errs.append(f"loss.teacher={c.loss.teacher!r} is set but loss.kd_weight="
+                    f"{c.loss.kd_weight}: set loss.kd_weight > 0 (the reference uses 1), or "
+                    "drop the teacher")
+    if not c.loss.teacher and c.loss.kd_weight != 0:
+        errs.append(f"loss.kd_weight={c.loss.kd_weight} needs a teacher: set loss.teacher to "
+                    "an HF model directory, or loss.kd_weight=0")
+    if c.loss.in_batch_gradient not in ("full", "queries"):
+        errs.append(f"loss.in_batch_gradient={c.loss.in_batch_gradient!r} must be 'full' or "
+                    "'queries'")
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     return c
@@ -252,16 +287,22 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collect
         old = node[leaf]
         if isinstance(value, str) and not isinstance(old, str) and old is not None:
             value = _parse_as(key, value, old)
+        elif isinstance(old, tuple) and isinstance(value, (int, list)):
+            value = tuple(value) if isinstance(value, list) else (value,)
         with c.unlocked():
             node[leaf] = value
     return c
 
 
 def _parse_as(key: str, text: str, like):
-    """`text` read as the type of the field's current value `like` (bool, int or float)."""
+    """`text` read as the type of the field's current value `like` (bool, int, float, or a
+    tuple: "19", "19,24" or "(19, 24)")."""
     bad = ConfigError(f"config field {key!r} holds {type(like).__name__}; cannot set it to "
                       f"{text!r}")
     try:
+        if isinstance(like, tuple):
+            value = ast.literal_eval(text) if text.strip() else ()
+            return tuple(value) if isinstance(value, (tuple, list)) else (value,)
         if isinstance(like, bool):  # before int: bool is an int subclass
             if text.lower() in ("true", "1", "false", "0"):
                 return text.lower() in ("true", "1")
@@ -269,6 +310,6 @@ def _parse_as(key: str, text: str, like):
             return float(text)
         elif isinstance(like, int):
             return int(text)
-    except ValueError:
+    except (ValueError, SyntaxError):
         raise bad from None
     raise bad

@@ -11,8 +11,13 @@ similarity = cosine / temperature):
   hard[e, m]     = mean over valid samples of CE([pos, valid negatives], target = pos)
   in_batch[e, m] = mean over valid in-batch samples of CE(positives of all valid samples in
                    the global batch, target = own positive)
+  kd[e]          = MSE(queries) + MSE(positives) + MSE(negatives): each the mean squared
+                   error over its own group of texts (and the compared dims) between the
+                   student's pooled embedding at exit e and the teacher's at its paired exit
 MRL weights: dims from largest to smallest get n = 1, 2, 3, ... and weight 1/(n sqrt(d/m)).
   total = (sum_e sum_m w_m (hard[e,m] + in_batch[e,m]) + kd_weight sum_e kd[e]) / num_exits
+in_batch_gradient "queries" stops the in-batch term's gradient into the positives (the
+reference recipe on several GPUs); "full" (default) lets it reach them (the paper's maths).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ def config_kwargs(loss_cfg: Any, packs: int | None = None) -> dict:
         mrl_min_dim=int(loss_cfg.mrl_min_dim),
         kd_weight=float(loss_cfg.kd_weight),
         in_batch_block_size=int(loss_cfg.in_batch_block_size),
+        in_batch_gradient=str(loss_cfg.get("in_batch_gradient", "full")),
     )
     if packs is not None:
         kw["packs"] = int(packs)
@@ -135,6 +141,7 @@ def nested_contrastive_loss(
     in_batch_block_size: int = 0,
     num_datasets: int | None = None,
     packs: int | None = None,
+    in_batch_gradient: str = "full",
 ) -> tuple[jax.Array, dict]:
     """The recipe's per-step loss.
 
@@ -150,10 +157,11 @@ def nested_contrastive_loss(
         positives of all counted samples (in_batch or not).
       temperature: cosine similarities are divided by it.
       mrl_min_dim: smallest MRL dim (see `recipe.mrl_dims`); static.
-      teacher_pooled: [X, d_t] final pooled embeddings of a frozen teacher, or None (no KD).
-        Gradients never flow into it. If d_t >= d the teacher is cut to the student's width d
-        (the recipe); if d_t < d the student is cut to d_t instead, since there is nothing to
-        compare its extra dims with.
+      teacher_pooled: [E, X, d_t] pooled embeddings of a frozen teacher, exit by exit paired
+        with the student's (train_step.teacher_config says which teacher layer pairs with
+        which student exit), or None (no KD). Gradients never flow into it. If d_t >= d the
+        teacher is cut to the student's width d (the recipe); if d_t < d the student is cut
+        to d_t instead, since there is nothing to compare its extra dims with.
       kd_weight: weight of the KD term.
       in_batch_block_size: rows per block of the in-batch logits; <= 0 = no blocking. Static.
       num_datasets: if given (static), metrics also hold a per-dataset mean sample loss.
@@ -165,13 +173,16 @@ def nested_contrastive_loss(
         global gather, where every device ends up holding every sample's query, positive and
         negatives ([E, S, N, d] at global S: too much memory at large global batches).
         Same result either way.
+      in_batch_gradient: "full" or "queries" (static): with "queries" the in-batch term
+        treats the positives as constants (its gradient reaches the queries only); the hard
+        term's gradient reaches positives either way.
 
     Returns:
       (total, metrics): total is an fp32 scalar. metrics (fp32 unless noted):
         total, hard, in_batch, kd: scalars, with total = hard + in_batch + kd_weight * kd,
           i.e. each part is already averaged over exits;
         hard_per_exit, in_batch_per_exit: [E], the MRL-weighted sum over dims at each exit;
-        kd_per_exit: [E] the (unweighted) MSE at each exit;
+        kd_per_exit: [E] the (unweighted) MSE(q) + MSE(p) + MSE(negatives) at each exit;
         num_samples, num_in_batch, num_negatives, num_texts: int32 counts of valid items;
         sample_loss: [S] each valid sample's own hard + in-batch loss, MRL-weighted and
           averaged over exits (0 for empty slots);
@@ -187,6 +198,8 @@ def nested_contrastive_loss(
 
     if packs is not None and X % packs:
         raise ValueError(f"{X} text slots do not split into packs={packs} equal packs")
+    if in_batch_gradient not in ("full", "queries"):
+        raise ValueError(f"in_batch_gradient={in_batch_gradient!r} must be 'full' or 'queries'")
 
     def take(arr, idx, axis):
         return pack_local_take(arr, idx, axis, packs)
@@ -216,8 +229,13 @@ def nested_contrastive_loss(
         hard_lse = jax.nn.logsumexp(
             jnp.concatenate([pos[..., None], jnp.where(neg_ok[None], neg, _MASKED)], -1), -1)
         hard_ce = jnp.where(sample_ok, hard_lse - pos, 0.0)  # [E, S]
-        inb_lse = in_batch_lse(q, p, sample_ok, temperature, in_batch_block_size)
-        inb_ce = jnp.where(row_ok, inb_lse - pos, 0.0)  # [E, S]
+        if in_batch_gradient == "queries":  # positives as constants in the in-batch term
+            p_cols = jax.lax.stop_gradient(p)
+            inb_pos = jnp.sum(q * p_cols, axis=-1) / temperature
+        else:
+            p_cols, inb_pos = p, pos
+        inb_lse = in_batch_lse(q, p_cols, sample_ok, temperature, in_batch_block_size)
+        inb_ce = jnp.where(row_ok, inb_lse - inb_pos, 0.0)  # [E, S]
         hard_e = hard_e + w * jnp.sum(hard_ce * sample_w, axis=-1)
         inb_e = inb_e + w * jnp.sum(inb_ce * row_w, axis=-1)
         sample_loss = sample_loss + w * jnp.mean(hard_ce + inb_ce, axis=0)
@@ -226,11 +244,19 @@ def nested_contrastive_loss(
         kd_e = jnp.zeros((E,), f32)
     else:
         t = jax.lax.stop_gradient(teacher_pooled).astype(f32)
+        if t.ndim != 3 or t.shape[:2] != (E, X):
+            raise ValueError(f"teacher_pooled has shape {t.shape}; want [{E}, {X}, d_t]: one "
+                             "teacher exit per student exit")
         width = min(d, t.shape[-1])
-        t = jnp.where(text_valid[:, None], t[:, :width], 0.0)
-        sq = jnp.sum(jnp.square(x[..., :width] - t[None]), axis=-1)  # [E, X], 0 if invalid
-        n_texts_f = jnp.maximum(jnp.sum(text_valid), 1).astype(f32)
-        kd_e = jnp.sum(sq, axis=-1) / (n_texts_f * width)
+        t = jnp.where(text_valid[None, :, None], t[..., :width], 0.0)
+        sq = jnp.sum(jnp.square(x[..., :width] - t), axis=-1)  # [E, X], 0 if invalid
+        # Each group's mean over its own texts and the compared dims, then summed.
+        def group_mse(idx, ok):
+            err = take(sq, idx, 1)  # [E, S(, N)]
+            n = jnp.maximum(jnp.sum(ok), 1).astype(f32) * width
+            return jnp.sum(jnp.where(ok[None], err, 0.0), axis=tuple(range(1, err.ndim))) / n
+
+        kd_e = group_mse(qt, sample_ok) + group_mse(pt, sample_ok) + group_mse(nt, neg_ok)
 
     hard, inb, kd = jnp.mean(hard_e), jnp.mean(inb_e), jnp.mean(kd_e)
     total = hard + inb + kd_weight * kd

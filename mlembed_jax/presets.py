@@ -1,5 +1,7 @@
 """Run presets the size configs build on: the recipe's base config with one published Qwen3
-shape and that size's default layout filled in (configs/0.6b.py ... configs/8b.py).
+shape and that size's default layout filled in (configs/0.6b.py ... configs/8b.py), and the
+runs the paper and its release imply on top of a size: the released run (`released_run`)
+and the paper's two training stages (`paper_stage`).
 
 Shapes (hidden, intermediate, layers, q heads, kv heads) and tie flags are the published
 Qwen3 ones; vocab 151,936, head_dim 128, RoPE theta 1e6.
@@ -56,3 +58,31 @@ def qwen3_config(size: str):
     # The recipe's per-device batch: one pack of 8 samples per device (data.packs_per_step
     # -1), packed into rows of 1024 tokens (base_config's data.* fields).
     return c
+
+
+def released_run(c):
+    """The released run's settings: MEL at a fixed rank, r_max (512), without rank sampling
+    (model.mel_r_min = mel_r_max: the rank set is {r_max}). Returns `c`."""
+    c.model.mel_r_min = c.model.mel_r_max
+    return c
+
+
+def stage1_workdir(size: str) -> str:
+    """Where the README's stage-1 command writes, which stage 2 continues from."""
+    return f"runs/{size}-stage1"
+
+
+def paper_stage(c, stage: int, size: str):
+    """The paper's two stages. 1: the retrieval datasets only (data.task_types), from the
+    HF backbone given as train.init_from. 2: the full mix, from stage 1's trained weights
+    (train.init_from = stage 1's workdir: its params, MEL factors as trained, with a fresh
+    optimizer and data order). Returns `c`."""
+    if stage == 1:
+        c.data.task_types = ("retrieval",)
+    elif stage == 2:
+        c.data.task_types = ()
+        c.train.init_from = stage1_workdir(size)
+    else:
+        raise ValueError(f"stage={stage!r}: the paper trains in stages 1 and 2")
+    return c
+

@@ -30,13 +30,15 @@ from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mlembed_jax.batch import text_lengths  # noqa: E402
-from mlembed_jax.checkpoint import Checkpointer, DataStateBox  # noqa: E402
+from mlembed_jax.checkpoint import Checkpointer, DataStateBox, init_params_from  # noqa: E402
 from mlembed_jax.config import ConfigError, validate  # noqa: E402
+from mlembed_jax.data.manifest import ManifestError  # noqa: E402
 from mlembed_jax.data.pipeline import make_train_iterator, make_validation_iterator  # noqa: E402
+from mlembed_jax.data.plan import make_data_plan  # noqa: E402
+from mlembed_jax.data.prepare import DataError  # noqa: E402
 from mlembed_jax.eval.periodic import make_periodic_evaluator  # noqa: E402
 from mlembed_jax.metrics_log import MetricsWriter, flatten  # noqa: E402
 from mlembed_jax.model.encoder import abstract_params  # noqa: E402
-from mlembed_jax.model.hf_import import load_hf_params  # noqa: E402
 from mlembed_jax.model.kernel_check import resolve_attention  # noqa: E402
 from mlembed_jax.model.qwen3 import param_count  # noqa: E402
 from mlembed_jax.perf import flops as flops_lib  # noqa: E402
@@ -89,7 +91,10 @@ def run(config, workdir: str) -> int:
 
     packs = sharding.packs_per_step(config.data, mesh, rules)
     pack_range = sharding.process_pack_range(mesh, rules, packs)  # TPU pods: non-contiguous
-    train_iter = make_train_iterator(config, packs, pack_range=pack_range)
+    t0 = time.time()
+    plan = make_data_plan(config, packs)  # every process the same, from the lengths alone
+    _log(f"data plan ({time.time() - t0:.1f}s): {plan.describe()}")
+    train_iter = make_train_iterator(config, packs, pack_range=pack_range, plan=plan)
     try:
         return _train(config, workdir, mesh, train_iter, pack_range, preempt)
     finally:
@@ -99,16 +104,16 @@ def run(config, workdir: str) -> int:
 def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
     primary = jax.process_index() == 0
     rules = config.mesh.logical_axis_rules
-    geometry = train_iter.global_geometry
-    val_batches = make_validation_iterator(config, geometry.packs, pack_range=pack_range)
+    plan = train_iter.plan
+    val_batches = make_validation_iterator(config, plan.packs, pack_range=pack_range, plan=plan)
     names = list(train_iter.dataset_names)
     total_steps = (config.train.max_steps if config.train.max_steps > 0
                    else config.train.epochs * train_iter.steps_per_epoch)
     _log(f"data: {len(names)} datasets, {train_iter.steps_per_epoch} steps per epoch, "
-         f"{total_steps} steps; batch geometry {geometry}")
+         f"{total_steps} steps; largest batch geometry {plan.geometry()}")
 
     step_fns = build_step(config, mesh, total_steps=total_steps, num_datasets=len(names),
-                          geometry=geometry)
+                          geometries=plan.geometries)
     enc = step_fns.setup.enc
     teacher_params = step_fns.load_teacher()
     n_params = param_count(abstract_params(enc))
@@ -123,21 +128,25 @@ def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
         train_iter.set_state(data_box.state)
         _log(f"resumed from {ckpt.directory}/{latest}")
     elif config.train.init_from:
-        host = load_hf_params(config.train.init_from, enc, allow_fewer_layers=True)
+        host, what = init_params_from(config.train.init_from, enc, config)
         state = step_fns.init_state(host)
         del host
-        _log(f"initialised from HF checkpoint {config.train.init_from}")
+        _log(what)
     else:
         state = step_fns.init_state()
         _log("initialised from scratch (random weights)")
 
-    train_fn, eval_fn = step_fns.train, step_fns.eval
-    with step_fns.rules_context():
-        first_batch, first_stats = next(train_iter)
-        gb = sharding.to_global_batch(first_batch, geometry, mesh, rules)
-        t0 = time.time()
-        compiled = train_fn.lower(state, gb, teacher_params).compile()
-        _log(f"compiled train step in {time.time() - t0:.1f}s; {memory_line(compiled)}")
+    # One compiled step per row bucket, all before the first step (a step of another shape
+    # would be an error, never a recompile).
+    used = plan.shapes_used()
+    t0 = time.time()
+    compiled = step_fns.compile_train(state, teacher_params, rows=used["train"])
+    eval_fns = (step_fns.compile_eval(state.params, teacher_params, rows=used["validation"])
+                if config.train.eval_every > 0 else {})
+    largest = max(compiled)
+    _log(f"compiled {len(compiled)} train step shape(s) (rows per pack {sorted(compiled)}) and "
+         f"{len(eval_fns)} eval shape(s) in {time.time() - t0:.1f}s; largest "
+         f"({largest} rows): {memory_line(compiled[largest])}")
 
     writer = MetricsWriter(workdir, enabled=primary)
     periodic_eval = make_periodic_evaluator(config)  # None unless eval.every > 0
@@ -145,21 +154,19 @@ def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
     start = int(jax.device_get(state.step))
     if start == 0 and config.train.eval_every > 0:
         with step_fns.rules_context():  # the baseline the validation loss falls from
-            writer.write(0, _validate(eval_fn, state.params, val_batches, geometry, mesh,
+            writer.write(0, _validate(eval_fns, state.params, val_batches, plan, mesh,
                                       rules, teacher_params, names))
     bar = tqdm(total=total_steps, initial=start, disable=not primary, dynamic_ncols=True,
                desc="train")
     pending, interval_tokens, interval_flops, interval_stats = [], 0, 0.0, []
     t_last = time.time()
     step = start
-    pending_batch = (first_batch, first_stats)
     exit_code = 0
     with step_fns.rules_context():
         while step < total_steps:
-            batch, stats = pending_batch if pending_batch else next(train_iter)
-            pending_batch = None
-            gb = sharding.to_global_batch(batch, geometry, mesh, rules)
-            state, metrics = compiled(state, gb, teacher_params)
+            batch, stats = next(train_iter)
+            gb = sharding.to_global_batch(batch, plan.geometry(stats["rows"]), mesh, rules)
+            state, metrics = compiled[stats["rows"]](state, gb, teacher_params)
             step += 1
             preempt.check(step)
             lengths = text_lengths(batch)
@@ -167,6 +174,9 @@ def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
             interval_flops += flops_lib.train_flops(config.model, lengths)
             interval_stats.append(stats)
             pending.append(metrics)
+            if "epoch_end" in stats:
+                writer.write(step, _epoch_values(stats["epoch_end"]))
+                _log(f"\n{_epoch_line(stats['epoch_end'])}")
 
             if step % config.train.log_every == 0 or step == total_steps or preempt.requested:
                 host = jax.device_get(pending)  # the only host sync of the interval
@@ -184,7 +194,7 @@ def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
 
             if config.train.eval_every > 0 and (step % config.train.eval_every == 0
                                                 or step == total_steps):
-                writer.write(step, _validate(eval_fn, state.params, val_batches, geometry, mesh,
+                writer.write(step, _validate(eval_fns, state.params, val_batches, plan, mesh,
                                              rules, teacher_params, names))
             if periodic_eval is not None and (step % config.eval.every == 0
                                                or step == total_steps):
@@ -220,7 +230,8 @@ def _interval_values(host_metrics, stats, names, tokens, flops, dt, device_kind,
     for k in [k for k in out if k.startswith("train/dataset_")]:
         del out[k]
     out["data/padding_fraction"] = sum(s["padding_fraction"] for s in stats) / steps
-    out["data/carried_over"] = float(sum(s["carried_over"] for s in stats))
+    out["data/rows_per_pack"] = sum(s["rows"] for s in stats) / steps
+    out["data/partial_batches"] = float(sum(s["partial"] for s in stats))
     out["perf/tokens_per_s"] = tokens * processes / dt
     out["perf/step_time_s"] = dt / steps
     mfu = flops_lib.mfu(flops, dt, device_kind, local_devices)
@@ -228,7 +239,25 @@ def _interval_values(host_metrics, stats, names, tokens, flops, dt, device_kind,
     return out
 
 
-def _validate(eval_fn, params, val_batches, geometry, mesh, rules, teacher_params,
+def _epoch_values(summary: dict) -> dict:
+    """metrics.jsonl entries of an epoch's coverage (PackedTrainIterator.epoch_summary)."""
+    out = {"data/epoch": float(summary["epoch"]), "data/epoch_coverage": summary["coverage"],
+           "data/epoch_samples": float(summary["samples"]),
+           "data/epoch_partial_batches": float(summary["partial_batches"])}
+    for rows, n in summary["steps_by_rows"].items():
+        out[f"data/epoch_steps_at_rows/{rows}"] = float(n)
+    return out
+
+
+def _epoch_line(summary: dict) -> str:
+    shapes = ", ".join(f"{n} at {r} rows" for r, n in summary["steps_by_rows"].items())
+    return (f"epoch {summary['epoch']} done: {summary['samples']:,} of "
+            f"{summary['train_samples']:,} training samples ({summary['coverage']:.1%}), "
+            f"nothing carried over; {summary['steps']} steps ({shapes}), "
+            f"{summary['partial_batches']} partial batch(es)")
+
+
+def _validate(eval_fns, params, val_batches, plan, mesh, rules, teacher_params,
               names) -> dict:
     """Means of the eval metrics over the whole held-out split: sample-weighted, except the
     in-batch accuracy and its chance level, which only retrieval samples have."""
@@ -236,8 +265,8 @@ def _validate(eval_fn, params, val_batches, geometry, mesh, rules, teacher_param
     sums, weights = {}, {"samples": 0.0, "retrieval": 0.0}
     per_dataset: dict[str, list[float]] = {}
     for batch, stats in val_batches:
-        m = jax.device_get(eval_fn(params, sharding.to_global_batch(batch, geometry, mesh, rules),
-                                   teacher_params))
+        gb = sharding.to_global_batch(batch, plan.geometry(stats["rows"]), mesh, rules)
+        m = jax.device_get(eval_fns[stats["rows"]](params, gb, teacher_params))
         w = {"samples": float(m["num_samples"]), "retrieval": float(m["num_in_batch"])}
         if w["samples"] == 0:
             continue
@@ -268,7 +297,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     try:
         code = run(FLAGS.config, FLAGS.workdir)
-    except ConfigError as e:
+    except (ConfigError, DataError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)

@@ -5,16 +5,19 @@ sharded step that training, the AOT compile and the benchmark all run.
 rank is sampled inside the step, and the state is donated so params are updated in place.
 
 `build_step(config, mesh, ...)` assembles everything a run's step needs from the config:
-model, batch geometry (packs from the mesh's batch shards), optimizer, loss options, the KD
-teacher's shape, the state's abstract shapes and shardings, and the jitted train and eval
-steps. `tools/aot_compile.py` lowers what it returns on shapes alone; `tools/benchmark.py`
-times it; `python -m mlembed_jax.train` runs it.
+model, batch geometries (one per row bucket; packs from the mesh's batch shards), optimizer,
+loss options, the KD teacher's shape, the state's abstract shapes and shardings, and the
+jitted train and eval steps (one trace per bucket; `compile_train` / `compile_eval` compile
+them all before the first step). `tools/aot_compile.py` lowers what it returns on shapes
+alone (the largest bucket, for memory); `tools/benchmark.py` times it;
+`python -m mlembed_jax.train` runs it.
 State creation never builds anything whole on one device: random init runs under jit with
 the state's out_shardings, and host weights go to devices shard by shard.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from typing import Any, Callable
 
@@ -25,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mlembed_jax.batch import BatchGeometry, geometry_from_config, globalize_slots
+from mlembed_jax.batch import BatchGeometry, geometry_from_config, globalize_slots, row_buckets
 from mlembed_jax.config import ConfigError
 from mlembed_jax.loss import (
     config_kwargs,
@@ -52,7 +55,9 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepSetup:
-    """Everything static a step needs: model, geometry, optimiser, loss options, teacher."""
+    """Everything static a step needs: model, geometry, optimiser, loss options, teacher.
+    Only the geometry's packs, texts and negatives per pack matter here (they are the same
+    in every row bucket); its rows are the largest bucket's."""
 
     enc: EncoderConfig
     geometry: BatchGeometry
@@ -61,6 +66,8 @@ class StepSetup:
     loss_kwargs: dict
     num_datasets: int | None = None
     teacher: EncoderConfig | None = None
+    # For each student exit, the index of its paired exit among teacher.exits.
+    teacher_pairs: tuple[int, ...] = ()
 
 
 def pooled_embeddings(setup: StepSetup, params, batch, rank):
@@ -69,11 +76,14 @@ def pooled_embeddings(setup: StepSetup, params, batch, rank):
 
 
 def _teacher_pooled(setup: StepSetup, teacher_params, batch):
+    """[E, X, d_t]: the teacher's pooled embeddings at the exit paired with each of the
+    student's E exits (`teacher_config`), or None without a teacher."""
     if setup.teacher is None:
         return None
     out = encode(teacher_params, setup.teacher, batch["tokens"], batch["segment_ids"],
-                 batch["positions"], batch["pool_index"])["pooled"][-1]
-    return jax.lax.stop_gradient(out)
+                 batch["positions"], batch["pool_index"])["pooled"]
+    pairs = setup.teacher_pairs or tuple(range(out.shape[0]))
+    return jax.lax.stop_gradient(out[jnp.asarray(pairs)])
 
 
 def step_rank(setup: StepSetup, state: TrainState):
@@ -239,20 +249,37 @@ def with_shardings(abstract, shardings):
 # The one builder.
 
 
-def teacher_config(config, enc: EncoderConfig) -> EncoderConfig | None:
-    """The KD teacher's shape from its HF config.json (no weights read), run in the
-    student's compute dtype and attention kernel, with one exit: its last layer."""
+def teacher_exit_layers(student_exits, student_layers: int, teacher_layers: int):
+    """The teacher layer paired with each student exit (the KD rule).
+
+    The student's last layer pairs with the teacher's last layer. Every other exit e pairs
+    with the teacher's layer e when the teacher has it, else with its last layer. A teacher
+    of the student's depth thus runs through exactly the student's exits, paired by index;
+    a deeper one is also read at the student's intermediate exits; a shallower one gives its
+    last layer to the exits it does not reach.
+    """
+    return tuple(teacher_layers if e == student_layers else min(e, teacher_layers)
+                 for e in student_exits)
+
+
+def teacher_config(config, enc: EncoderConfig):
+    """(teacher EncoderConfig, pairs) from its HF config.json (no weights read), run in the
+    student's compute dtype and attention kernel, at the layers `teacher_exit_layers` pairs
+    with the student's exits; pairs[i] indexes the teacher exit of student exit i.
+    (None, ()) without a teacher."""
     if not config.loss.teacher:
-        return None
+        return None, ()
     teacher = encoder_config_from_hf(config.loss.teacher, compute_dtype=enc.compute_dtype,
                                      param_dtype=enc.compute_dtype, attention=enc.attention,
                                      exits=())
-    teacher = teacher.truncated(teacher.num_layers)
+    layers = teacher_exit_layers(enc.exits, enc.num_layers, teacher.num_layers)
+    exits = tuple(sorted(set(layers)))
+    teacher = dataclasses.replace(teacher, exits=exits)
     if teacher.vocab_size < enc.vocab_size:
         raise ConfigError(f"teacher {config.loss.teacher!r} has vocab {teacher.vocab_size}, "
                           f"smaller than the student's {enc.vocab_size}; use a teacher with "
                           "the same tokenizer")
-    return teacher
+    return teacher, tuple(exits.index(t) for t in layers)
 
 
 @dataclasses.dataclass
@@ -268,6 +295,7 @@ class BuiltStep:
     mesh: Mesh
     rules: Any
     setup: StepSetup
+    geometries: tuple  # BatchGeometry per row bucket, fewest rows first
     abstract_state: TrainState  # ShapeDtypeStructs with shardings
     state_shardings: TrainState
     batch_shardings: dict
@@ -277,15 +305,35 @@ class BuiltStep:
 
     @property
     def geometry(self) -> BatchGeometry:
-        return self.setup.geometry
+        """The largest bucket's geometry: the step whose memory a run must have."""
+        return self.geometries[-1]
 
     def rules_context(self):
         return activation_rules(self.mesh, self.rules)
 
-    def abstract_batch(self) -> dict:
-        """ShapeDtypeStructs of a global batch, with the batch shardings."""
+    def abstract_batch(self, geometry: BatchGeometry | None = None) -> dict:
+        """ShapeDtypeStructs of a global batch (default: the largest bucket's), with the
+        batch shardings."""
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_shardings[k])
-                for k, (shape, dtype) in self.geometry.shapes().items()}
+                for k, (shape, dtype) in (geometry or self.geometry).shapes().items()}
+
+    def _compile(self, fn, first, teacher_params, rows) -> dict:
+        with self.rules_context():
+            lowered = {g.rows_per_pack: fn.lower(first, self.abstract_batch(g), teacher_params)
+                       for g in self.geometries if rows is None or g.rows_per_pack in rows}
+        # XLA compiles outside the GIL: the buckets compile side by side.
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(lowered))) as pool:
+            done = {r: pool.submit(low.compile) for r, low in lowered.items()}
+            return {r: f.result() for r, f in done.items()}
+
+    def compile_train(self, state, teacher_params=None, rows=None) -> dict:
+        """{rows per pack: compiled train step} for the buckets `rows` (default: all).
+        Calling a compiled step with another shape is an error, never a recompile."""
+        return self._compile(self.train, state, teacher_params, rows)
+
+    def compile_eval(self, params, teacher_params=None, rows=None) -> dict:
+        """{rows per pack: compiled eval step} for the buckets `rows` (default: all)."""
+        return self._compile(self.eval, params, teacher_params, rows)
 
     def abstract_teacher(self):
         """ShapeDtypeStructs of the teacher's params (None without a teacher)."""
@@ -307,29 +355,44 @@ class BuiltStep:
 
 
 def build_step(config, mesh: Mesh, *, total_steps: int, num_datasets: int | None = None,
-               geometry: BatchGeometry | None = None) -> BuiltStep:
+               geometries=None) -> BuiltStep:
     """The run's step for `mesh`, from the config alone (no weights, no data).
 
     total_steps: the length of the lr schedule (it changes no shape). num_datasets: for the
-    per-dataset loss metrics. geometry: the global batch geometry; by default the config's
-    (data.*) with one pack per batch shard of the mesh (data.packs_per_step).
+    per-dataset loss metrics. geometries: the global batch geometry of each row bucket (a
+    BatchGeometry or a sequence of them, same packs); by default the config's
+    data.rows_per_pack buckets with one pack per batch shard of the mesh
+    (data.packs_per_step). Derived buckets (data.rows_per_pack=()) come from the data plan
+    (data/plan.py), so they must be passed.
     """
     rules = config.mesh.logical_axis_rules
-    if geometry is None:
-        geometry = geometry_from_config(config.data, packs_per_step(config.data, mesh, rules))
+    if geometries is None:
+        packs = packs_per_step(config.data, mesh, rules)
+        buckets = row_buckets(config.data) or (None,)
+        try:
+            geometries = [geometry_from_config(config.data, packs, r) for r in buckets]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if isinstance(geometries, BatchGeometry):
+        geometries = [geometries]
+    geometries = tuple(sorted(geometries, key=lambda g: g.rows_per_pack))
+    if len({dataclasses.replace(g, rows_per_pack=0) for g in geometries}) != 1:
+        raise ValueError(f"the row buckets' geometries differ in more than their rows: "
+                         f"{geometries}")
+    geometry = geometries[-1]
     enc = EncoderConfig.from_config(config.model)
     tx, schedule = make_optimizer(config.optim, total_steps)
-    teacher = teacher_config(config, enc)
+    teacher, pairs = teacher_config(config, enc)
     setup = StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
                       loss_kwargs=config_kwargs(config.loss, packs=geometry.packs),
-                      num_datasets=num_datasets, teacher=teacher)
+                      num_datasets=num_datasets, teacher=teacher, teacher_pairs=pairs)
     abstract = abstract_state(setup, int(config.train.seed))
     state_sh = state_shardings(setup, mesh, rules, abstract)
     teacher_sh = (logical_shardings(param_logical_axes(teacher), mesh, rules)
                   if teacher is not None else None)
     train, evaluate = jit_steps(setup, mesh, rules, state_sh, teacher_sh)
     return BuiltStep(config=config, mesh=mesh, rules=rules, setup=setup,
-                     abstract_state=with_shardings(abstract, state_sh),
+                     geometries=geometries, abstract_state=with_shardings(abstract, state_sh),
                      state_shardings=state_sh,
                      batch_shardings=batch_shardings(mesh, rules, geometry),
                      teacher_shardings=teacher_sh, train=train, eval=evaluate)

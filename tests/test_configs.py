@@ -71,6 +71,12 @@ def test_overrides_apply_and_unknown_fields_are_rejected():
     ({"model.attention": "flash9000"}, "model.attention"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, "at most one of"),
     ({"data.max_seq_length": 128}, "exceeds data.seq_len"),
+    ({"data.rows_per_pack": (19, 0)}, "data.rows_per_pack=\\(19, 0\\) must be \\(\\)"),
+    ({"data.task_types": ("retrieval", "ranking")}, "data.task_types has \\['ranking'\\]"),
+    ({"loss.teacher": "/some/teacher"}, "loss.teacher='/some/teacher' is set but "
+     "loss.kd_weight=0.0: set loss.kd_weight > 0"),
+    ({"loss.kd_weight": 1.0}, "loss.kd_weight=1.0 needs a teacher"),
+    ({"loss.in_batch_gradient": "positives"}, "must be 'full' or 'queries'"),
 ])
 def test_validate_rejects_nonsense(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -99,6 +105,15 @@ def test_apply_overrides_parses_strings_as_the_fields_type():
         apply_overrides(c, {"model.num_layers": "x"})
     with pytest.raises(ConfigError, match="unknown config field 'model.nope'"):
         apply_overrides(c, {"model.nope": "1"})
+    # Tuple fields (the row buckets) from the command line or a Python int.
+    for text, want in (("19", (19,)), ("18,20", (18, 20)), ("(18, 20, 24)", (18, 20, 24)),
+                       ("", ())):
+        apply_overrides(c, {"data.rows_per_pack": text})
+        assert c.data.rows_per_pack == want, text
+    apply_overrides(c, {"data.rows_per_pack": 40})
+    assert c.data.rows_per_pack == (40,)
+    with pytest.raises(ConfigError, match="holds tuple; cannot set it to 'x'"):
+        apply_overrides(c, {"data.rows_per_pack": "x"})
 
 
 @pytest.mark.parametrize("size", sorted(RECIPE_SHAPES))

@@ -61,7 +61,6 @@ def data_config(prepared_dir: str, **overrides):
     d.prepared_dir = prepared_dir
     d.seq_len = 64
     d.max_seq_length = 64
-    d.rows_per_pack = 24
     d.samples_per_pack = 4
     d.validation_fraction = 0.1
     d.min_validation_samples = 8

@@ -1,14 +1,12 @@
-"""Packing: first-fit-decreasing correctness and the benchmark length mix."""
+"""Packing: first-fit-decreasing correctness and the packed row layout."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mlembed_jax.batch import BatchGeometry, check_batch, geometry_from_config
-from mlembed_jax.config import base_config
+from mlembed_jax.batch import BatchGeometry, check_batch
 from mlembed_jax.data import packing
-from mlembed_jax.perf import benchmark_mix
 
 
 def test_ffd_places_every_text_without_overlap():
@@ -33,8 +31,7 @@ def test_fill_pack_rows_decode_to_inputs_in_order():
                       samples_per_pack=3, max_negatives=2)
     rng = np.random.default_rng(1)
     lens = np.array([[3, 9, 4, 2], [5, 7, 6, 1]])
-    m, rows, offs = packing.plan_pack(lens, g, "ffd")
-    assert m == 2
+    rows, offs = packing.plan_pack(lens, g, "ffd")
     texts = [np.append(rng.integers(2, 100, n - 1), 1).astype(np.int32) for n in lens.ravel()]
     batch = g.empty()
     real = packing.fill_pack(batch, 1, g, texts, 4, rows, offs, 2, dataset_id=3, in_batch=True)
@@ -54,28 +51,11 @@ def test_fill_pack_rows_decode_to_inputs_in_order():
     assert batch["sample_valid"][1].tolist() == [True, True, False]
 
 
-def test_one_sample_that_can_never_fit_is_an_error():
+def test_samples_that_do_not_fit_are_an_error():
     g = BatchGeometry(1, 2, 16, 8, 2, 2)
-    with pytest.raises(packing.PackingError, match="raise data.rows_per_pack"):
+    with pytest.raises(packing.PackingError, match="do not fit a pack of 2 rows x 16"):
         packing.plan_pack(np.array([[16, 16, 16, 1]]), g, "ffd")
     with pytest.raises(packing.PackingError, match="exceeds seq_len=16"):
         packing.plan_pack(np.array([[17, 1, 1, 1]]), g, "ffd")
-
-
-def test_benchmark_mix_padding_at_most_10_percent():
-    g = geometry_from_config(base_config().data, packs=2)  # the recipe's pack
-    assert (g.rows_per_pack, g.seq_len, g.samples_per_pack) == (19, 1024, 10)
-    pads, backlog, samples = [], [], 0
-    for batch, stats in benchmark_mix.benchmark_batches(g, steps=150, seed=0):
-        pads.append(stats["padding_fraction"])
-        backlog.append(stats["carry_backlog"])
-        samples += stats["samples"]
-    check_batch(batch, g)
-    assert np.mean(pads) <= 0.10, np.mean(pads)
-    assert max(backlog) <= 2 * 8  # carried-over samples drain: nothing piles up
-    assert samples + backlog[-1] == 150 * 2 * 8  # every generated sample packed or waiting
-    # The reference layout (each text padded to the longest) pads ~70% on the same mix.
-    ref = BatchGeometry(1, 72, 1024, 72, 8, 7)  # one text per row, 7 negatives
-    longest = [s["padding_fraction_longest"] for _, s in
-               benchmark_mix.benchmark_batches(ref, steps=20, mode="pad_to_longest")]
-    assert 0.6 < np.mean(longest) < 0.8
+    with pytest.raises(packing.PackingError, match="exceeds seq_len=16"):
+        packing.ffd_rows_needed(np.array([[17, 1]]), 16)

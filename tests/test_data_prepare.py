@@ -194,9 +194,13 @@ def test_dataset_smaller_than_one_batch(tmp_path):
         "big": ("retrieval", 120, 8), "tiny": ("clustering", 30, 9)})
     out = str(tmp_path / "prep")
     prepare_data(raw, mpath, TOKENIZER, out, max_seq_length=48, workers=1, verbose=False)
-    with pytest.raises(DataError, match=r"dataset 'tiny' .*tiny_query.parquet.* has 22 "
-                                        r"training rows .* fewer than one batch of 32"):
-        make_train_iterator(data_config(out), packs=8)
+    # 22 training rows, fewer than a step's 8 packs x 4: one partial batch per epoch (it
+    # used to stop the run; tests/test_data_pipeline.py checks what such a batch holds).
+    it = make_train_iterator(data_config(out), packs=8)
+    assert it.plan.small == {"tiny": 22}
+    steps = [next(it)[1] for _ in range(it.steps_per_epoch)]
+    assert [(s["step_samples"], s["partial"]) for s in steps if s["dataset"] == "tiny"] == \
+        [(22, True)]
 
 
 def test_text_longer_than_seq_len_fails_loudly(tmp_path):
@@ -205,3 +209,98 @@ def test_text_longer_than_seq_len_fails_loudly(tmp_path):
     prepare_data(raw, mpath, TOKENIZER, out, max_seq_length=64, workers=1, verbose=False)
     with pytest.raises(DataError, match=r"exceeds data.seq_len=8"):
         load_prepared(out, 8)
+
+
+# ---------------------------------------------------------------------------- recipe caps
+def _kept_queries(out, name, tokenizer):
+    """Indices i of the 'name query i' rows a prepared dataset kept, in file order."""
+    ids = pq.read_table(os.path.join(out, f"{name}_query.parquet")).column(
+        "query_input_ids").to_pylist()
+    return [int(tokenizer.decode(q[:-1]).split()[2]) for q in ids]
+
+
+def test_max_rows_per_dataset_is_a_seeded_deterministic_sample(tmp_path, tokenizer, capsys):
+    from mlembed_jax.data.prepare import sample_rows
+
+    raw, mpath, rows = make_inputs(str(tmp_path))  # ret 160, clu 120, cls 100 rows
+    kw = dict(max_seq_length=48, workers=1, verbose=False)
+    outs = {}
+    for key, cap, seed in (("a", 110, 0), ("b", 110, 0), ("c", 110, 1), ("all", 0, 0)):
+        outs[key] = str(tmp_path / key)
+        prepare_data(raw, mpath, TOKENIZER, outs[key], max_rows_per_dataset=cap,
+                     sample_seed=seed, verbose=key == "a", **{k: v for k, v in kw.items()
+                                                             if k != "verbose"})
+    summary = capsys.readouterr().out
+    assert "2 dataset(s) above max_rows_per_dataset=110 kept a seeded sample (sample_seed=0)" \
+        in summary and "ret 110 of 160" in summary and "clu 110 of 120" in summary
+    for name, (_, n, _) in SMALL.items():
+        a = _kept_queries(outs["a"], name, tokenizer)
+        assert a == _kept_queries(outs["b"], name, tokenizer)  # same seed: same rows
+        assert _kept_queries(outs["all"], name, tokenizer) == list(range(n))
+        if n <= 110:
+            assert a == list(range(n))  # under the cap: every row, in order
+            continue
+        assert len(a) == 110 and a == sorted(a) and len(set(a)) == 110  # file order kept
+        assert a != list(range(110))  # a random sample, not the first rows
+        assert a == sample_rows(n, 110, 0, name).tolist()
+        assert a != _kept_queries(outs["c"], name, tokenizer)  # another seed, other rows
+    info = json.load(open(os.path.join(outs["a"], "prepared.json")))
+    assert (info["max_rows_per_dataset"], info["sample_seed"]) == (110, 0)
+    assert (info["datasets"]["ret"]["input_rows"], info["datasets"]["ret"]["samples"]) == \
+        (160, 110)
+    # The cap is part of a dataset's fingerprint: another cap redoes it on rerun.
+    res = prepare_data(raw, mpath, TOKENIZER, outs["a"], max_rows_per_dataset=100, **kw)
+    assert res.skipped == [] and res.datasets["cls"]["samples"] == 100
+
+
+def test_classification_keeps_only_negative_1(tmp_path):
+    raw, mpath, rows = make_inputs(str(tmp_path), datasets={"cls3": ("classification", 12, 3)})
+    out = str(tmp_path / "prep")
+    res = prepare_data(raw, mpath, TOKENIZER, out, max_seq_length=48, workers=1, verbose=False)
+    q = pq.read_table(os.path.join(out, "cls3_query.parquet"))
+    assert q.column_names == ["query_input_ids", "passage", "negative_1"]
+    assert (res.datasets["cls3"]["negative_columns"],
+            res.datasets["cls3"]["input_negative_columns"]) == (1, 3)
+
+
+def test_manifest_for_the_released_file_names(tmp_path):
+    """tools/make_manifest.py on a folder of files named like the released data."""
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT, subprocess_env
+
+    folder = tmp_path / "released"
+    folder.mkdir()
+    # Task types as the reference code gives them (reference_task_types.json).
+    want = {"amazon_qa": "retrieval", "arxiv_clustering_p2p": "clustering",
+            "banking77": "clustering", "amazon_counterfactual": "classification",
+            "clirmatrix_af-bg": "retrieval", "cnn_dm": "retrieval"}
+    for i, name in enumerate(want):
+        pq.write_table(pa.table({"query": [f"q{i} a", f"q{i} b"], "passage": [f"p{i} a",
+                                                                           f"p{i} b"],
+                                 "negative_1": [f"n{i} a", f"n{i} b"]}),
+                       str(folder / f"{name}.parquet"))
+    tool = [sys.executable, os.path.join(ROOT, "tools", "make_manifest.py"),
+            f"--input_dir={folder}"]
+    out = tmp_path / "manifest.json"
+    r = subprocess.run(tool + [f"--out={out}"], env=subprocess_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text()) == {n: {"task_type": t} for n, t in sorted(want.items())}
+    assert "6 datasets (1 classification, 2 clustering, 3 retrieval)" in r.stdout
+    # The manifest is one prepare_data accepts for that folder.
+    res = prepare_data(str(folder), str(out), TOKENIZER, str(tmp_path / "prep"),
+                       max_seq_length=32, workers=1, verbose=False)
+    assert set(res.datasets) == set(want)
+    # Names the reference never had: an error listing every such file, nothing written.
+    for extra in ("my_private_set", "zz_other"):
+        pq.write_table(pa.table({"query": ["q"], "passage": ["p"], "negative_1": ["n"]}),
+                       str(folder / f"{extra}.parquet"))
+    bad = subprocess.run(tool + [f"--out={tmp_path / 'm2.json'}"], env=subprocess_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert ("2 dataset file(s) have no known task type: my_private_set.parquet, "
+            "zz_other.parquet") in bad.stderr
+    assert not (tmp_path / "m2.json").exists()
+    assert len(manifest_lib.reference_task_types()) == 502

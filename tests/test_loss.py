@@ -17,7 +17,8 @@ from mlembed_jax.recipe import mrl_dims, mrl_weights
 
 # jit everything: op-by-op dispatch of the loss is slow and would dominate the test time.
 loss_jit = jax.jit(L.nested_contrastive_loss,
-                   static_argnames=("mrl_min_dim", "in_batch_block_size", "num_datasets"))
+                   static_argnames=("mrl_min_dim", "in_batch_block_size", "num_datasets",
+                                    "in_batch_gradient"))
 
 
 def softplus(x):
@@ -207,12 +208,16 @@ def reference_loss(pooled, slots, tau, min_dim, teacher=None, kd_weight=0.0):
         inb_e.append(inb_sum)
         if teacher is None:
             kd_e.append(0.0)
-        else:
-            width = min(d, teacher.shape[1])
-            texts = [t for t in range(X) if s["text_valid"][t]]
-            err = sum(float(np.sum((pooled[e, t, :width] - teacher[t, :width]) ** 2))
-                      for t in texts)
-            kd_e.append(err / (len(texts) * width) if texts else 0.0)
+        else:  # MSE(queries) + MSE(positives) + MSE(negatives), each over its own group
+            width = min(d, teacher.shape[-1])
+
+            def sq(t):
+                return float(np.sum((pooled[e, t, :width] - teacher[e, t, :width]) ** 2))
+
+            groups = [[s["query_text"][i] for i in valid], [s["positive_text"][i] for i in valid],
+                      [s["negative_text"][i, j] for i in valid
+                       for j in range(s["negative_text"].shape[1]) if s["negative_valid"][i, j]]]
+            kd_e.append(sum(sum(sq(t) for t in g) / (len(g) * width) for g in groups if g))
     total = (sum(hard_e) + sum(inb_e) + kd_weight * sum(kd_e)) / E
     return total, np.array(hard_e), np.array(inb_e), np.array(kd_e)
 
@@ -225,7 +230,7 @@ def test_matches_numpy_reference(teacher_dim):
     E, d = 3, 32  # dims 32, 16, 8
     X = geo.packs * geo.texts_per_pack
     pooled = rng.normal(size=(E, X, d)).astype(np.float32)
-    teacher = None if teacher_dim is None else rng.normal(size=(X, teacher_dim)).astype(
+    teacher = None if teacher_dim is None else rng.normal(size=(E, X, teacher_dim)).astype(
         np.float32)
     kd_weight = 0.0 if teacher is None else 0.3
     total, m = jax.jit(functools.partial(
@@ -332,14 +337,15 @@ def test_kd_zero_for_identical_teacher_and_no_teacher_gradient():
     pooled, slots = _random_inputs(4, packs=2, E=3)
     student = jnp.asarray(pooled)  # [3, 24, 16]
     invalid = int(np.flatnonzero(~slots["text_valid"])[0])
-    other = student[-1] + 0.5
+    other = student + 0.5
     teachers = {
-        "same": student[-1],  # the student's final exit
+        "same": student,  # the student itself at every exit
         # wider, first 16 dims = the student's: cut to the student's 16 dims
-        "wide": jnp.concatenate([student[-1], jnp.ones((student.shape[1], 8))], axis=1),
-        "narrow": student[-1, :, :8],  # narrower: the student is cut to 8 dims
+        "wide": jnp.concatenate([student, jnp.ones(student.shape[:2] + (8,))], axis=2),
+        "narrow": student[..., :8],  # narrower: the student is cut to 8 dims
+        "last_only": student.at[:-1].add(1.0),  # equal at the last exit only
         "other": other,
-        "other_bad_invalid": other.at[invalid].set(1e6),  # only an invalid text differs
+        "other_bad_invalid": other.at[:, invalid].set(1e6),  # only an invalid text differs
     }
 
     def f(student, teacher):
@@ -353,19 +359,22 @@ def test_kd_zero_for_identical_teacher_and_no_teacher_gradient():
 
     out, (g_student, g_teacher) = run(student, teachers)
     kd = {k: np.asarray(m["kd_per_exit"]) for k, (_, m) in out.items()}
-    # Teacher = student's final exit: that exit's KD is 0, the earlier exits' are not.
     for k in ("same", "wide", "narrow"):
-        assert kd[k][-1] == 0.0, k
-        assert (kd[k][:-1] > 0).all(), k
-    # A different teacher gives positive KD, included in the total with its weight.
+        np.testing.assert_array_equal(kd[k], 0.0, err_msg=k)
+    # Exit by exit: only the exits where the teacher differs have KD.
+    assert kd["last_only"][-1] == 0.0 and (kd["last_only"][:-1] > 0).all()
+    # An offset of 0.5 in every dim: each group's MSE is 0.25, three groups per exit.
+    np.testing.assert_allclose(kd["other"], 0.75, rtol=1e-6)
     total, m = out["other"]
-    assert (kd["other"] > 0).all()
+    np.testing.assert_allclose(m["kd"], 0.75, rtol=1e-6)  # mean over exits of the sum
     np.testing.assert_allclose(total, m["hard"] + m["in_batch"] + m["kd"], rtol=1e-6)
     # Only valid texts count.
     np.testing.assert_allclose(kd["other_bad_invalid"], kd["other"], rtol=1e-6)
     # The teacher is frozen; the student does get a gradient.
     np.testing.assert_array_equal(g_teacher, 0.0)
     assert np.abs(np.asarray(g_student)).sum() > 0
+    with pytest.raises(ValueError, match="one teacher exit per student exit"):
+        f(student, student[-1])
 
 
 # ----------------------------------------------------------------------------------------
@@ -378,7 +387,7 @@ def test_all_empty_batch_is_finite_and_zero(block_size):
                         samples_per_pack=2, max_negatives=2)
     slots = globalize_slots(geo.empty(), geo)
     pooled = jnp.asarray(np.random.default_rng(5).normal(size=(2, 12, 16)), jnp.float32)
-    teacher = pooled[-1] + 1.0
+    teacher = pooled + 1.0
 
     def f(x):
         return L.nested_contrastive_loss(x, slots, mrl_min_dim=4, kd_weight=1.0,
@@ -410,7 +419,97 @@ def test_bf16_input_is_computed_in_fp32():
 def test_config_fields():
     c = base_config()
     kw = L.config_kwargs(c.loss)
-    assert kw == dict(temperature=0.05, mrl_min_dim=8, kd_weight=0.0, in_batch_block_size=0)
+    assert kw == dict(temperature=0.05, mrl_min_dim=8, kd_weight=0.0, in_batch_block_size=0,
+                      in_batch_gradient="full")
     pooled, slots = _random_inputs(7, packs=2)
     total, _ = loss_jit(pooled, slots, **kw)
     assert np.isfinite(float(total))
+
+
+# ----------------------------------------------------------------------------------------
+# Gradients against a NumPy oracle: central differences of a float64 loss written from the
+# recipe (vectorised, so hundreds of evaluations stay cheap).
+
+
+def numpy_loss(x, s, tau, min_dim, teacher=None, kd_weight=0.0, columns=None):
+    """The total loss in float64. `columns`: the embeddings the in-batch term takes its
+    positives (columns and target) from; None = x itself. Finite differences of x with
+    columns fixed give the queries-only in-batch gradient."""
+    E, X, d = x.shape
+    cols = x if columns is None else columns
+    qt, pt, nt = s["query_text"], s["positive_text"], s["negative_text"]
+    tv = s["text_valid"]
+    valid = s["sample_valid"] & tv[qt] & tv[pt]
+    neg_ok = s["negative_valid"] & tv[nt] & valid[:, None]
+    rows = valid & s["in_batch"]
+    dims = mrl_dims(d, min_dim)
+
+    def unit(a):
+        return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+    def lse(a):
+        mx = np.max(a, axis=-1, keepdims=True)
+        return (mx + np.log(np.sum(np.exp(a - mx), axis=-1, keepdims=True)))[..., 0]
+
+    total = 0.0
+    for e in range(E):
+        for n, m in enumerate(dims, start=1):
+            w = 1.0 / (n * math.sqrt(d / m))
+            q, p, ng = unit(x[e, qt, :m]), unit(x[e, pt, :m]), unit(x[e, nt, :m])
+            pc = unit(cols[e, pt, :m])
+            pos = np.sum(q * p, -1) / tau
+            neg = np.where(neg_ok, np.einsum("sm,snm->sn", q, ng) / tau, -np.inf)
+            hard = lse(np.concatenate([pos[:, None], neg], 1)) - pos
+            ib = np.where(valid[None, :], q @ pc.T / tau, -np.inf)
+            inb = lse(ib) - np.diag(ib)
+            total += w * (hard[valid].mean() + (inb[rows].mean() if rows.any() else 0.0))
+        if teacher is not None:
+            width = min(d, teacher.shape[-1])
+            err = np.sum((x[e, :, :width] - teacher[e, :, :width]) ** 2, -1)  # [X]
+            total += kd_weight * (err[qt][valid].sum() / (valid.sum() * width)
+                                  + err[pt][valid].sum() / (valid.sum() * width)
+                                  + err[nt][neg_ok].sum() / (neg_ok.sum() * width))
+    return total / E
+
+
+@pytest.mark.parametrize("in_batch_gradient", ["full", "queries"])
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_gradients_match_numpy_oracle(in_batch_gradient, with_teacher):
+    rng = np.random.default_rng(3)  # 6 samples, 3 of them in-batch, 10 negatives
+    b, geo = make_batch(rng, packs=2, texts=12, samples=3, negs=3)
+    s = {k: np.asarray(v) for k, v in globalize_slots(b, geo).items()}
+    E, X, d = 2, geo.packs * geo.texts_per_pack, 8  # MRL dims 8, 4
+    x0 = rng.normal(size=(E, X, d))
+    teacher = rng.normal(size=(E, X, 12)) if with_teacher else None
+    kd_weight = 0.7 if with_teacher else 0.0
+    assert 0 < (s["sample_valid"] & s["in_batch"]).sum() < s["sample_valid"].sum()
+    f = functools.partial(L.nested_contrastive_loss, slots=s, temperature=0.05, mrl_min_dim=4,
+                          kd_weight=kd_weight, in_batch_gradient=in_batch_gradient,
+                          teacher_pooled=None if teacher is None else teacher.astype(np.float32))
+    (total, m), grad = jax.jit(jax.value_and_grad(lambda x: f(x), has_aux=True))(
+        x0.astype(np.float32))
+    frozen = x0 if in_batch_gradient == "queries" else None
+    want = numpy_loss(x0, s, 0.05, 4, teacher, kd_weight, frozen)
+    np.testing.assert_allclose(total, want, rtol=1e-5)
+    np.testing.assert_allclose(  # the loop reference agrees on the value
+        want, reference_loss(x0, s, 0.05, 4, teacher, kd_weight)[0], rtol=1e-9)
+    oracle = np.zeros_like(x0)
+    eps = 1e-6
+    for idx in np.ndindex(*x0.shape):
+        hi, lo = x0.copy(), x0.copy()
+        hi[idx] += eps
+        lo[idx] -= eps
+        oracle[idx] = (numpy_loss(hi, s, 0.05, 4, teacher, kd_weight, frozen)
+                       - numpy_loss(lo, s, 0.05, 4, teacher, kd_weight, frozen)) / (2 * eps)
+    np.testing.assert_allclose(grad, oracle, rtol=2e-4, atol=2e-5)
+    # The two options differ exactly in the gradient reaching in-batch positives.
+    pos_texts = s["positive_text"][s["sample_valid"] & s["in_batch"]]
+    if in_batch_gradient == "queries":
+        full = jax.jit(jax.grad(lambda x: L.nested_contrastive_loss(
+            x, s, temperature=0.05, mrl_min_dim=4, kd_weight=kd_weight,
+            teacher_pooled=None if teacher is None else teacher.astype(np.float32))[0]))(
+                x0.astype(np.float32))
+        others = np.setdiff1d(np.arange(X), s["positive_text"][s["sample_valid"]])
+        np.testing.assert_allclose(grad[:, others], full[:, others], rtol=1e-5, atol=1e-7)
+        assert np.abs(np.asarray(grad)[:, pos_texts] - np.asarray(full)[:, pos_texts]).max() \
+            > 1e-3

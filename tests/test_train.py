@@ -38,10 +38,14 @@ def test_8_device_mesh_matches_1_device(tmp_path):
 def test_sigterm_then_resume_equals_straight_run(tmp_path):
     steps = 40
     # Prefetch on, as in real runs: the saved state must be the consumed position, not the
-    # prefetcher's.
-    kw = {"train.max_steps": steps, "train.checkpoint_every": 1000, "data.prefetch": 2}
+    # prefetcher's. Two row buckets, so the steps before and after the kill change shape.
+    kw = {"train.max_steps": steps, "train.checkpoint_every": 1000, "data.prefetch": 2,
+          "data.num_shapes": 2}
     straight = run_cli(tmp_path / "straight", **kw)
     assert straight.returncode == 0, straight.stderr[-2000:]
+    rows = {m["step"]: m["data/rows_per_pack"] for m in read_metrics(str(tmp_path / "straight"))
+            if "data/rows_per_pack" in m}
+    assert len(set(rows.values())) == 2, rows
 
     work = tmp_path / "killed"
     proc = subprocess.Popen(cli_args(work, **kw), env=subprocess_env(),

@@ -16,7 +16,13 @@ from mlembed_jax.model.encoder import init_params
 from mlembed_jax.model.qwen3 import EncoderConfig
 from mlembed_jax.optim import make_optimizer
 from mlembed_jax.train import run
-from mlembed_jax.train_step import StepSetup, fresh_state, step_loss, train_step
+from mlembed_jax.train_step import (
+    StepSetup,
+    fresh_state,
+    step_loss,
+    teacher_exit_layers,
+    train_step,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +39,21 @@ def _setup(config, enc, geometry, teacher=None, **optim):
     with ocfg.unlocked():
         ocfg.update(optim)
     tx, schedule = make_optimizer(ocfg, 10)
+    pairs = ()
+    if teacher is not None:
+        layers = teacher_exit_layers(enc.exits, enc.num_layers, teacher.num_layers)
+        pairs = tuple(teacher.exits.index(t) for t in layers)
     return StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
                      loss_kwargs={**config_kwargs(config.loss), "kd_weight": 1.0},
-                     num_datasets=3, teacher=teacher)
+                     num_datasets=3, teacher=teacher, teacher_pairs=pairs)
 
 
 def test_no_gradient_reaches_the_teacher(parts):
     config, enc, geometry, batches = parts
-    teacher_cfg = dataclasses.replace(enc, mel=False, exits=(enc.num_layers,))
+    teacher_cfg = dataclasses.replace(enc, mel=False)  # the student's depth and exits
     teacher = init_params(teacher_cfg, jax.random.key(7))
     setup = _setup(config, enc, geometry, teacher_cfg)
+    assert setup.teacher_pairs == (0, 1)
     student = init_params(enc, jax.random.key(0))
     grad_t = jax.grad(lambda t: step_loss(setup, student, batches[0], t, 16)[0])(teacher)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grad_t))
@@ -149,3 +160,27 @@ def test_eval_accuracies_match_numpy_with_blocks_and_pack_lookups(parts):
         np.testing.assert_allclose(float(m["acc_in_batch"]), want_ib, atol=1e-6)
         np.testing.assert_allclose(float(m["acc_hard"]), want_hard, atol=1e-6)
     assert 0 < valid.sum() and 0 < want_hard  # the batch really has samples to score
+
+
+def test_teacher_exits_pair_with_the_students(parts):
+    """The KD rule (README): same depth -> the student's exits, paired by index; a deeper
+    teacher -> intermediate exits at the same layer, last with last; a shallower one -> its
+    last layer for the exits it does not reach. And the step reads the teacher there."""
+    from mlembed_jax.model.encoder import encode
+    from mlembed_jax.train_step import _teacher_pooled
+
+    assert teacher_exit_layers((1, 2, 4, 8, 16, 24, 28), 28, 28) == (1, 2, 4, 8, 16, 24, 28)
+    assert teacher_exit_layers((1, 2, 4, 8, 16, 24, 28), 28, 36) == (1, 2, 4, 8, 16, 24, 36)
+    assert teacher_exit_layers((1, 2, 4, 8), 8, 3) == (1, 2, 3, 3)
+    config, enc, geometry, batches = parts
+    deeper = dataclasses.replace(enc, mel=False, hidden_size=48, num_layers=3, exits=(1, 3))
+    setup = _setup(config, enc, geometry, deeper)
+    assert setup.teacher_pairs == (0, 1)  # student exits (1, 2) -> teacher layers (1, 3)
+    params = init_params(deeper, jax.random.key(3))
+    b = batches[0]
+    got = _teacher_pooled(setup, params, b)
+    assert got.shape[:2] == (2, b["pool_index"].size)
+    for i, layer in enumerate((1, 3)):
+        want = encode(params, deeper, b["tokens"], b["segment_ids"], b["positions"],
+                      b["pool_index"], num_layers=layer)["pooled"][-1]
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)

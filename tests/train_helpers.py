@@ -9,12 +9,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
 
-# A smaller model than the demo's, so each test run compiles and steps in seconds.
+# A smaller model than the demo's, so each test run compiles and steps in seconds; one row
+# bucket (one compile) unless a test is about the shapes.
 SMALL = {
     "model.hidden_size": 64, "model.intermediate_size": 128, "model.num_layers": 2,
     "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 16,
     "model.mel_r_max": 32, "model.mel_r_min": 8,
     "train.log_every": 1, "train.eval_every": 0, "eval.every": 0, "data.prefetch": 0,
+    "data.num_shapes": 1,
 }
 
 

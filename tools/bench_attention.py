@@ -24,18 +24,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlembed_jax.batch import BatchGeometry, text_lengths
+from mlembed_jax.data.packing import ffd_rows_needed
 from mlembed_jax.model import attention
 from mlembed_jax.model.kernel_choice import check_platform
-from mlembed_jax.perf.benchmark_mix import MIX_NEGATIVES, benchmark_batches
+from mlembed_jax.perf.benchmark_mix import MIX_NEGATIVES, benchmark_batches, mix_steps
 from mlembed_jax.perf.flops import attention_flops, peak_flops
 
 
 def mix_rows(seq_len: int, rows: int, seed: int) -> tuple[np.ndarray, list[int]]:
-    """Segment ids [rows, seq_len] of one packed step of the mix, and its text lengths."""
-    B = 8 + 2  # the recipe's 8 samples per pack, plus 2 spare slots for carried samples
-    geometry = BatchGeometry(1, rows, seq_len, B * (2 + MIX_NEGATIVES), B, MIX_NEGATIVES)
-    batch, _ = next(benchmark_batches(geometry, 1, seed, vocab_size=1000, eos_id=1,
-                                      max_length=seq_len))
+    """Segment ids [rows, seq_len] of one packed pack of the mix, and its text lengths: the
+    most of the recipe's 8 samples (in mix order) whose texts fit `rows` rows."""
+    lengths = mix_steps(1, 1, 8, MIX_NEGATIVES, seed, seq_len)[0]  # [8, 9]
+    prefixes = np.zeros((8, lengths.size), np.int64)
+    for m in range(1, 9):
+        prefixes[m - 1, :m * lengths.shape[1]] = lengths[:m].reshape(-1)
+    need = ffd_rows_needed(prefixes, seq_len)
+    m = int(np.flatnonzero(need <= rows).max()) + 1 if (need <= rows).any() else 0
+    if m == 0:
+        raise SystemExit(f"--rows={rows}: one sample of the mix needs {int(need[0])} rows")
+    geometry = BatchGeometry(1, rows, seq_len, m * (2 + MIX_NEGATIVES), m, MIX_NEGATIVES)
+    _, [(batch, _)] = benchmark_batches(geometry, 1, seed, vocab_size=1000, eos_id=1,
+                                        rows_per_pack=(rows,), lengths=lengths[None, :m])
     return batch["segment_ids"], [int(n) for n in text_lengths(batch)]
 
 
@@ -89,7 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default=None,
                    help="comma-separated names (default: all that can run on this platform)")
     p.add_argument("--seq_len", type=int, default=1024)
-    p.add_argument("--rows", type=int, default=19, help="rows per step (19 x 1024 holds the mix)")
+    p.add_argument("--rows", type=int, default=19, help="rows of the packed step (the most of 8 "
+                   "samples of the mix that fit; 19 x 1024 holds 8 on most steps)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv_heads", type=int, default=8)
     p.add_argument("--head_dim", type=int, default=128)

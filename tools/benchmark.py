@@ -69,13 +69,13 @@ def parse_variant(text: str) -> dict[str, str]:
     return out
 
 
-def run_variant(config, text, batches, geometry, mesh):
+def run_variant(config, text, batches, geometries, mesh):
     """One more row: the main config with the variant's fields changed (same batches)."""
     try:
         c = apply_overrides(config.copy_and_resolve_references(), parse_variant(text))
         validate(c)
         c, _ = resolve_attention(c, mesh.devices.flat)
-        r = run_jax(c, batches, geometry, FLAGS.warmup, f"variant {text}")
+        r = run_jax(c, batches, geometries, FLAGS.warmup, f"variant {text}")
     except ConfigError as e:
         print(f"| variant {text} | error: {' '.join(str(e).split())} | | | | |", flush=True)
         return
@@ -93,15 +93,16 @@ def run(config):
     print(f"attention: {kernel.line()}")
     packs = batch_shards(mesh, config.mesh.logical_axis_rules)
     steps = FLAGS.steps + FLAGS.warmup
-    geometry, batches = make_batches(config, steps, seed=0, packs=packs)
+    geometries, batches = make_batches(config, steps, seed=0, packs=packs)
     device = jax.devices()[0]
     print(f"date: {datetime.date.today()}  device: {device.device_kind} x{mesh.devices.size}  "
           f"jax {jax.__version__}  flax {flax.__version__}")
     m = config.model
     print(f"model: {m.num_layers} layers, d={m.hidden_size}, attention {m.attention}, remat "
           f"{m.remat}, params {m.param_dtype}, compute {m.compute_dtype}; "
-          f"batch: {packs} pack(s) x {geometry.rows_per_pack} rows x {geometry.seq_len}, "
-          f"{config.data.samples_per_pack} samples per pack (benchmark length mix)")
+          f"batch: {packs} pack(s) x {[g.rows_per_pack for g in geometries]} rows x "
+          f"{geometries[0].seq_len} (row buckets), {config.data.samples_per_pack} samples per "
+          "pack (benchmark length mix)")
     print("| run | step (median) | useful tok/s | padding | MFU (useful) | peak mem |")
     print("|---|---|---|---|---|---|")
     ref = None
@@ -117,12 +118,12 @@ def run(config):
         print(_row(f"reference (torch {ref['torch']}, transformers {ref['transformers']})",
                    ref["median_step"], ref["tokens_per_s"], ref["padding"], ref_mfu,
                    ref["peak_memory"]), flush=True)
-    ours = run_jax(config, batches, geometry, FLAGS.warmup, "mlembed_jax, 3D-ML",
+    ours = run_jax(config, batches, geometries, FLAGS.warmup, "mlembed_jax, 3D-ML",
                    profile_dir=FLAGS.profile_dir)
     print(_row(ours.name, ours.median_step, ours.tokens_per_s, ours.padding, ours.mfu(),
                ours.peak_memory), flush=True)
     if FLAGS.compare_plain:
-        plain = run_jax(plain_variant(config), batches, geometry, FLAGS.warmup,
+        plain = run_jax(plain_variant(config), batches, geometries, FLAGS.warmup,
                         "mlembed_jax, plain contrastive")
         print(_row(plain.name, plain.median_step, plain.tokens_per_s, plain.padding,
                    plain.mfu(), plain.peak_memory), flush=True)
@@ -131,7 +132,7 @@ def run(config):
     if ref is not None:
         print(f"speed-up in useful tokens/s: {ours.tokens_per_s / ref['tokens_per_s']:.2f}x")
     for text in FLAGS.variant or ():
-        run_variant(config, text, batches, geometry, mesh)
+        run_variant(config, text, batches, geometries, mesh)
     if FLAGS.profile_dir:
         from mlembed_jax.perf.profile_summary import find_trace, format_summary, op_times
 

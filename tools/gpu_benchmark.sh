@@ -50,7 +50,7 @@ if [ "$SMOKE" = 1 ]; then
   FAST=tokamax_xla SAFE=xla_sdpa KERNEL_TESTS="tokamax_xla or xla_sdpa"
   CFG_SMALL=configs/tiny.py CFG_BIG=configs/tiny.py PLATFORM=cpu
   SHAPE=(--config.data.seq_len=128 --config.data.max_seq_length=128
-         --config.data.rows_per_pack=64)
+         --config.data.num_shapes=1)
   ATTN_SHAPE=(--seq_len=128 --rows=64 --heads=4 --kv_heads=2 --head_dim=32 --steps=2)
   STEPS=(--steps=1 --warmup=1)
 else

@@ -1,7 +1,8 @@
 """Tokenise the recipe's parquet datasets for training (see mlembed_jax/data/prepare.py).
 
   python tools/prepare_data.py --input_dir data/raw --manifest data/manifest.json \
-      --tokenizer /path/to/Qwen3-0.6B --output_dir data/prepared [--max_seq_length 1024]
+      --tokenizer /path/to/Qwen3-0.6B --output_dir data/prepared [--max_seq_length 1024] \
+      [--max_rows_per_dataset 80000 --sample_seed 0]
 
 Reruns skip datasets already prepared with the same inputs and settings.
 """
@@ -20,6 +21,10 @@ def main(argv=None):
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--max_seq_length", type=int, default=1024, help="EOS included")
     ap.add_argument("--workers", type=int, default=None, help="default: all cores")
+    ap.add_argument("--max_rows_per_dataset", type=int, default=80_000,
+                    help="keep a seeded random sample of this many rows of a bigger dataset, "
+                    "as the recipe does (0 = keep every row)")
+    ap.add_argument("--sample_seed", type=int, default=0, help="seed of that sample")
     args = ap.parse_args(argv)
 
     from mlembed_jax.data.manifest import ManifestError
@@ -28,7 +33,9 @@ def main(argv=None):
 
     try:
         prepare_data(args.input_dir, args.manifest, args.tokenizer, args.output_dir,
-                     max_seq_length=args.max_seq_length, workers=args.workers)
+                     max_seq_length=args.max_seq_length, workers=args.workers,
+                     max_rows_per_dataset=args.max_rows_per_dataset,
+                     sample_seed=args.sample_seed)
     except (DataError, ManifestError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

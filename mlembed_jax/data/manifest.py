@@ -8,6 +8,10 @@ A manifest is a JSON (or YAML) file mapping dataset name -> entry:
 Per-type defaults follow the recipe: retrieval uses 7 hard negatives and the in-batch loss,
 clustering 9 negatives, classification 1 (both without in-batch loss). The manifest order
 defines each dataset's `dataset_id` in the batch.
+
+For the released training data, `manifest_for_files` writes the manifest from the task type
+the reference code gives each of its 502 dataset names (reference_task_types.json, shipped
+with the package; tools/make_manifest.py is the command line).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import dataclasses
 import json
 import os
 import re
+
+REFERENCE_TASK_TYPES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "reference_task_types.json")
 
 TASK_TYPES = ("retrieval", "clustering", "classification")
 DEFAULT_NEGATIVES = {"retrieval": 7, "clustering": 9, "classification": 1}
@@ -110,3 +117,39 @@ def check_files_match(specs: dict[str, DatasetSpec], file_names: list[str], wher
     if missing_file:
         raise ManifestError(f"{where}: manifest lists dataset(s) with no data file: "
                             f"{', '.join(missing_file)}")
+
+
+def reference_task_types(path: str = REFERENCE_TASK_TYPES) -> dict[str, str]:
+    """Dataset name -> task type: by default the reference code's 502 training datasets."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"task types file {path!r} could not be read: {e}") from e
+    types = data.get("task_types") if isinstance(data, dict) else None
+    if not isinstance(types, dict) or not types:
+        raise ManifestError(f"{path}: expected {{\"task_types\": {{name: task type}}}}")
+    bad = sorted(n for n, t in types.items() if t not in TASK_TYPES)
+    if bad:
+        raise ManifestError(f"{path}: unknown task types for {bad[:5]}; use {TASK_TYPES}")
+    return dict(types)
+
+
+def manifest_for_files(file_names: list[str], task_types: dict[str, str]) -> dict:
+    """The manifest (name -> {"task_type": ...}, in sorted name order) of data files named
+    `<name>.parquet` or plain names, from a name -> task type table. Every file must be in
+    the table: the error lists all that are not."""
+    names = sorted(n[: -len(".parquet")] if n.endswith(".parquet") else n for n in file_names)
+    if not names:
+        raise ManifestError("no dataset files given (expected <name>.parquet files)")
+    unknown = [n for n in names if n not in task_types]
+    if unknown:
+        raise ManifestError(
+            f"{len(unknown)} dataset file(s) have no known task type: "
+            f"{', '.join(f'{n}.parquet' for n in unknown)}. Write their entries by hand "
+            "(name -> retrieval / clustering / classification) or pass a task types file "
+            "that has them")
+    manifest = {n: {"task_type": task_types[n]} for n in names}
+    parse_manifest(manifest, source="generated manifest")  # same checks as a written one
+    return manifest
+

@@ -2,8 +2,9 @@
 
 `first_fit_row` is the one placement rule: a text goes into the first open row with room.
 Visiting texts longest first makes it first-fit-decreasing (FFD). Training packs with it
-(`plan_pack`: the texts of up to B samples into the R rows of one pack); so does inference
-(`plan_batches`: many texts into batches of rows, see its docstring).
+(`plan_pack`: the texts of a pack's samples into its R rows; `ffd_rows_needed`: how many rows
+FFD opens for many packs at once, which data/plan.py uses to pick each step's shape); so does
+inference (`plan_batches`: many texts into batches of rows, see its docstring).
 
 Training has two modes:
   ffd            first-fit-decreasing: texts sorted longest first, each into the first row
@@ -12,10 +13,6 @@ Training has two modes:
 
 Text slots are sample-major: sample i owns slots i*(2+N) .. i*(2+N)+1+N, holding its query,
 its positive, then its negatives; unused slots stay empty (text_valid False).
-
-Overflow rule (ffd): a pack takes its candidate samples in order and keeps the longest prefix
-whose texts all fit (at most B samples). The samples left over are returned to the caller,
-which carries them to the next batch of the same dataset (pipeline.py); nothing is dropped.
 """
 
 from __future__ import annotations
@@ -63,39 +60,59 @@ def ffd_place(lengths, rows: int, seq_len: int):
     return row_of, off_of
 
 
-def plan_pack(sample_lengths: np.ndarray, geometry: BatchGeometry, mode: str):
-    """Decides how many of the candidate samples fit, and where their texts go.
+def ffd_rows_needed(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """Rows first-fit-decreasing opens for each of n packs: [n, T] int text lengths (0 = no
+    text) -> [n] int. Vectorised over packs; the same rule as `ffd_place` (a pack fits R rows
+    exactly when this is <= R, since FFD only fails when it would open row R + 1)."""
+    lengths = np.asarray(lengths)
+    n, T = lengths.shape
+    if n == 0 or T == 0:
+        return np.zeros(n, np.int64)
+    if int(lengths.max()) > seq_len:
+        raise PackingError(f"a text of {int(lengths.max())} tokens exceeds seq_len={seq_len}; "
+                           "prepare_data should have truncated it")
+    desc = -np.sort(-lengths.astype(np.int64), axis=1)
+    loads = np.zeros((n, T), np.int64)
+    at = np.arange(n)
+    opened = 0  # rows opened so far by the fullest pack
+    for j in range(T):
+        n_j = desc[:, j]
+        if not n_j.any():
+            break
+        # Rows [0, opened] cover every pack's open rows plus its next empty one, and an empty
+        # row always fits, so argmax finds the first row with room: first fit.
+        fits = loads[:, :opened + 1] + n_j[:, None] <= seq_len
+        r = fits.argmax(axis=1)
+        loads[at, r] += n_j
+        opened = max(opened, int(r.max()) + 1)
+    return (loads > 0).sum(axis=1)
 
-    sample_lengths: [C, K] int token lengths of C candidate samples' K texts each (query,
-      positive, negatives), in candidate order.
-    Returns (m, rows, offsets): the first m samples fit; rows/offsets [m*K] per text
-      (sample-major), row within the pack and column offset within the row.
+
+def plan_pack(sample_lengths: np.ndarray, geometry: BatchGeometry, mode: str):
+    """Where the texts of a pack's samples go.
+
+    sample_lengths: [m, K] int token lengths of the pack's m samples' K texts each (query,
+      positive, negatives), m <= B.
+    Returns (rows, offsets): [m*K] per text (sample-major), its row within the pack and its
+    column offset within the row. Raises PackingError if they do not fit R rows.
     """
-    C, K = sample_lengths.shape
+    m, K = sample_lengths.shape
     S, R = geometry.seq_len, geometry.rows_per_pack
-    if C and int(sample_lengths.max()) > S:
+    if m and int(sample_lengths.max()) > S:
         raise PackingError(f"a text of {int(sample_lengths.max())} tokens exceeds "
                            f"seq_len={S}; prepare_data should have truncated it")
-    m = min(C, geometry.samples_per_pack)
+    if m > geometry.samples_per_pack:
+        raise PackingError(f"{m} samples for a pack of {geometry.samples_per_pack}")
     if mode == "pad_to_longest":
         slots = 2 + geometry.max_negatives
         rows = (np.arange(m)[:, None] * slots + np.arange(K)[None]).reshape(-1)
-        return m, rows.tolist(), [0] * (m * K)
-    # Cheap bound first: the texts of m samples can't fit if they exceed the raw capacity.
-    totals = np.cumsum(sample_lengths[:m].sum(axis=1))
-    m = int(np.searchsorted(totals, R * S, side="right"))
-    flat = sample_lengths[:m].reshape(-1).tolist()
-    while m > 0:
-        placed = ffd_place(flat[: m * K], R, S)
-        if placed is not None:
-            return m, placed[0], placed[1]
-        m -= 1
-    if C:
+        return rows.tolist(), [0] * (m * K)
+    placed = ffd_place(sample_lengths.reshape(-1).tolist(), R, S)
+    if placed is None:
         raise PackingError(
-            f"one sample's {K} texts ({int(sample_lengths[0].sum())} tokens, lengths "
-            f"{sample_lengths[0].tolist()}) do not fit a pack of {R} rows x {S}; raise "
-            "data.rows_per_pack")
-    return 0, [], []
+            f"{m} samples ({int(sample_lengths.sum())} tokens in {m * K} texts) do not fit a "
+            f"pack of {R} rows x {S}")
+    return placed
 
 
 def fill_pack(batch: dict, p: int, geometry: BatchGeometry, texts: list[np.ndarray], K: int,

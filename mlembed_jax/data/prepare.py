@@ -1,7 +1,10 @@
 """Tokenise the recipe's parquet datasets into the prepared form the pipeline reads.
 
 Input: `<input_dir>/<name>.parquet` per dataset with columns query, passage,
-negative_1 .. negative_K (K >= 1), and a manifest (see manifest.py).
+negative_1 .. negative_K (K >= 1), and a manifest (see manifest.py). As the recipe does, a
+dataset above `max_rows_per_dataset` rows (80,000) keeps a seeded random sample of that many
+(`sample_rows`; the kept rows stay in file order), and a classification dataset keeps only
+negative_1, the one negative it trains with.
 
 Output (`<output_dir>/`):
   <name>_query.parquet   query_input_ids list<int32>, passage int64, negative_1..K int64
@@ -39,8 +42,10 @@ from tqdm.auto import tqdm
 
 from mlembed_jax.data import manifest as manifest_lib
 from mlembed_jax.data import text_encoding
+from mlembed_jax.data.schedule import name_key
 
 FORMAT_VERSION = 1
+MAX_ROWS_PER_DATASET = 80_000  # the recipe's cap per dataset
 _NEG_RE = re.compile(r"^negative_(\d+)$")
 
 
@@ -95,6 +100,16 @@ def check_text_column(table: pa.Table, column: str, path: str) -> list[str]:
         raise DataError(f"{path}: row {empty[0].as_py()}, column {column!r}: empty text "
                         f"({len(empty)} empty cells in this column)")
     return col.to_pylist()
+
+
+def sample_rows(num_rows: int, max_rows: int, seed: int, name: str) -> np.ndarray | None:
+    """The rows a dataset keeps: None (all of them) when max_rows <= 0 or num_rows <=
+    max_rows, else a seeded random sample of max_rows row indices, sorted. Depends only on
+    (num_rows, max_rows, seed, name), so every run and machine keeps the same rows."""
+    if max_rows <= 0 or num_rows <= max_rows:
+        return None
+    rng = np.random.default_rng([seed, name_key(name), 0xCA9])
+    return np.sort(rng.choice(num_rows, size=max_rows, replace=False))
 
 
 def doc_id_of(text: str) -> int:
@@ -223,25 +238,37 @@ class PrepareResult:
     datasets: dict  # name -> stats dict
     skipped: list  # names already done before this run
     corpus_docs: int
+    max_rows_per_dataset: int = 0
+    sample_seed: int = 0
 
 
 def prepare_dataset(path: str, spec: manifest_lib.DatasetSpec, encoder: TokenizerPool,
-                    out_dir: str, fingerprint: dict) -> dict:
-    """Tokenises one dataset; writes its query file, doc shard and marker. Returns stats."""
+                    out_dir: str, fingerprint: dict, max_rows: int = 0,
+                    sample_seed: int = 0) -> dict:
+    """Tokenises one dataset (its `sample_rows` only); writes its query file, doc shard and
+    marker. Returns stats."""
     table = read_parquet(path)
     if table.num_rows == 0:
         raise DataError(f"{path}: the dataset has no rows")
     neg_cols = negative_columns(table, path)
+    input_negatives = len(neg_cols)
+    if spec.task_type == "classification":
+        neg_cols = neg_cols[:1]  # the recipe's classification negative: always negative_1
     queries = check_text_column(table, "query", path)
     doc_cols = ["passage"] + neg_cols
     columns = {c: check_text_column(table, c, path) for c in doc_cols}
+    keep = sample_rows(table.num_rows, max_rows, sample_seed, spec.name)
+    if keep is not None:
+        queries = [queries[i] for i in keep]
+        columns = {c: [v[i] for i in keep] for c, v in columns.items()}
+    num_rows = len(queries)
 
     # Deduplicate documents within the dataset; ids are content hashes of prefixed text.
     doc_index: dict[str, int] = {}
     unique_docs: list[str] = []
     id_columns = {}
     for c in doc_cols:
-        ids = np.empty(table.num_rows, np.int64)
+        ids = np.empty(num_rows, np.int64)
         for i, text in enumerate(columns[c]):
             full = spec.document_prefix + text
             if full not in doc_index:
@@ -261,8 +288,10 @@ def prepare_dataset(path: str, spec: manifest_lib.DatasetSpec, encoder: Tokenize
     q_len = np.fromiter((len(a) for a in q_ids), np.int64, len(q_ids))
     d_len = np.fromiter((len(a) for a in d_ids), np.int64, len(d_ids))
     stats = {
-        "samples": table.num_rows,
+        "samples": num_rows,
+        "input_rows": table.num_rows,  # before the max_rows_per_dataset sample
         "negative_columns": len(neg_cols),
+        "input_negative_columns": input_negatives,
         "unique_documents": len(unique_docs),
         "query_lengths": _length_stats(q_len),
         "document_lengths": _length_stats(d_len),
@@ -308,8 +337,10 @@ def assemble_corpus(out_dir: str, names: list[str]) -> int:
 
 def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_dir: str,
                  max_seq_length: int = 1024, workers: int | None = None,
-                 verbose: bool = True) -> PrepareResult:
-    """Prepares every dataset of the manifest found in input_dir; skips finished ones."""
+                 verbose: bool = True, max_rows_per_dataset: int = MAX_ROWS_PER_DATASET,
+                 sample_seed: int = 0) -> PrepareResult:
+    """Prepares every dataset of the manifest found in input_dir; skips finished ones.
+    max_rows_per_dataset: the cap (a seeded sample by sample_seed; <= 0 keeps every row)."""
     specs = manifest_lib.load_manifest(manifest_path)
     if not os.path.isdir(input_dir):
         raise DataError(f"input directory {input_dir!r} does not exist")
@@ -329,7 +360,8 @@ def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_
             st = os.stat(path)
             fingerprint = {"version": FORMAT_VERSION, "tokenizer": tok_fp,
                            "max_seq_length": max_seq_length, "spec": spec.to_json(),
-                           "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns}
+                           "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns,
+                           "max_rows": max_rows_per_dataset, "sample_seed": sample_seed}
             marker = os.path.join(output_dir, f"{name}.done")
             if os.path.exists(marker):
                 with open(marker) as f:
@@ -342,7 +374,8 @@ def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_
             if encoder is None:
                 encoder = TokenizerPool(tokenizer, max_seq_length,
                                   os.cpu_count() if workers is None else workers)
-            stats[name] = prepare_dataset(path, spec, encoder, output_dir, fingerprint)
+            stats[name] = prepare_dataset(path, spec, encoder, output_dir, fingerprint,
+                                          max_rows_per_dataset, sample_seed)
     finally:
         if encoder is not None:
             encoder.close()
@@ -353,6 +386,7 @@ def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_
             "tokenizer_fingerprint": tok_fp, "eos_token_id": int(tokenizer.eos_token_id),
             "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer),
             "max_seq_length": max_seq_length,
+            "max_rows_per_dataset": max_rows_per_dataset, "sample_seed": sample_seed,
             "manifest": {n: specs[n].to_json() for n in names}, "datasets": stats}
     old = None
     if os.path.exists(info_path):
@@ -367,7 +401,8 @@ def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_
         corpus_docs = assemble_corpus(output_dir, names)
         info["corpus_documents"] = corpus_docs
         atomic_write_bytes(json.dumps(info, indent=1).encode(), info_path)
-    result = PrepareResult(output_dir, stats, skipped, corpus_docs)
+    result = PrepareResult(output_dir, stats, skipped, corpus_docs, max_rows_per_dataset,
+                           sample_seed)
     if verbose:
         print(format_summary(result, time.time() - t0))
     return result
@@ -391,4 +426,11 @@ def format_summary(result: PrepareResult, seconds: float) -> str:
         tot_s += s["samples"]
         tot_t += q["tokens"] + d["tokens"]
     lines.append(f"total: {tot_s} samples, {tot_t} tokens (documents counted once per dataset)")
+    capped = {n: s for n, s in result.datasets.items()
+              if s.get("input_rows", s["samples"]) > s["samples"]}
+    if capped:
+        lines.append(f"{len(capped)} dataset(s) above max_rows_per_dataset="
+                     f"{result.max_rows_per_dataset} kept a seeded sample (sample_seed="
+                     f"{result.sample_seed}): " + ", ".join(
+                         f"{n} {s['samples']} of {s['input_rows']}" for n, s in capped.items()))
     return "\n".join(lines)

@@ -65,12 +65,15 @@ class PreparedData:
         return tuple(d.name for d in self.datasets)
 
 
-def load_prepared(prepared_dir: str, seq_len: int, manifest_path: str = "") -> PreparedData:
+def load_prepared(prepared_dir: str, seq_len: int, manifest_path: str = "",
+                  task_types: tuple[str, ...] = ()) -> PreparedData:
     """Reads prepared.json, the corpus arrays and every dataset's query file.
 
     manifest_path: optional; if given, it must agree with the manifest the data was prepared
     with on datasets and prefixes (prefixes are baked into the tokens), and its num_negatives
     overrides apply.
+    task_types: keep only the datasets of these task types (data.task_types; () = all), e.g.
+    ("retrieval",) for the paper's first stage. Dataset ids follow the kept datasets' order.
     """
     info_path = os.path.join(prepared_dir, "prepared.json")
     info = read_prepared_info(prepared_dir)
@@ -91,6 +94,13 @@ def load_prepared(prepared_dir: str, seq_len: int, manifest_path: str = "") -> P
                 raise DataError(f"{manifest_path}: dataset {name!r} has other prefixes than the "
                                 f"prepared data in {prepared_dir}; re-run tools/prepare_data.py")
         specs = {n: given[n] for n in specs}  # prepared order; task/negatives from the file
+    if task_types:
+        kept = {n: s for n, s in specs.items() if s.task_type in task_types}
+        if not kept:
+            raise DataError(f"{prepared_dir}: no dataset has a task type in data.task_types="
+                            f"{tuple(task_types)} (task types there: "
+                            f"{sorted({s.task_type for s in specs.values()})})")
+        specs = kept
 
     doc_ids = np.load(os.path.join(prepared_dir, "corpus_doc_ids.npy"))
     offsets = np.load(os.path.join(prepared_dir, "corpus_offsets.npy"))

@@ -33,16 +33,18 @@ def mix64(*keys) -> np.ndarray:
 
 
 def split_rows(num_rows: int, name: str, split_seed: int, fraction: float,
-               min_count: int) -> tuple[np.ndarray, np.ndarray]:
+               min_count: int, min_train: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Seeded held-out split -> (train_rows, validation_rows), both sorted int64.
 
     The held-out count is ceil(fraction * n), raised to min_count for tiny datasets but never
-    above half the rows; fraction 0 holds nothing out.
+    above half the rows, and never so high that fewer than min_train rows are left to train
+    (a tiny dataset holds out less, down to nothing); fraction 0 holds nothing out.
     """
     if fraction <= 0:
         n_val = 0
     else:
         n_val = min(max(math.ceil(fraction * num_rows), min_count), num_rows // 2)
+        n_val = max(0, min(n_val, num_rows - min_train))
     rng = np.random.default_rng([split_seed, name_key(name), 0x5B1])
     perm = rng.permutation(num_rows)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
@@ -50,10 +52,13 @@ def split_rows(num_rows: int, name: str, split_seed: int, fraction: float,
 
 def dataset_splits(datasets, data_cfg) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train_rows, validation_rows) of each dataset (objects with .num_rows and .name), by
-    the config's data.split_seed, validation_fraction and min_validation_samples."""
+    the config's data.split_seed, validation_fraction and min_validation_samples. The split
+    leaves every dataset at least one pack's batch (data.samples_per_pack) of training rows,
+    so it does not depend on the mesh."""
     return [split_rows(ds.num_rows, ds.name, int(data_cfg.get("split_seed", 0)),
                        float(data_cfg.validation_fraction),
-                       int(data_cfg.get("min_validation_samples", 0)))
+                       int(data_cfg.get("min_validation_samples", 0)),
+                       min_train=int(data_cfg.samples_per_pack))
             for ds in datasets]
 
 
@@ -81,14 +86,15 @@ def sample_order(seed: int, epoch: int, dataset_id: int, rows: np.ndarray) -> np
 
 
 def choose_negatives(seed: int, epoch: int, dataset_id: int, rows: np.ndarray,
-                     available: int, count: int) -> np.ndarray:
+                     available: int, count: int, task_type: str = "retrieval") -> np.ndarray:
     """Negative columns (1-based into negative_1..K) per sample: [len(rows), count].
 
-    Sampled without replacement, keyed per (seed, epoch, dataset, row) so a sample gets the
-    same negatives wherever it lands in the epoch (carried over or not).
+    Classification always takes the first `count` columns (the recipe: negative_1). Other
+    tasks sample without replacement, keyed per (seed, epoch, dataset, row) so a sample gets
+    the same negatives wherever it lands in the epoch.
     """
     count = min(count, available)
-    if count == available:
-        return np.broadcast_to(np.arange(1, available + 1), (len(rows), count))
+    if count == available or task_type == "classification":
+        return np.broadcast_to(np.arange(1, count + 1), (len(rows), count))
     keys = mix64(seed, epoch, dataset_id, np.asarray(rows)[:, None], np.arange(available)[None])
     return np.argsort(keys, axis=1, kind="stable")[:, :count] + 1

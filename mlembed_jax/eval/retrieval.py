@@ -217,7 +217,8 @@ def heldout_sets(config) -> list[RetrievalSet]:
     the corpus doc id for docs.
     """
     dc = config.data
-    data = load_prepared(str(dc.prepared_dir), int(dc.seq_len), str(dc.manifest))
+    data = load_prepared(str(dc.prepared_dir), int(dc.seq_len), str(dc.manifest),
+                         task_types=tuple(dc.get("task_types", ())))
     corpus = data.corpus
     sets = []
     for ds, (_, val) in zip(data.datasets, dataset_splits(data.datasets, dc)):

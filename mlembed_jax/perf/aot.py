@@ -6,7 +6,9 @@
     environment up first);
   * the step: the attention kernel a run there would choose, then `train_step.build_step`,
     the very builder `mlembed_jax.train` runs, lowered on ShapeDtypeStructs (no weights, no
-    data) and compiled for the target;
+    data) at its largest row bucket (the shape whose memory a run must have) and compiled
+    for the target. The buckets are data.rows_per_pack, or, when those are derived from the
+    data (()), derived the same way from the benchmark length mix (`mix_geometries`);
   * the report: per-chip memory from `compiled.memory_analysis()`, FLOPs per step counted by
     hand (perf/flops.py; XLA's cost analysis counts a scanned layer body only once), the
     collectives in the compiled HLO and, across slices, those that cross DCN (perf/hlo.py).
@@ -30,6 +32,7 @@ import jaxlib
 import numpy as np
 from jax.experimental import topologies
 
+from mlembed_jax.batch import geometry_from_config, row_buckets
 from mlembed_jax.model.encoder import abstract_params
 from mlembed_jax.model.kernel_check import resolve_attention
 from mlembed_jax.model.kernel_choice import Choice
@@ -37,8 +40,8 @@ from mlembed_jax.model.qwen3 import param_count
 from mlembed_jax.perf import flops as flops_lib
 from mlembed_jax.perf import hlo
 from mlembed_jax.perf.aot_target import AotError, Target, check_libtpu, libtpu_version
-from mlembed_jax.perf.benchmark_mix import sample_lengths
-from mlembed_jax.sharding import make_mesh, num_slices, pack_ranges
+from mlembed_jax.perf.benchmark_mix import MIX_NEGATIVES, mix_buckets, mix_steps, sample_lengths
+from mlembed_jax.sharding import make_mesh, num_slices, pack_ranges, packs_per_step
 from mlembed_jax.train_step import BuiltStep, build_step
 
 
@@ -99,23 +102,51 @@ class Built:
     lowered: object
     lower_s: float
     kernel: Choice
+    buckets_from: str  # where the row buckets came from
+
+
+MIX_PLAN_PACKS = 8192  # packs of the benchmark mix that derive a config's row buckets
+
+
+def mix_geometries(config, packs: int, seed: int = 0):
+    """The row buckets' geometries for `packs` packs per step: data.rows_per_pack, or, when
+    it is () (derived from the data at train time), the buckets the data plan derives from
+    steps of the benchmark length mix (about MIX_PLAN_PACKS packs in all). Returns
+    (geometries, a phrase saying where the buckets came from)."""
+    dc = config.data
+    given = row_buckets(dc)
+    if dc.packing == "pad_to_longest" or given:
+        rows = given or (None,)
+        return ([geometry_from_config(dc, packs, r) for r in rows],
+                "data.rows_per_pack" if given else "one text per row")
+    steps = max(4, MIX_PLAN_PACKS // packs)
+    B = int(dc.samples_per_pack)
+    negatives = min(MIX_NEGATIVES, int(dc.max_negatives))
+    lengths = mix_steps(steps, packs, B, negatives, seed, int(dc.max_seq_length))
+    _, buckets = mix_buckets(lengths, packs, B, int(dc.seq_len), (), int(dc.num_shapes))
+    return ([geometry_from_config(dc, packs, r) for r in buckets],
+            f"derived from {steps} steps of the benchmark length mix (a run derives its own "
+            "from its data and prints them at start-up)")
 
 
 def build_lowered(config, devices, num_datasets: int = 1) -> Built:
     """Lowers mlembed_jax.train's train step for `devices`, from the config alone: the mesh
     from config.mesh over the devices, the attention kernel the run would choose there
     (model.attention="auto": by the rules only, the devices are not attached to probe),
-    then `train_step.build_step` (the schedule length changes no shape, so any will do). A
-    KD teacher (loss.teacher) is read from its HF config.json only."""
+    then `train_step.build_step` (the schedule length changes no shape, so any will do) at
+    its largest row bucket (`mix_geometries`). A KD teacher (loss.teacher) is read from its
+    HF config.json only."""
     mesh = make_mesh(config.mesh, devices)
     config, kernel = resolve_attention(config, mesh.devices.flat, check=False)
+    geometries, buckets_from = mix_geometries(
+        config, packs_per_step(config.data, mesh, config.mesh.logical_axis_rules))
     step = build_step(config, mesh, total_steps=max(int(config.train.max_steps), 1000),
-                      num_datasets=num_datasets)
+                      num_datasets=num_datasets, geometries=geometries)
     t0 = time.time()
     with step.rules_context():
         lowered = step.train.lower(step.abstract_state, step.abstract_batch(),
                                    step.abstract_teacher())
-    return Built(step, lowered, time.time() - t0, kernel)
+    return Built(step, lowered, time.time() - t0, kernel, buckets_from)
 
 
 def compiled_text(compiled) -> tuple[str | None, str | None]:
@@ -151,12 +182,11 @@ def _gb(x: float) -> str:
 def hand_flops(config, geometry, seed: int = 0) -> dict:
     """Model FLOPs of one step by hand (forward + backward, perf/flops.py):
     full: every packed row one causal text of seq_len (an upper bound of the step's work);
-    mix: the step's nominal samples (packs x samples_per_pack, 1 query + positive + 7
-    negatives) with the benchmark length mix (perf/benchmark_mix.py), cut at
-    max_seq_length."""
+    mix: the step's samples (packs x samples_per_pack, 1 query + positive + 7 negatives)
+    with the benchmark length mix (perf/benchmark_mix.py), cut at max_seq_length."""
     rows = geometry.packs * geometry.rows_per_pack
     full = flops_lib.train_flops(config.model, [geometry.seq_len] * rows)
-    samples = geometry.packs * int(config.data.samples_per_pack)
+    samples = geometry.packs * geometry.samples_per_pack
     lengths = sample_lengths(np.random.default_rng(seed), samples, 7,
                              int(config.data.max_seq_length))
     mix = flops_lib.train_flops(config.model, lengths.reshape(-1).tolist())
@@ -204,11 +234,12 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
       f"{enc.num_layers} layers, exits {list(enc.exits)}, MEL "
       f"{'r_max ' + str(enc.mel_r_max) if enc.mel else 'off'}, remat {enc.remat}, "
       f"attention {enc.attention}, params {enc.param_dtype}, compute {enc.compute_dtype}")
-    nominal = g.packs * int(c.data.samples_per_pack)
-    p(f"batch: {g.packs} packs x {c.data.samples_per_pack} samples = {nominal:,} samples/step "
-      f"({nominal / n_dev:g} per chip; {g.packs * g.samples_per_pack:,} sample slots with "
-      f"spares), {g.max_negatives} negatives max; rows {g.packs} x {g.rows_per_pack} x "
-      f"{g.seq_len} = {g.packs * g.rows_per_pack * g.seq_len:,} token slots/step; "
+    nominal = g.packs * g.samples_per_pack
+    p(f"batch: {g.packs} packs x {g.samples_per_pack} samples = {nominal:,} samples/step "
+      f"({nominal / n_dev:g} per chip), {g.max_negatives} negatives max; row buckets "
+      f"{[x.rows_per_pack for x in step.geometries]} ({built.buckets_from}); compiled at the "
+      f"largest: rows {g.packs} x {g.rows_per_pack} x {g.seq_len} = "
+      f"{g.packs * g.rows_per_pack * g.seq_len:,} token slots/step; "
       f"max_seq_length {c.data.max_seq_length}")
     hosts = sorted({d.process_index for d in step.mesh.devices.flat})
     if len(hosts) > 1:
@@ -258,8 +289,8 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
       f"{hf['capacity_tokens']:,} tokens)")
     over = hf["mix_tokens"] > hf["capacity_tokens"]
     p(f"  benchmark length mix:    {hf['mix']:.3e} ({hf['mix'] / n_dev:.3e} per chip; "
-      f"{hf['mix_tokens']:,} real tokens" + (", more than the rows hold: the pipeline would "
-                                             "carry samples over)" if over else ")"))
+      f"{hf['mix_tokens']:,} real tokens" + (", more than the largest bucket holds)" if over
+                                             else ")"))
     if target.peak_flops:
         t_mix = hf["mix"] / n_dev / target.peak_flops
         p(f"  at {target.peak_flops / 1e12:.0f} TFLOP/s per chip: the mix takes >= "

@@ -1,0 +1,57 @@
+"""Write the manifest for a folder of the released training parquet files.
+
+The task type of each dataset comes from the reference code's table of its 502 training
+dataset names (mlembed_jax/data/reference_task_types.json), or from --task_types FILE of the
+same form ({"task_types": {name: task type}}). A file whose name is not in the table is an
+error that lists every such file.
+
+  python tools/make_manifest.py --input_dir parquet/ --out manifest.json
+  python tools/prepare_data.py --input_dir parquet/ --manifest manifest.json ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--input_dir", required=True, help="one <name>.parquet per dataset")
+    ap.add_argument("--out", required=True, help="the manifest JSON to write")
+    ap.add_argument("--task_types", default="", help="JSON {task_types: {name: type}}; "
+                    "default: the reference code's 502 names")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = ap.parse_args(argv)
+
+    from mlembed_jax.data import manifest as manifest_lib
+
+    try:
+        if not os.path.isdir(args.input_dir):
+            raise manifest_lib.ManifestError(f"input directory {args.input_dir!r} does not "
+                                             "exist")
+        if os.path.exists(args.out) and not args.overwrite:
+            raise manifest_lib.ManifestError(f"{args.out} exists; pass --overwrite to "
+                                             "replace it")
+        types = manifest_lib.reference_task_types(
+            args.task_types or manifest_lib.REFERENCE_TASK_TYPES)
+        files = [f for f in os.listdir(args.input_dir) if f.endswith(".parquet")]
+        manifest = manifest_lib.manifest_for_files(files, types)
+    except manifest_lib.ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open(args.out, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    counts = {}
+    for entry in manifest.values():
+        counts[entry["task_type"]] = counts.get(entry["task_type"], 0) + 1
+    print(f"wrote {args.out}: {len(manifest)} datasets ("
+          + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
