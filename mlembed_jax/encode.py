@@ -19,9 +19,9 @@ prefixes of one model) but the loss never looked at them, so quality there is un
 
 Speed: texts are tokenised exactly as in training (text_encoding.encode_texts: no special
 tokens, truncated to max_seq_length - 1, EOS appended), then packed several to a row and run
-by embedding.embed_token_ids (data/packing.py `plan_batches` says how). Results come back in
-input order, so neither the batch size nor the sorting can change which row belongs to
-which input.
+by embedding.embed_token_ids (data/packing.py `plan_batches` says how), one pack per local
+device at a time. Results come back in input order, so neither the batch size, the sorting
+nor the device count can change which row belongs to which input.
 
 CLI (one text per line, or JSONL with a text field; writes .npy or .parquet):
     python -m mlembed_jax.encode --model=runs/demo --input=texts.jsonl --output=emb.parquet \

@@ -242,6 +242,12 @@ def mine(name: str, queries: Sequence[str], passages: Sequence[str], extra_corpu
         chosen_score[rows] = _left_align(pick, sc, K, np.nan)
 
     table, rows_info = _write_rows(queries, passages, corpus, chosen, survivors, s)
+    if not rows_info["rows_out"]:
+        need = {"drop": K, "repeat": 1, "shrink": s.min_negatives}[s.if_short]
+        raise MiningError(f"{name}: no row keeps {need} negative(s) after the filters (most "
+                          f"survivors in a row: "
+                          f"{int(survivors.max())}); raise --depth, relax --max_score_ratio / "
+                          "--margin / the rank window, or use --if_short=repeat or shrink")
     kept = rows_info.pop("kept")
     neg_scores = chosen_score[kept][:, :rows_info["negative_columns"]]
     hist["negative"] += np.histogram(neg_scores[np.isfinite(neg_scores)], HIST_BINS)[0]
@@ -309,9 +315,6 @@ def _write_rows(queries, passages, corpus, chosen, survivors, s: MineSettings):
                         f"{' or '.join(needs)} needs \"num_negatives\": {width} (or fewer) in "
                         "its manifest entry" if needs else
                         f"{width} negative column(s) written")
-    if not len(kept):
-        info["note"] = ("no row kept: every row has fewer survivors than asked; raise "
-                        "--depth, relax the filters or use --if_short=repeat/shrink")
     q = [queries[i] for i in kept]
     p = [passages[i] for i in kept]
     table = pa.table({"query": pa.array(q, pa.string()), "passage": pa.array(p, pa.string()),

@@ -121,6 +121,10 @@ def test_rows_with_fewer_than_k_survivors():
         _hand_mine(negatives=4, depth=3)
     with pytest.raises(mining.MiningError, match="max_score_ratio=1.5 must be in"):
         _hand_mine(max_score_ratio=1.5)
+    # Nothing left anywhere: an error that says what to relax, not an empty file.
+    with pytest.raises(mining.MiningError, match=r"hand: no row keeps 1 negative.*survivors "
+                                                 r"in a row: 0.*raise --depth"):
+        _hand_mine(max_score_ratio=0.1, if_short="repeat")
 
 
 # --------------------------------------------------------------------------- a real model
@@ -229,18 +233,23 @@ def test_seeded_sampling_is_deterministic(names_model):
                for r, rk in zip(a, rank) if set(r) <= set(rk))
 
 
-def test_before_filtering_equals_sentence_transformers_mine_hard_negatives(names_model,
-                                                                           tmp_path):
+@pytest.fixture(scope="module")
+def exported(names_model, tmp_path_factory):
+    """The model exported by tools/export_hf's code (fp32, full size): HF + ST files."""
+    from mlembed_jax.export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("mining_export") / "export"
+    return export_checkpoint(names_model[0], str(out), dtype="fp32")["out_dir"]
+
+
+def test_before_filtering_equals_sentence_transformers_mine_hard_negatives(exported):
     """On the same exported model and pairs, our candidates before the filters are exactly
     sentence-transformers' top-k negatives (n-tuple, no margins), up to ties."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from mlembed_jax.export import export_checkpoint
-
-    work, _, _ = names_model
-    out = export_checkpoint(work, str(tmp_path / "export"), dtype="fp32")["out_dir"]
+    out = exported
     queries, passages = _pairs(800)
     K = 10
     model = enc.load(out)
@@ -353,3 +362,18 @@ def test_eval_retrieval_and_the_miner_share_one_embedding_store(names_model, tmp
                          cache_dir=str(cache), progress=False, log=lambda *_: None)
     assert summary["timing"]["encoded_texts"] == 0
     assert sorted(os.listdir(cache)) == parts
+
+
+def test_bench_encode_runs_both_sides_on_one_model(exported, tmp_path, capsys):
+    """tools/bench_encode.py, as a smoke run: both encoders on the same texts give the same
+    embeddings (timings on a CPU mean little)."""
+    out = tmp_path / "bench.json"
+    assert _tool("bench_encode").main([f"--model={exported}", "--samples=2",
+                                       "--max_seq_length=128", "--batch_size=4",
+                                       "--batch_tokens=512", f"--output={out}"]) == 0
+    assert "ratio:" in capsys.readouterr().out
+    r = json.load(open(out))
+    assert r["texts"] == 18 and r["max_abs_embedding_diff"] < 1e-4
+    assert r["ours"]["texts_per_s"] > 0 and r["sentence_transformers"]["texts_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["ours"]["texts_per_s"]
+                                       / r["sentence_transformers"]["texts_per_s"])

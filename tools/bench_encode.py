@@ -7,7 +7,8 @@ exported model and the same texts (the benchmark length mix), in one process.
 --model: a directory written by tools/export_hf.py (HF Qwen3 + sentence-transformers files).
 Without it, configs/demo.py's shape (changed with --set KEY=VALUE) is trained one step from
 random weights and exported, in a temporary directory. Both sides run fp32 at
---max_seq_length 1024 (the mix's longest texts). Prints texts/s for both, the ratio, the
+--max_seq_length 1024 (the mix's longest texts), on the GPU when there is one (ours on every
+local device). Prints texts/s for both, the ratio, the
 padding and FLOPs each computes (a dense kernel scores every pair of a packed row) and how
 far apart the two sets of embeddings are.
 """
@@ -19,6 +20,9 @@ import json
 import os
 import sys
 import tempfile
+
+# Before JAX starts: allocate on demand, so torch in this process finds the GPU free.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def main(argv=None) -> int:
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        st = SentenceTransformer(model_dir, device="cpu", model_kwargs={"dtype": torch.float32})
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        st = SentenceTransformer(model_dir, device=device, model_kwargs={"dtype": torch.float32})
         st.max_seq_length = a.max_seq_length
         texts, _ = eb.mix_texts(ours.tokenizer, a.samples, a.seed, a.max_seq_length)
         lengths = np.asarray([len(t) for t in ours.tokenize(texts)])
@@ -82,7 +87,8 @@ def main(argv=None) -> int:
             "ratio": ours_t["texts_per_s"] / st_t["texts_per_s"],
             "max_abs_embedding_diff": diff,
             "device": f"{jax.devices()[0].device_kind} x {len(jax.local_devices())} (jax); "
-                      f"torch CPU, {torch.get_num_threads()} threads",
+                      + (f"torch {torch.cuda.get_device_name()}" if device == "cuda" else
+                         f"torch CPU, {torch.get_num_threads()} threads"),
         }
     o, s = result["ours"], result["sentence_transformers"]
     print(f"{result['texts']} texts, {result['tokens']} tokens (benchmark length mix), model "

@@ -52,7 +52,8 @@ def mix_texts(tokenizer, samples: int, seed: int = 0, max_length: int = 1024
     texts = []
     for n in lengths:
         words = [pool[i] for i in rng.integers(0, len(pool), size=int(n) + 8)]
-        ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:int(n) - 1]
+        ids = tokenizer(" ".join(words), add_special_tokens=False,
+                        verbose=False)["input_ids"][:int(n) - 1]
         texts.append(tokenizer.decode(ids).strip())
     return texts, lengths
 
