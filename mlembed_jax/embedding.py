@@ -1,8 +1,9 @@
 """Pooled embeddings of pre-tokenised texts, from any encoder params, at any MLL exits.
 
 The texts are packed (data/packing.py `plan_batches`: several texts per row, told apart by
-segment ids, rows filled nearly full) and run through one jitted forward per batch shape. encode.py (the Encoder API and CLI), the evaluation (eval/) and the
-hard-negative miner (mining.py) all embed through `embed_token_ids`.
+segment ids, rows filled nearly full) and run through one jitted forward per batch shape.
+encode.py (the Encoder API and CLI), the evaluation (eval/) and the hard-negative miner
+(mining.py) all embed through `embed_token_ids`.
 
 Devices: each forward runs one pack per shard of the mesh's batch axes (the rules table's
 "batch"), so every device of the mesh embeds its own pack. By default the mesh is the one
