@@ -19,9 +19,9 @@ prefixes of one model) but the loss never looked at them, so quality there is un
 
 Speed: texts are tokenised exactly as in training (text_encoding.encode_texts: no special
 tokens, truncated to max_seq_length - 1, EOS appended), then packed several to a row and run
-by embedding.embed_token_ids (data/packing.py `plan_batches` says how). Results come back in
-input order, so neither the batch size nor the sorting can change which row belongs to
-which input.
+by embedding.embed_token_ids (data/packing.py `plan_batches` says how), one pack per local
+device at a time. Results come back in input order, so neither the batch size, the sorting
+nor the device count can change which row belongs to which input.
 
 CLI (one text per line, or JSONL with a text field; writes .npy or .parquet):
     python -m mlembed_jax.encode --model=runs/demo --input=texts.jsonl --output=emb.parquet \
@@ -46,7 +46,14 @@ from mlembed_jax import checkpoint
 from mlembed_jax.data.jsonl import iter_jsonl
 from mlembed_jax.data.prepared import training_text
 from mlembed_jax.data.text_encoding import TokenizerError, encode_texts, load_tokenizer
-from mlembed_jax.embedding import DEFAULT_BATCH_TOKENS, embed_token_ids, normalize
+from mlembed_jax.embedding import (
+    DEFAULT_BATCH_TOKENS,
+    embed_token_ids,
+    local_mesh,
+    normalize,
+    params_mesh,
+    replicate,
+)
 from mlembed_jax.model.hf_import import encoder_config_from_hf, load_hf_params
 from mlembed_jax.model.kernel_check import choose_for_devices
 from mlembed_jax.model.kernel_choice import AUTO, SPLASH_LANES, check_platform
@@ -68,6 +75,8 @@ class Encoder:
     """A model ready to embed text. Build it with `load`, or directly from params.
 
     params: encoder params pytree (numpy or jax arrays). cfg: its EncoderConfig.
+    mesh: where to encode, one pack per device of its batch axes (default: the params' own
+    mesh if they are laid out on one, else every local device, params replicated once).
     tokenizer: HF tokenizer (None: only `encode_ids` works). max_seq_length: truncation
     length, EOS included (as in training). mrl_min_dim: the smallest MRL dim trained.
     prefixes: dataset name -> {"query": ..., "document": ...} instruction prefixes known
@@ -84,6 +93,7 @@ class Encoder:
     step: int | None = None
     train_config: Any = None  # the saved run config of a training checkpoint
     default_dim: int | None = None  # dim when none is asked for (an export's truncate_dim)
+    mesh: Any = None
 
     # -- the trained points of the three dimensions
     @property
@@ -140,20 +150,21 @@ class Encoder:
     # -- embedding
     def encode(self, texts: Sequence[str], *, rank=None, exit=None, dim=None, prefix: str = "",
                batch_tokens: int = DEFAULT_BATCH_TOKENS, allow_untrained: bool = False,
-               progress: bool = False) -> np.ndarray:
-        """texts (n strings) -> [n, dim] float32, L2-normalised, in input order."""
+               progress: bool = False, desc: str = "encode") -> np.ndarray:
+        """texts (n strings) -> [n, dim] float32, L2-normalised, in input order.
+        progress: a progress bar (labelled desc) with texts/s."""
         rank, exit, dim = self.check(rank, exit, dim, allow_untrained)  # fail before tokenising
         return self.encode_ids(self.tokenize(texts, prefix), rank=rank, exit=exit, dim=dim,
                                batch_tokens=batch_tokens, allow_untrained=allow_untrained,
-                               progress=progress)
+                               progress=progress, desc=desc)
 
     def encode_ids(self, ids: Sequence[Sequence[int]], *, rank=None, exit=None, dim=None,
                    batch_tokens: int = DEFAULT_BATCH_TOKENS, allow_untrained: bool = False,
-                   progress: bool = False) -> np.ndarray:
+                   progress: bool = False, desc: str = "encode") -> np.ndarray:
         """Pre-tokenised texts (n int sequences, EOS last, as prepared data holds them)
         -> [n, dim] float32, L2-normalised, in input order."""
         rank, exit, dim = self.check(rank, exit, dim, allow_untrained)
-        pooled = self._pooled(ids, rank, (exit,), batch_tokens, progress)
+        pooled = self._pooled(ids, rank, (exit,), batch_tokens, progress, desc)
         return normalize(pooled[0], dim)
 
     def encode_exits(self, ids: Sequence[Sequence[int]], exits: Sequence[int], *, rank=None,
@@ -165,10 +176,10 @@ class Encoder:
         checked = [self.check(rank, e, None, allow_untrained) for e in exits]
         rank = checked[0][0]
         wanted = sorted({e for _, e, _ in checked})
-        pooled = self._pooled(ids, rank, tuple(wanted), batch_tokens, progress)
+        pooled = self._pooled(ids, rank, tuple(wanted), batch_tokens, progress, "encode")
         return {e: normalize(pooled[i]) for i, e in enumerate(wanted)}
 
-    def _pooled(self, ids, rank, exits, batch_tokens, progress):
+    def _pooled(self, ids, rank, exits, batch_tokens, progress, desc):
         if batch_tokens < 1:
             raise EncodeError(f"batch_tokens={batch_tokens} must be positive")
         arrays = []
@@ -182,8 +193,11 @@ class Encoder:
             arrays.append(a)
         if not arrays:
             return np.zeros((len(exits), 0, self.cfg.hidden_size), np.float32)
+        if params_mesh(self.params) is None:  # place once, not on every call
+            self.params = replicate(self.params, self.mesh or local_mesh())
         return embed_token_ids(self.params, self.cfg, arrays, exits, rank=rank,
-                               batch_tokens=batch_tokens, progress=progress)
+                               batch_tokens=batch_tokens, progress=progress, desc=desc,
+                               mesh=self.mesh)
 
 
 # --------------------------------------------------------------------------- loading
@@ -244,8 +258,8 @@ def load(path: str, *, tokenizer_dir: str | None = None, max_seq_length: int | N
     if max_len < 2:
         raise EncodeError(f"max_seq_length={max_len} must be at least 2 (text + EOS)")
     cfg = _runnable_attention(cfg, attention is not None, path, max_len)
-    if device_put:
-        params = jax.device_put(params)  # once, not on every batch
+    if device_put:  # once, not on every batch: replicated on every local device
+        params = replicate(params, local_mesh())
     return Encoder(params=params, cfg=cfg, tokenizer=tokenizer, max_seq_length=max_len,
                    mrl_min_dim=mrl_min, prefixes=prefixes, source=path, step=step,
                    train_config=config, default_dim=default_dim)

@@ -10,6 +10,9 @@ qrels/<split>.tsv); nothing is downloaded. --heldout: the in-domain set of the c
 own held-out split (training checkpoints only; see eval/retrieval.py heldout_sets).
 Search is exact (blocked matrix products). The JSON result holds the metrics, the point
 evaluated, the set's sizes and what loading skipped (qrels rows with unknown ids).
+--cache_dir DIR: embeddings are kept in DIR (mlembed_jax/embedding_store.py) and reused by
+later runs at the same point and by tools/mine_negatives.py --cache_dir; only texts not in
+it are encoded.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import sys
 import time
 
+from mlembed_jax.embedding_store import EmbeddingStore
 from mlembed_jax.eval import retrieval as rev
 from mlembed_jax.eval.cli import add_model_args, load_model_and_sets
 
@@ -32,15 +36,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=None, help="MRL dim (default: hidden size)")
     ap.add_argument("--output", default="", help="JSON result file (default: print only)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--cache_dir", default="", help="embedding store: reuse and add to the "
+                    "embeddings of earlier runs of this model at this point")
     a = ap.parse_args(argv)
     try:
         model, sets = load_model_and_sets(a)
         rank, exit, dim = model.check(a.rank, a.exit, a.dim, a.allow_untrained)
+        store = (EmbeddingStore(a.cache_dir, model, rank=rank, exit=exit, dim=dim,
+                                allow_untrained=a.allow_untrained) if a.cache_dir else None)
         results = []
         for s in sets:
             m = rev.evaluate(model, s, rank=rank, exit=exit, dim=dim,
                              allow_untrained=a.allow_untrained, batch_tokens=a.batch_tokens,
-                             progress=not a.quiet)
+                             progress=not a.quiet, store=store)
             results.append({"dataset": s.name, "metrics": m, "data": s.info})
             print(f"{s.name}: nDCG@10 {m['ndcg@10']:.4f}  Recall@100 {m['recall@100']:.4f}  "
                   f"MRR@10 {m['mrr@10']:.4f}  ({m['num_queries']} queries, {m['num_docs']} "

@@ -26,6 +26,7 @@ complete-looking half file; a dataset counts as done only once its marker exists
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import multiprocessing as mp
@@ -207,7 +208,21 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
 
 def atomic_save_npy(array: np.ndarray, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}.npy"
+    array = np.asanyarray(array)
     np.save(tmp, array)
+    # np.save writes the data with fwrite, which drops a short write (disk full, a file size
+    # limit) without an error: check the file holds every byte before it counts as written.
+    with open(tmp, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        header(f)
+        expected = f.tell() + array.nbytes
+    written = os.path.getsize(tmp)
+    if written != expected:
+        os.remove(tmp)
+        raise OSError(errno.EFBIG, f"short write of {path}: {written} of {expected} bytes "
+                      "(disk full or a file size limit?)")
     os.replace(tmp, path)
 
 

@@ -10,8 +10,8 @@ directory (eval.beir_dir) and/or the run's own held-out split (eval.heldout), on
 (rank, exit, dim) point, and optional query/corpus caps. Everything slow and fixed is done
 once, here: loading, tokenising (exactly as training does), checking the point against the
 model. Each call then only embeds and searches. It runs on the params as the train state
-holds them (device arrays, any sharding); the model's activation constraints are switched
-off for it, so it needs no batch geometry of its own.
+holds them, on their mesh: each forward holds one pack per shard of the batch axes of the
+run's rules table (embedding.embed_token_ids).
 """
 
 from __future__ import annotations
@@ -72,9 +72,12 @@ def make_periodic_evaluator(config) -> Callable[[object, int], dict] | None:
         sets = [rev.cap_queries(s, int(e.max_queries), int(e.seed)) for s in sets]
 
     batch_tokens = int(e.batch_tokens)
+    rules = config.mesh.logical_axis_rules
 
     def embed(params, ids):
-        pooled = embed_token_ids(params, cfg, ids, (exit,), rank=rank, batch_tokens=batch_tokens)
+        # On the training mesh the params live on: one pack per shard of its batch axes.
+        pooled = embed_token_ids(params, cfg, ids, (exit,), rank=rank, batch_tokens=batch_tokens,
+                                 rules=rules)
         return normalize(pooled[0], dim)
 
     def evaluate(params, step: int) -> dict:

@@ -62,8 +62,9 @@ class RetrievalSet:
 
 # --------------------------------------------------------------------------- BEIR loading
 
-def _read_jsonl(path: str, what: str, need_title: bool = False):
-    """Yields (id, text) of a BEIR JSONL file; errors name the file and the line."""
+def read_beir_jsonl(path: str, what: str, need_title: bool = False):
+    """Yields (id, text) of a BEIR JSONL file (corpus.jsonl / queries.jsonl); with need_title
+    a text is title + " " + text. Errors name the file and the line."""
     seen: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path, RetrievalDataError):
         if not isinstance(obj, dict):
@@ -132,10 +133,10 @@ def load_beir(path: str, split: str = "test", *, max_queries: int = 0, max_corpu
         raise RetrievalDataError(
             f"{path!r} is not in the BEIR layout: missing {', '.join(missing)} (expected "
             f"corpus.jsonl, queries.jsonl and qrels/{split}.tsv)")
-    corpus = dict(_read_jsonl(files["corpus"], "document", need_title=True))
+    corpus = dict(read_beir_jsonl(files["corpus"], "document", need_title=True))
     if not corpus:
         raise RetrievalDataError(f"{files['corpus']}: the corpus is empty (no documents)")
-    queries = dict(_read_jsonl(files["queries"], "query"))
+    queries = dict(read_beir_jsonl(files["queries"], "query"))
     if not queries:
         raise RetrievalDataError(f"{files['queries']}: no queries")
     rows = read_qrels(files["qrels"])
@@ -370,18 +371,28 @@ def evaluate_embeddings(rset: RetrievalSet, query_emb: np.ndarray, doc_emb: np.n
 
 def evaluate(encoder, rset: RetrievalSet, *, rank=None, exit=None, dim=None,
              query_prefix: str = "", document_prefix: str = "", allow_untrained: bool = False,
-             batch_tokens: int | None = None, progress: bool = False) -> dict:
+             batch_tokens: int | None = None, progress: bool = False, store=None) -> dict:
     """Encodes a set at one (rank, exit, dim) and scores it. Returns the metrics plus
-    num_docs and encode/search seconds."""
+    num_docs and encode/search seconds. store: an embedding_store.EmbeddingStore of this
+    encoder at this point; texts already in it are read instead of encoded, new ones added."""
     rank, exit, dim = encoder.check(rank, exit, dim, allow_untrained)
     if not rset.docs:
         raise RetrievalDataError(f"{rset.name}: the corpus is empty (no documents)")
     tok = tokenize_set(rset, encoder.tokenize, query_prefix, document_prefix)
-    kw = dict(rank=rank, exit=exit, dim=dim, allow_untrained=allow_untrained,
-              batch_tokens=batch_tokens or DEFAULT_BATCH_TOKENS, progress=progress)
+    batch_tokens = batch_tokens or DEFAULT_BATCH_TOKENS
     t0 = time.time()
-    q = encoder.encode_ids(tok.queries, **kw)
-    d = encoder.encode_ids(tok.docs, **kw)
+    if store is not None:
+        if store.point != {"rank": rank, "exit": exit, "dim": dim}:
+            raise RetrievalDataError(f"the embedding store holds point {store.point}, not "
+                                     f"rank={rank}, exit={exit}, dim={dim}")
+        q = store.embed(tok.queries, batch_tokens=batch_tokens, progress=progress,
+                        desc="queries")
+        d = store.embed(tok.docs, batch_tokens=batch_tokens, progress=progress, desc="corpus")
+    else:
+        kw = dict(rank=rank, exit=exit, dim=dim, allow_untrained=allow_untrained,
+                  batch_tokens=batch_tokens, progress=progress)
+        q = encoder.encode_ids(tok.queries, desc="queries", **kw)
+        d = encoder.encode_ids(tok.docs, desc="corpus", **kw)
     t1 = time.time()
     metrics = evaluate_embeddings(tok, q, d)
     metrics.update(num_docs=len(tok.docs), encode_s=t1 - t0, search_s=time.time() - t1)
