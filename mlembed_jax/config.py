@@ -144,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_every = 100
     t.checkpoint_every = 500
     t.keep_checkpoints = 3
+    # Cached embedding gradients (mlembed_jax/grad_cache.py): 0 = off; k = the step's packs
+    # go through the model in k sequential chunks, so activation memory is one chunk's
+    # (data.packs_per_step / k / devices packs per device) at one extra forward pass.
+    t.grad_cache_chunks = 0
 
     # Retrieval evaluation during training (mlembed_jax/eval/periodic.py): nDCG@10,
     # Recall@100 and MRR@10 of one (rank, exit, dim) point on a local set.
@@ -239,6 +243,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.optim.schedule not in ("cosine", "constant_with_warmup"):
         errs.append(f"optim.schedule={c.optim.schedule!r} must be 'cosine' or "
                     "'constant_with_warmup'")
+    if not isinstance(c.train.grad_cache_chunks, int) or c.train.grad_cache_chunks < 0:
+        errs.append(f"train.grad_cache_chunks={c.train.grad_cache_chunks!r} must be 0 (off) or "
+                    "a positive number of chunks")
     if not c.loss.temperature > 0:
         errs.append(f"loss.temperature={c.loss.temperature} must be > 0")
     if c.loss.mrl_min_dim > m.hidden_size:

@@ -30,6 +30,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mlembed_jax.batch import BatchGeometry, geometry_from_config, globalize_slots, row_buckets
 from mlembed_jax.config import ConfigError
+from mlembed_jax.grad_cache import (
+    cached_value_and_grad,
+    chunk_batch,
+    chunked_forward,
+    unchunk_texts,
+)
 from mlembed_jax.loss import (
     config_kwargs,
     in_batch_top1,
@@ -42,7 +48,13 @@ from mlembed_jax.model.factorized_embed import sample_mel_rank
 from mlembed_jax.model.hf_import import encoder_config_from_hf, load_hf_params
 from mlembed_jax.model.qwen3 import EncoderConfig
 from mlembed_jax.optim import make_optimizer
-from mlembed_jax.sharding import activation_rules, batch_sharding, logical_shardings, packs_per_step
+from mlembed_jax.sharding import (
+    activation_rules,
+    batch_sharding,
+    batch_shards,
+    logical_shardings,
+    packs_per_step,
+)
 
 
 @flax.struct.dataclass
@@ -68,6 +80,8 @@ class StepSetup:
     teacher: EncoderConfig | None = None
     # For each student exit, the index of its paired exit among teacher.exits.
     teacher_pairs: tuple[int, ...] = ()
+    grad_cache_chunks: int = 0  # 0: plain step; k: cached embedding gradients, k chunks
+    batch_shards: int = 1  # shards of the batch axes (chunks keep every device busy)
 
 
 def pooled_embeddings(setup: StepSetup, params, batch, rank):
@@ -104,11 +118,42 @@ def step_loss(setup: StepSetup, params, batch: dict, teacher_params=None, rank=N
                                    num_datasets=setup.num_datasets, **setup.loss_kwargs)
 
 
+def _chunked_pooled(setup: StepSetup, params, chunked: dict, rank):
+    """[E, P*T, d] pooled embeddings of a chunked batch, one chunk's activations at a time."""
+    pooled = chunked_forward(lambda p, ch: pooled_embeddings(setup, p, ch, rank), params,
+                             chunked)
+    return unchunk_texts(pooled, setup.batch_shards, setup.grad_cache_chunks)
+
+
+def loss_and_grads(setup: StepSetup, params, batch: dict, teacher_params=None, rank=None):
+    """((total loss, metrics), grads) of `step_loss` on a batch: one plain backward pass, or
+    with setup.grad_cache_chunks > 0 the cached-embedding gradients of grad_cache.py (the
+    same values, at one chunk's activation memory and one extra forward pass)."""
+    if not setup.grad_cache_chunks:
+        return jax.value_and_grad(
+            lambda p: step_loss(setup, p, batch, teacher_params, rank), has_aux=True)(params)
+    shards, chunks = setup.batch_shards, setup.grad_cache_chunks
+    chunked = chunk_batch(batch, shards, chunks)
+    slots = globalize_slots(batch, setup.geometry)
+    teacher = None
+    if setup.teacher is not None:
+        t = chunked_forward(lambda p, ch: _teacher_pooled(setup, p, ch), teacher_params,
+                            chunked)
+        teacher = unchunk_texts(t, shards, chunks)
+
+    def loss_fn(emb):
+        return nested_contrastive_loss(unchunk_texts(emb, shards, chunks), slots,
+                                       teacher_pooled=teacher,
+                                       num_datasets=setup.num_datasets, **setup.loss_kwargs)
+
+    return cached_value_and_grad(lambda p, ch: pooled_embeddings(setup, p, ch, rank), loss_fn,
+                                 params, chunked)
+
+
 def train_step(setup: StepSetup, state: TrainState, batch: dict, teacher_params=None):
     """One update. Returns (new state, metrics: scalars and small arrays, fp32)."""
     rank = step_rank(setup, state)
-    (_, metrics), grads = jax.value_and_grad(
-        lambda p: step_loss(setup, p, batch, teacher_params, rank), has_aux=True)(state.params)
+    (_, metrics), grads = loss_and_grads(setup, state.params, batch, teacher_params, rank)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
@@ -126,10 +171,20 @@ def eval_step(setup: StepSetup, params, batch: dict, teacher_params=None, rank=N
     positives of the batch; retrieval samples only, since clustering/classification
     positives repeat across a batch) and `acc_hard` (positive beats every hard negative)."""
     slots = globalize_slots(batch, setup.geometry)
-    pooled = pooled_embeddings(setup, params, batch, rank)
+    if setup.grad_cache_chunks:  # the forward a chunk at a time, as the train step does
+        chunked = chunk_batch(batch, setup.batch_shards, setup.grad_cache_chunks)
+        pooled = _chunked_pooled(setup, params, chunked, rank)
+        teacher = None
+        if setup.teacher is not None:
+            t = chunked_forward(lambda p, ch: _teacher_pooled(setup, p, ch), teacher_params,
+                                chunked)
+            teacher = unchunk_texts(t, setup.batch_shards, setup.grad_cache_chunks)
+    else:
+        pooled = pooled_embeddings(setup, params, batch, rank)
+        teacher = _teacher_pooled(setup, teacher_params, batch)
     _, metrics = nested_contrastive_loss(
-        pooled, slots, teacher_pooled=_teacher_pooled(setup, teacher_params, batch),
-        num_datasets=setup.num_datasets, **setup.loss_kwargs)
+        pooled, slots, teacher_pooled=teacher, num_datasets=setup.num_datasets,
+        **setup.loss_kwargs)
     # Same lookups and row blocks as the loss, so no device holds every text or [S, S].
     packs = setup.loss_kwargs.get("packs")
     block = int(setup.loss_kwargs.get("in_batch_block_size", 0))
@@ -380,12 +435,19 @@ def build_step(config, mesh: Mesh, *, total_steps: int, num_datasets: int | None
         raise ValueError(f"the row buckets' geometries differ in more than their rows: "
                          f"{geometries}")
     geometry = geometries[-1]
+    shards, chunks = batch_shards(mesh, rules), int(config.train.get("grad_cache_chunks", 0))
+    if chunks and geometry.packs % (shards * chunks):
+        raise ConfigError(
+            f"train.grad_cache_chunks={chunks} needs packs per step divisible by chunks x "
+            f"{shards} batch shards, but a step has {geometry.packs} packs; set "
+            f"data.packs_per_step to a multiple of {shards * chunks}")
     enc = EncoderConfig.from_config(config.model)
     tx, schedule = make_optimizer(config.optim, total_steps)
     teacher, pairs = teacher_config(config, enc)
     setup = StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
                       loss_kwargs=config_kwargs(config.loss, packs=geometry.packs),
-                      num_datasets=num_datasets, teacher=teacher, teacher_pairs=pairs)
+                      num_datasets=num_datasets, teacher=teacher, teacher_pairs=pairs,
+                      grad_cache_chunks=chunks, batch_shards=shards)
     abstract = abstract_state(setup, int(config.train.seed))
     state_sh = state_shardings(setup, mesh, rules, abstract)
     teacher_sh = (logical_shardings(param_logical_axes(teacher), mesh, rules)

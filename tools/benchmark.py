@@ -29,7 +29,7 @@ from mlembed_jax.config import ConfigError, apply_overrides, validate
 from mlembed_jax.model.kernel_check import resolve_attention
 from mlembed_jax.perf import flops as flops_lib
 from mlembed_jax.perf.benchmark import make_batches, plain_variant, run_jax
-from mlembed_jax.sharding import batch_shards, make_mesh
+from mlembed_jax.sharding import make_mesh, packs_per_step
 
 FLAGS = flags.FLAGS
 
@@ -55,6 +55,10 @@ def main(argv):
         sys.exit(2)
 
 
+# Fields a variant may change: none of them changes the batches the rows share.
+VARIANT_FIELDS = ("model.", "loss.", "optim.", "train.grad_cache_chunks")
+
+
 def parse_variant(text: str) -> dict[str, str]:
     """"model.remat=none,model.attention=cudnn" -> {"model.remat": "none", ...}."""
     out = {}
@@ -62,9 +66,10 @@ def parse_variant(text: str) -> dict[str, str]:
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--variant={text!r}: write field=value[,field=value...]")
-        if not key.strip().startswith(("model.", "loss.", "optim.")):
-            raise ConfigError(f"--variant={text!r}: only model.*, loss.* and optim.* fields may "
-                              "change; the batches are shared with the main run")
+        if not key.strip().startswith(VARIANT_FIELDS):
+            raise ConfigError(f"--variant={text!r}: only model.*, loss.*, optim.* and "
+                              "train.grad_cache_chunks may change; the batches are shared with "
+                              "the main run")
         out[key.strip()] = value.strip()
     return out
 
@@ -91,7 +96,7 @@ def run(config):
     mesh = make_mesh(config.mesh)
     config, kernel = resolve_attention(config, mesh.devices.flat)
     print(f"attention: {kernel.line()}")
-    packs = batch_shards(mesh, config.mesh.logical_axis_rules)
+    packs = packs_per_step(config.data, mesh, config.mesh.logical_axis_rules)
     steps = FLAGS.steps + FLAGS.warmup
     geometries, batches = make_batches(config, steps, seed=0, packs=packs)
     device = jax.devices()[0]

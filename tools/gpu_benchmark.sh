@@ -14,7 +14,8 @@
 #   4. 1.7B: ours and the torch reference;                                    ~2 min
 #   5. if time is left, 0.6B with remat=full (least memory), then as variants:
 #      dots_attention (only elementwise work recomputed), the same and attention with bf16
-#      params (the reference's choice), and the other kernel.
+#      params (the reference's choice), the other kernel, and grad_cache_chunks=1 (what
+#      cached gradients cost at the same batch).
 # The full-step kernel is tokamax_mosaic where stage 1 and 2 pass for it, else cudnn.
 # MLEMBED_BENCH_SMOKE=1 runs the same stages on CPU with tiny shapes and portable kernels
 # (tests/test_benchmark.py), so a mistake here is caught before a GPU session is spent.
@@ -121,6 +122,7 @@ if [ "$SECONDS" -lt $((BUDGET - 120)) ]; then
     --variant=model.param_dtype=bfloat16,model.remat=dots_attention \
     --variant=model.param_dtype=bfloat16,model.remat=attention \
     --variant=model.attention="$other",model.remat=attention \
+    --variant=train.grad_cache_chunks=1 \
     "${SHAPE[@]}"
 else
   say "skipped stage 5 (0.6B choices): ${SECONDS}s used"

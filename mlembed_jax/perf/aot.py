@@ -248,6 +248,10 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
         p(f"hosts: {len(hosts)} processes ({n_dev // len(hosts)} chips each), each building "
           f"{'/'.join(map(str, sorted(sizes)))} pack(s) of every step "
           f"(process 0: packs [{ranges[0][0]}, {ranges[0][1]}))")
+    if setup.grad_cache_chunks:
+        per = g.packs // (setup.batch_shards * setup.grad_cache_chunks)
+        p(f"grad cache: {setup.grad_cache_chunks} chunks of {per} pack(s) per chip; activations "
+          "are one chunk's, one extra forward pass per step")
     blk = int(c.loss.in_batch_block_size)
     S = g.packs * g.samples_per_pack
     if blk <= 0:
