@@ -1,5 +1,7 @@
 # Two commands for a newcomer (see README): `make demo` and `make test`.
-# Both create ./.venv on first use (CPU JAX + CPU torch for the tests), then run.
+# Both create ./.venv on first use, then run: the demo installs only the runtime (CPU JAX
+# and what training, encode and export need, ~1.1 GB); the tests add CPU torch,
+# sentence-transformers, tokamax, pytest and ruff (and libtpu, below).
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -9,6 +11,10 @@ BIN = $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
 	# torch 2.13.0 is the CPU build; installed first so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
@@ -27,9 +33,9 @@ $(LIBTPU): $(BIN)/.installed
 
 libtpu: $(LIBTPU)
 
-setup: $(BIN)/.installed $(LIBTPU)
+setup: $(BIN)/.installed-test $(LIBTPU)
 
-demo: setup
+demo: $(BIN)/.installed
 	$(BIN)/python -m mlembed_jax.train --config=configs/demo.py --workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # Lint first (ruff, pyproject.toml's rules; the same check .pre-commit-config.yaml runs).

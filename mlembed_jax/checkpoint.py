@@ -1,33 +1,210 @@
-"""Orbax checkpoints of a run: train state, data-iterator state and config, saved together.
+"""Orbax checkpoints of a run: train state, data-iterator state, config and fingerprints,
+saved together, and read back only once verified.
 
 Items of a step directory: `state` (params, optimizer state, step, rng), `data` (each
 process's iterator position as `process_<i>-of-<n>.json`, written by grain's handler from a
-`DataStateBox`) and `config` (the run config as JSON). Saves are asynchronous. Restores go
-through an abstract target carrying the *current* mesh's shardings, so a run resumes on
-another mesh or device count. A checkpoint of another model shape is caught by comparing the
-saved config first, with one clear error.
+`DataStateBox`), `config` (the run config as JSON) and `integrity` (per-tensor checksums and
+finiteness, plus the run's count of skipped non-finite steps; checkpoint_verify.py).
+Checkpoints written before `integrity` existed still load, with a note that their bytes
+cannot be verified.
+
+Saves are asynchronous. A state holding NaN/inf is never saved; a save that would not fit
+the free disk space is refused; a background save that fails is reported by `poll()` (called
+every step) and its temporary directory removed, so the previous checkpoint stays the
+newest. Restores go through an abstract target carrying the *current* mesh's shardings, so a
+run resumes on another mesh or device count, then check the fingerprints; a checkpoint that
+does not read back as saved is `CheckpointDamaged`, and `restore_latest` sets it aside and
+falls back to the next older one. A checkpoint of another model shape is caught by comparing
+the saved config first, with one clear error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
+import shutil
+import sys
+import time
 
 import grain.python as grain
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
-from mlembed_jax.config import ConfigError
+from mlembed_jax.checkpoint_verify import (
+    CheckpointDamaged,
+    CheckpointError,
+    Integrity,
+    compare,
+    device_fingerprint,
+    host_fingerprint,
+    nonfinite_leaves,
+)
+from mlembed_jax.config import ConfigError, config_json
+
+__all__ = ["CheckpointDamaged", "CheckpointError", "CheckpointSaveError", "Checkpointer",
+           "DataStateBox", "TrainedParams", "load_trained", "resolve_checkpoint"]
+
+ITEMS = ("state", "data", "config", "integrity")
+DAMAGED_DIR = "damaged_checkpoints"  # under the workdir: checkpoints set aside, never deleted
+_TMP_MARK = ".orbax-checkpoint-tmp"
+_DATA_FILE = re.compile(r"^process_(\d+)-of-(\d+)\.json$")
 
 
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
+class CheckpointSaveError(RuntimeError):
+    """A save that failed or was refused; the message names the step and what was kept."""
+
+
+def _reason(e: BaseException) -> str:
+    """One line from an exception. TensorStore nests its causes left to right ("Error
+    writing ...: Failed writing ...: File too large"), with the spec as a JSON blob: keep
+    the head and the innermost cause."""
+    text = " ".join(re.sub(r"\[(tensorstore_spec|source locations)='.*?'\]", "",
+                           str(e)).split()) or type(e).__name__
+    if len(text) <= 240:
+        return text
+    return f"{text[:100]} ... {text[-130:]}"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _agree(flag: bool) -> bool:
+    """True on every process iff `flag` is True on every process (one process: `flag`)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+class _OrbaxLogFilter(logging.Filter):
+    """Keeps Orbax's own records (a failed background save logs ~600 lines of tracebacks)
+    off the console; `orbax_log` writes them to a file instead."""
+
+    def filter(self, record):
+        return "/orbax/" not in record.pathname.replace(os.sep, "/")
+
+
+def _closed_loop_noise(exc_type, exc, tb) -> bool:
+    """TensorStore completing the writes of a save Orbax already gave up on (disk full): each
+    callback finds Orbax's event loop closed and reports it as an unraisable exception."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+        return False
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(
+        os.path.join("asyncio", "base_events.py"))
+
+
+@contextlib.contextmanager
+def orbax_log(path: str | None):
+    """While active: Orbax's log records (and the closed-event-loop tracebacks a failed save
+    leaves) go to `path` (if given), not to stderr."""
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _closed_loop_noise(unraisable.exc_type, unraisable.exc_value,
+                                  unraisable.exc_traceback):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    absl_logger = logging.getLogger("absl")
+    quiet = _OrbaxLogFilter()
+    handlers = list(absl_logger.handlers) + list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(quiet)
+    file_handler = None
+    if path:
+        file_handler = logging.FileHandler(path, delay=True)
+        file_handler.setLevel(logging.WARNING)
+        file_handler.addFilter(lambda r: not quiet.filter(r))
+        absl_logger.addHandler(file_handler)
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        for h in handlers:
+            h.removeFilter(quiet)
+        if file_handler is not None:
+            absl_logger.removeHandler(file_handler)
+            file_handler.close()
+
+
+class _TensorStoreTaskNoise(logging.Filter):
+    """Orbax reads tensors in concurrent asyncio tasks. When a damaged file fails several of
+    them, the first error is reported (one line) and asyncio would print every other one as
+    'Task exception was never retrieved' with a traceback, whenever the task is collected."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (str(record.msg).startswith("Task exception was never retrieved")
+                    and "tensorstore" in str(exc).lower())
+
+
+logging.getLogger("asyncio").addFilter(_TensorStoreTaskNoise())
+
+
+def read_json_item(step_dir: str, item: str) -> dict:
+    """A JSON item of a step directory (config, integrity); CheckpointDamaged if unreadable."""
+    path = os.path.join(step_dir, item, "metadata")
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointDamaged(f"{item}/metadata is missing") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included
+        raise CheckpointDamaged(f"{item}/metadata is unreadable ({_reason(e)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointDamaged(f"{item}/metadata does not hold a JSON object")
+    return data
+
+
+def read_integrity(step_dir: str) -> Integrity | None:
+    """The step's fingerprints, or None for a checkpoint saved before they were recorded."""
+    if not os.path.isdir(os.path.join(step_dir, "integrity")):
+        return None
+    try:
+        return Integrity.from_json(read_json_item(step_dir, "integrity"))
+    except ValueError as e:
+        raise CheckpointDamaged(f"integrity/metadata: {e}") from None
+
+
+def check_complete(step_dir: str) -> None:
+    """CheckpointDamaged unless the step has its items and every process's data file."""
+    for item in ("state", "data", "config"):
+        if not os.path.isdir(os.path.join(step_dir, item)):
+            raise CheckpointDamaged(f"its {item}/ item is missing")
+    found = [m for m in map(_DATA_FILE.match, os.listdir(os.path.join(step_dir, "data"))) if m]
+    counts = {int(m.group(2)) for m in found}
+    if len(counts) != 1:
+        raise CheckpointDamaged("data/process_<i>-of-<n>.json is missing" if not counts else
+                                f"data/ mixes files of {sorted(counts)} processes")
+    n = counts.pop()
+    missing = sorted(set(range(n)) - {int(m.group(1)) for m in found})
+    if missing:
+        raise CheckpointDamaged(f"data/process_{missing[0]}-of-{n}.json is missing")
+
+
+def _state_metadata(step_dir: str):
+    """The saved state's tree metadata (shapes and dtypes), read without the absl warning
+    the Checkpointer wrapper prints for an item directory."""
+    try:
+        meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state")
+    except Exception as e:  # noqa: BLE001 - TensorStore/JSON errors of a damaged file
+        raise CheckpointDamaged(f"state/ metadata is unreadable ({_reason(e)})") from None
+    return meta.tree if hasattr(meta, "tree") else meta
+
+
+def _shapes(tree) -> list[tuple]:
+    leaves = jax.tree_util.tree_leaves(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return sorted((tuple(x.shape), str(np.dtype(x.dtype))) for x in leaves)
 
 
 class DataStateBox:
@@ -50,45 +227,197 @@ class DataStateBox:
 
 
 class Checkpointer:
-    """Wraps an orbax CheckpointManager at `workdir/checkpoints`."""
+    """Wraps an orbax CheckpointManager at `workdir/checkpoints` (see the module docstring)."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 cleanup_tmp_directories=True,
                                                  enable_async_checkpointing=async_save),
-            item_names=("state", "data", "config"),
+            item_names=ITEMS,
         )
+        self._pending: int | None = None  # the step of the background save in flight
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_box, config, force: bool = False) -> bool:
-        """Starts an async save; `data_box` is a DataStateBox snapshot of this process."""
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    # ----------------------------------------------------------------------------- saving
+    def save(self, step: int, state, data_box, config, nonfinite_total: int = 0,
+             force: bool = False) -> bool:
+        """Starts an async save; `data_box` is a DataStateBox snapshot of this process.
+
+        Raises CheckpointSaveError (nothing written) when the previous save failed, the state
+        holds NaN/inf, or the disk lacks the space; the last checkpoint then stays as it was.
+        """
+        self.wait()
+        tensors = device_fingerprint(state)  # the one host sync a save adds
+        bad = nonfinite_leaves(tensors)
+        if bad:
+            raise CheckpointSaveError(
+                f"step {step}: the train state holds NaN or inf ({bad[0]}"
+                f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}); not saved, "
+                f"so {self.newest()} stays the newest checkpoint")
+        self._check_free_space(step, state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.PyGrainCheckpointSave(data_box),
-            config=ocp.args.JsonSave(_json_safe(config.to_dict())),
+            config=ocp.args.JsonSave(config_json(config)),
+            integrity=ocp.args.JsonSave(Integrity(tensors, nonfinite_total).to_json(step)),
         )
-        return self.manager.save(step, args=args, force=force)
+        try:
+            saved = self.manager.save(step, args=args, force=force)
+        except Exception as e:  # noqa: BLE001 - the synchronous part: mkdir, host copies
+            self._remove_partial()
+            raise CheckpointSaveError(f"saving checkpoint {step} failed: {_reason(e)}; "
+                                      f"{self.newest()} stays the newest checkpoint") from None
+        if saved:
+            self._pending = step
+        return saved
 
-    def saved_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"]
+    def poll(self) -> None:
+        """Cheap; raises CheckpointSaveError once the background save in flight has failed."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
 
-    def restore(self, step: int, abstract_state, config, data_box):
-        """(state, data_box) of `step`, placed by the shardings in `abstract_state`."""
-        check_same_model(self.saved_config(step)["model"], config.model.to_dict(),
-                         f"{self.directory}/{step}")
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.PyGrainCheckpointRestore(data_box)))
-        return out["state"], out["data"]
+    def poll_all(self) -> None:
+        """`poll` for several processes: a save that failed on any of them fails on all, so
+        every process stops at the same step. Costs one small all-gather."""
+        failed = None
+        try:
+            self.poll()
+        except CheckpointSaveError as e:
+            failed = e
+        if not _agree(failed is None):
+            raise failed or CheckpointSaveError("a checkpoint save failed on another process")
+
+    def wait(self) -> None:
+        """Waits for the save in flight; CheckpointSaveError if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - whatever the background write raised
+            self._remove_partial()
+            where = f"checkpoint {step}" if step is not None else "a checkpoint"
+            raise CheckpointSaveError(f"saving {where} failed: {_reason(e)}; the partial save "
+                                      f"was removed and {self.newest()} stays the newest "
+                                      "checkpoint") from None
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the save in flight (CheckpointSaveError if it failed) and closes."""
+        try:
+            self.wait()
+        finally:
+            with contextlib.suppress(Exception):  # an error wait() reported may come again
+                self.manager.close()
+
+    def newest(self) -> str:
+        """'step N (path)' of the newest finished checkpoint, or 'no checkpoint'."""
+        # From disk: the manager forgets a step it plans to rotate out as soon as the next
+        # save starts, though the step stays until that save succeeds.
+        steps = sorted(int(d) for d in os.listdir(self.directory) if d.isdigit()
+                       and int(d) != self._pending) if os.path.isdir(self.directory) else []
+        return f"step {steps[-1]} ({self.step_dir(steps[-1])})" if steps else "no checkpoint"
+
+    def _check_free_space(self, step: int, state) -> None:
+        need = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
+        free = shutil.disk_usage(self.directory).free
+        ok = _agree(free >= need + need // 20 + (16 << 20))  # 5% + 16 MiB for metadata
+        if not ok:
+            raise CheckpointSaveError(
+                f"not enough free space for checkpoint {step} in {self.directory}: it needs "
+                f"about {_gb(need)}, {_gb(free)} are free; free some space or move --workdir, "
+                f"then rerun to resume from {self.newest()}")
+
+    def _remove_partial(self) -> None:
+        """Deletes the temporary directories of unfinished saves (never a finished step)."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if _TMP_MARK in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    # ---------------------------------------------------------------------------- restoring
+    def saved_config(self, step: int) -> dict:
+        return read_json_item(self.step_dir(step), "config")
+
+    def restore(self, step: int, abstract_state, config, data_box):
+        """(state, data_box, integrity or None) of `step`, placed by the shardings in
+        `abstract_state` and verified against its fingerprints.
+
+        ConfigError: the checkpoint belongs to another model or optimizer layout.
+        CheckpointDamaged: it does not read back as saved (missing or unreadable files,
+        checksum mismatch, NaN/inf).
+        """
+        step_dir = self.step_dir(step)
+        check_complete(step_dir)
+        check_same_model(self.saved_config(step)["model"], config.model.to_dict(), step_dir)
+        saved, wanted = _shapes(_state_metadata(step_dir)), _shapes(abstract_state)
+        if saved != wanted:
+            raise ConfigError(
+                f"checkpoint {step_dir} holds a train state of another layout ({len(saved)} "
+                f"tensors, this config makes {len(wanted)}; optimizer settings such as "
+                "optim.mel_lr change it). Resume with the config it was saved with, or use a "
+                "fresh --workdir.")
+        integrity = read_integrity(step_dir)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.PyGrainCheckpointRestore(data_box)))
+        except (RuntimeError, MemoryError):
+            raise  # XLA or memory trouble of this machine, not of the files
+        except Exception as e:  # noqa: BLE001 - TensorStore/grain errors of damaged files
+            raise CheckpointDamaged(_reason(e)) from None
+        why = compare(integrity.tensors if integrity else {}, device_fingerprint(out["state"]))
+        if why:
+            raise CheckpointDamaged(why)
+        return out["state"], out["data"], integrity
+
+    def restore_latest(self, abstract_state, config, make_data_box, log):
+        """The newest checkpoint that reads back as saved: (step, state, data_box, integrity),
+        or None when there is none. Each damaged newer one is reported through `log` and
+        moved to WORKDIR/damaged_checkpoints (kept for inspection, out of the rotation)."""
+        skipped = []
+        for step in reversed(self.steps()):
+            try:
+                state, box, integrity = self.restore(step, abstract_state, config,
+                                                     make_data_box())
+                failed = None
+            except CheckpointDamaged as e:
+                state = box = integrity = None
+                failed = str(e)
+            if not _agree(failed is None):
+                failed = failed or "another process could not read it"
+                dest = self._set_aside(step)
+                log(f"warning: checkpoint {step} is damaged ({failed}); skipped it and moved "
+                    f"it to {dest}")
+                skipped.append(step)
+                continue
+            return step, state, box, integrity
+        if skipped:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}: every one was damaged (moved to "
+                f"{os.path.join(self.workdir, DAMAGED_DIR)}); to start afresh, use a new "
+                "--workdir")
+        return None
+
+    def _set_aside(self, step: int) -> str:
+        dest = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(self.step_dir(step), dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"mlembed_set_aside_{step}")
+        self.manager.reload()
+        return dest
 
 
 # Fields that change the parameter shapes; anything else (dtype of compute, remat, exits,
@@ -136,6 +465,48 @@ def init_params_from(path: str, enc, config) -> tuple[dict, str]:
                                "order")
 
 
+# Fields a resume may change freely: how the run is laid out, logged and evaluated, not what
+# it trains. Any other change (optim, loss, data, schedule length, ...) needs
+# --allow_config_change.
+RESUME_FREE = ("mesh.", "model.remat", "model.attention", "data.prefetch", "train.log_every",
+               "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.max_nonfinite_steps", "eval.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict, config) -> list[tuple[str, object, object]]:
+    """(field, saved value, current value) for every field that differs from a checkpoint's
+    config. Fields the checkpoint does not know (added since) are not changes."""
+    old, new = _flat(saved), _flat(config_json(config))
+    return [(k, old[k], new[k]) for k in sorted(new)
+            if k in old and json.dumps(old[k]) != json.dumps(new[k])]
+
+
+def check_resume_changes(changes, allowed: bool, where: str) -> str | None:
+    """The line listing the changes (None without any); ConfigError when one of them changes
+    what the run trains and `allowed` (--allow_config_change) is not given."""
+    if not changes:
+        return None
+    listed = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in changes)
+    meaning = [k for k, _, _ in changes if not k.startswith(RESUME_FREE)]
+    if meaning and not allowed:
+        raise ConfigError(
+            f"resuming {where} with a changed config: {listed}. "
+            f"{', '.join(meaning)} {'changes' if len(meaning) == 1 else 'change'} what the run "
+            "trains; pass --allow_config_change to resume with them anyway, or "
+            "use a fresh --workdir")
+    return f"resume: config differs from {where}: {listed}"
+
+
 def resolve_checkpoint(path: str) -> tuple[str, int]:
     """WORKDIR, WORKDIR/STEP or WORKDIR/checkpoints/STEP -> (checkpoints dir, step)."""
     path = os.path.abspath(path)
@@ -163,14 +534,14 @@ def load_trained(path: str):
     """(config, params as host numpy arrays, step) from a training workdir or step directory.
 
     Restores params only (no optimizer state) and nothing onto devices, so a tool can read a
-    checkpoint without the mesh it was trained on.
+    checkpoint without the mesh it was trained on. Every param is verified (TrainedParams).
     """
     source = TrainedParams(path)
     return source.config, source.read_all(), source.step
 
 
 class TrainedParams:
-    """The params of a saved training state, restored one leaf at a time.
+    """The params of a saved training state, restored one leaf at a time and verified.
 
     For tools that stream a large model (tools/export_hf.py): `load_trained` restores every
     param at once, so writing its output would hold the model twice. Here `leaves` gives
@@ -178,27 +549,41 @@ class TrainedParams:
     that one array as host numpy (an Orbax partial restore, no devices, no optimizer state).
     `config` is the saved run config (ConfigDict), `step` the checkpoint's step and `workdir`
     the training run directory it belongs to (where metrics.jsonl lives).
+
+    Each array read is checked against the checkpoint's fingerprints and for NaN/inf; a
+    checkpoint that fails (or whose files are missing or unreadable) raises
+    CheckpointDamaged naming the step and the earlier steps that are intact. A checkpoint
+    saved before fingerprints existed is only checked for NaN/inf, with a note on stderr.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, quiet: bool = False, name_intact: bool = True):
+        """quiet: no note for an unverifiable checkpoint. name_intact: a damage error lists
+        the intact earlier steps (reading them in full to find out)."""
+        self._name_intact = name_intact
         ckpt_dir, step = resolve_checkpoint(path)
-        step_dir = os.path.join(ckpt_dir, str(step))
-        config_path = os.path.join(step_dir, "config", "metadata")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{step_dir!r} is not a complete mlembed_jax checkpoint (no "
-                                    "config item); was the save interrupted?")
-        with open(config_path) as f:
-            self.config = ml_collections.ConfigDict(json.load(f))
-        self.step = step
+        self.ckpt_dir, self.step = ckpt_dir, step
+        self.step_dir = os.path.join(ckpt_dir, str(step))
         self.workdir = (os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints"
                         else ckpt_dir)
-        self._state_dir = os.path.join(step_dir, "state")
-        self._checkpointer = ocp.PyTreeCheckpointer()
-        meta = self._checkpointer.metadata(self._state_dir)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        self._state_dir = os.path.join(self.step_dir, "state")
+        if not os.path.isdir(os.path.join(self.step_dir, "config")):
+            raise FileNotFoundError(f"{self.step_dir!r} is not a complete mlembed_jax "
+                                    "checkpoint (no config item); was the save interrupted?")
+        try:
+            check_complete(self.step_dir)
+            self.config = ml_collections.ConfigDict(read_json_item(self.step_dir, "config"))
+            self.integrity = read_integrity(self.step_dir)
+            tree = _state_metadata(self.step_dir)
+        except CheckpointDamaged as e:
+            raise self._damaged(str(e)) from None
+        if self.integrity is None and not quiet:
+            print(f"note: checkpoint {self.step_dir} has no fingerprints (saved by an older "
+                  "mlembed_jax): its values are checked for NaN/inf but cannot be verified "
+                  "against what was saved", file=sys.stderr)
         flat = jax.tree_util.tree_flatten_with_path(
             tree["params"], is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
         self.leaves = {tuple(k.key for k in p): (tuple(m.shape), m.dtype) for p, m in flat}
+        self._handler = ocp.PyTreeCheckpointHandler()
 
     def read_all(self) -> dict:
         """Every param as host numpy arrays, nested like the params."""
@@ -219,11 +604,55 @@ class TrainedParams:
         target = jax.ShapeDtypeStruct(shape, dtype)  # a shape only: nothing allocated twice
         for key in reversed(("params",) + path):
             target = {key: target}
-        restored = self._checkpointer.restore(self._state_dir, args=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=jax.tree_util.tree_map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
-            partial_restore=True))
+        try:
+            restored = self._handler.restore(epath.Path(self._state_dir),
+                                             args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=jax.tree_util.tree_map(
+                    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+                partial_restore=True))
+        except (RuntimeError, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - TensorStore errors of damaged files
+            raise self._damaged(f"params/{'/'.join(path)} is unreadable ({_reason(e)})") \
+                from None
         for key in ("params",) + path:
             restored = restored[key]
+        name = "params/" + "/".join(path)
+        saved = self.integrity.tensors if self.integrity else {}
+        why = compare(saved, {name: host_fingerprint(restored)})
+        if why:
+            raise self._damaged(why)
         return restored
+
+    def verify(self) -> None:
+        """Reads every param once; CheckpointDamaged if any does not read back as saved."""
+        for leaf_path in self.leaves:
+            self.read(leaf_path)
+
+    def _damaged(self, why: str) -> CheckpointDamaged:
+        if not self._name_intact:
+            return CheckpointDamaged(why)
+        intact = intact_steps(self.ckpt_dir, below=self.step)
+        hint = ("no earlier checkpoint is intact" if not intact else
+                "intact earlier checkpoints: " + ", ".join(
+                    os.path.join(self.ckpt_dir, str(s)) for s in intact)
+                + "; pass one of them instead")
+        return CheckpointDamaged(f"checkpoint {self.step_dir} (step {self.step}) is damaged: "
+                                 f"{why}; {hint}")
+
+
+def intact_steps(ckpt_dir: str, below: int) -> list[int]:
+    """The steps under `below` in `ckpt_dir` whose params all read back as saved, newest
+    first (each is read in full: only for error messages)."""
+    out = []
+    steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and int(d) < below),
+                   reverse=True)
+    for step in steps:
+        try:
+            TrainedParams(os.path.join(ckpt_dir, str(step)), quiet=True,
+                          name_intact=False).verify()
+        except (CheckpointDamaged, FileNotFoundError, KeyError):
+            continue
+        out.append(step)
+    return out

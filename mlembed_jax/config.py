@@ -2,7 +2,7 @@
 
 Config files under configs/ define `get_config()`; they start from `base_config()` and set
 the model shape. Every field can be overridden on the command line as
-`--config.section.field=value`; unknown fields are rejected there by the lock.
+`--config.section.field=value` (read by cli.py); an unknown field is a ConfigError.
 """
 
 from __future__ import annotations
@@ -148,6 +148,12 @@ def base_config() -> ml_collections.ConfigDict:
     # go through the model in k sequential chunks, so activation memory is one chunk's
     # (data.packs_per_step / k / devices packs per device) at one extra forward pass.
     t.grad_cache_chunks = 0
+    # Steps whose loss or gradient norm is NaN/inf are skipped (params and optimizer state
+    # unchanged). More than this many in a row stop the run (exit 1); -1 = never stop.
+    t.max_nonfinite_steps = 5
+    # TEST/DEBUG ONLY: steps (1-based, as logged) whose loss is made NaN inside the jitted
+    # step, to exercise the skip above. Leave empty in real runs.
+    t.debug_nan_steps = ()
 
     # Retrieval evaluation during training (mlembed_jax/eval/periodic.py): nDCG@10,
     # Recall@100 and MRR@10 of one (rank, exit, dim) point on a local set.
@@ -248,6 +254,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                     "a positive number of chunks")
     if not c.loss.temperature > 0:
         errs.append(f"loss.temperature={c.loss.temperature} must be > 0")
+    t = c.train
+    if not isinstance(t.max_nonfinite_steps, int) or t.max_nonfinite_steps < -1:
+        errs.append(f"train.max_nonfinite_steps={t.max_nonfinite_steps!r} must be an integer "
+                    ">= 0, or -1 (never stop)")
+    if not all(isinstance(s, int) and s >= 1 for s in t.debug_nan_steps):
+        errs.append(f"train.debug_nan_steps={t.debug_nan_steps!r} must list steps >= 1")
     if c.loss.mrl_min_dim > m.hidden_size:
         errs.append(f"loss.mrl_min_dim={c.loss.mrl_min_dim} exceeds model.hidden_size")
     if c.loss.teacher and not c.loss.kd_weight > 0:
@@ -265,13 +277,29 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def config_json(c: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON types (tuples become lists): what config.json and a
+    checkpoint's config item hold."""
+    def safe(x):
+        if isinstance(x, dict):
+            return {k: safe(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [safe(v) for v in x]
+        return x
+    return safe(c.to_dict())
+
+
 def load_config_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
     """Loads `get_config()` from a config file, applies {"a.b": value} overrides, validates."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location("_mlembed_config", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any error in the user's file: name the file
+        raise ConfigError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") \
+            from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} has no get_config()")
     c = module.get_config()
@@ -303,13 +331,14 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collect
 
 def _parse_as(key: str, text: str, like):
     """`text` read as the type of the field's current value `like` (bool, int, float, or a
-    tuple: "19", "19,24" or "(19, 24)")."""
+    tuple or list: "19", "19,24" or "(19, 24)")."""
     bad = ConfigError(f"config field {key!r} holds {type(like).__name__}; cannot set it to "
                       f"{text!r}")
     try:
-        if isinstance(like, tuple):
+        if isinstance(like, (tuple, list)):
             value = ast.literal_eval(text) if text.strip() else ()
-            return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            return type(like)(value)
         if isinstance(like, bool):  # before int: bool is an int subclass
             if text.lower() in ("true", "1", "false", "0"):
                 return text.lower() in ("true", "1")

@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlembed_jax import checkpoint
+from mlembed_jax.cli import writable_file
 from mlembed_jax.data.jsonl import iter_jsonl
 from mlembed_jax.data.prepared import training_text
 from mlembed_jax.data.text_encoding import TokenizerError, encode_texts, load_tokenizer
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default=None)
     a = p.parse_args(argv)
     try:
+        writable_file(a.output, "--output")
         texts, ids = read_texts(a.input, a.field, a.id_field)
         model = load(a.model, tokenizer_dir=a.tokenizer_dir, max_seq_length=a.max_seq_length,
                      compute_dtype=a.compute_dtype)
@@ -393,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                            batch_tokens=a.batch_tokens, allow_untrained=a.allow_untrained,
                            progress=True)
         write_embeddings(a.output, emb, ids)
-    except (ValueError, FileNotFoundError) as e:  # EncodeError, CheckpointError, ConfigError
+    except (ValueError, OSError) as e:  # EncodeError, CheckpointError, ConfigError, disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {a.output}", file=sys.stderr)

@@ -5,11 +5,17 @@
 
 Reads top to bottom: distributed init, config, mesh, data, state (resume, HF or random),
 compile, loop (log / validate / checkpoint), final save. Restarting with the same workdir
-resumes from its latest checkpoint; SIGTERM saves a checkpoint and exits with code 143.
+resumes from its newest intact checkpoint (a damaged one is set aside, saying why); a
+resume whose config changes what the run trains needs --allow_config_change.
+
+Exit codes: 0 done; 2 bad input (config, data, checkpoint), one `error:` line; 1 stopped by a
+fault: more than train.max_nonfinite_steps NaN/inf steps in a row, or a checkpoint save that
+failed or would not fit the disk; 143 SIGTERM, after saving a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -26,16 +32,26 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mlembed_jax.batch import text_lengths  # noqa: E402
-from mlembed_jax.checkpoint import Checkpointer, DataStateBox, init_params_from  # noqa: E402
+from mlembed_jax.checkpoint import (  # noqa: E402
+    Checkpointer,
+    CheckpointError,
+    CheckpointSaveError,
+    DataStateBox,
+    check_resume_changes,
+    init_params_from,
+    orbax_log,
+    resume_changes,
+)
+from mlembed_jax.cli import config_from_argv, writable_dir  # noqa: E402
 from mlembed_jax.config import ConfigError, validate  # noqa: E402
 from mlembed_jax.data.manifest import ManifestError  # noqa: E402
 from mlembed_jax.data.pipeline import make_train_iterator, make_validation_iterator  # noqa: E402
 from mlembed_jax.data.plan import make_data_plan  # noqa: E402
 from mlembed_jax.data.prepare import DataError  # noqa: E402
+from mlembed_jax.data.text_encoding import TokenizerError  # noqa: E402
 from mlembed_jax.eval.periodic import make_periodic_evaluator  # noqa: E402
 from mlembed_jax.metrics_log import MetricsWriter, flatten  # noqa: E402
 from mlembed_jax.model.encoder import abstract_params  # noqa: E402
@@ -43,6 +59,7 @@ from mlembed_jax.model.kernel_check import resolve_attention  # noqa: E402
 from mlembed_jax.model.qwen3 import param_count  # noqa: E402
 from mlembed_jax.perf import flops as flops_lib  # noqa: E402
 from mlembed_jax.perf.hlo import memory_line  # noqa: E402
+from mlembed_jax.run_summary import config_summary, final_report, write_config  # noqa: E402
 from mlembed_jax.train_step import build_step  # noqa: E402
 
 
@@ -70,17 +87,27 @@ class _Preemption:
         return self.requested
 
 
-def _log(msg: str) -> None:
+def _log(msg: str, err: bool = False) -> None:
     if jax.process_index() == 0:
-        print(msg, flush=True)
+        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def run(config, workdir: str) -> int:
-    """Trains until the configured step count or SIGTERM. Returns the process exit code."""
+class _Stop(Exception):
+    """Ends the run early with a message (printed as `error: ...`) and an exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def run(config, workdir: str, allow_config_change: bool = False) -> int:
+    """Trains until the configured step count or SIGTERM. Returns the process exit code:
+    0 done, 143 SIGTERM (saved), 1 stopped by a fault (non-finite steps over the budget,
+    a failed save). Bad input raises ConfigError / DataError / CheckpointError."""
     validate(config)
+    workdir = writable_dir(workdir, "--workdir")
     preempt = _Preemption()
-    os.makedirs(workdir, exist_ok=True)
-    _log(f"config:\n{config}")
+    _log(config_summary(config, workdir))
 
     mesh = sharding.make_mesh(config.mesh)
     config, kernel = resolve_attention(config, mesh.devices.flat)
@@ -96,14 +123,45 @@ def run(config, workdir: str) -> int:
     _log(f"data plan ({time.time() - t0:.1f}s): {plan.describe()}")
     train_iter = make_train_iterator(config, packs, pack_range=pack_range, plan=plan)
     try:
-        return _train(config, workdir, mesh, train_iter, pack_range, preempt)
+        with orbax_log(os.path.join(workdir, "orbax.log") if jax.process_index() == 0
+                       else None):
+            return _train(config, workdir, mesh, train_iter, pack_range, preempt,
+                          allow_config_change)
+    except _Stop as e:
+        _log(f"error: {e}", err=True)
+        return e.code
     finally:
         train_iter.close()  # the prefetch thread ends with the run, however it ends
 
 
-def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
-    primary = jax.process_index() == 0
-    rules = config.mesh.logical_axis_rules
+def _restore_or_init(config, ckpt, step_fns, train_iter, enc, allow_config_change):
+    """(state, nonfinite_total): the newest intact checkpoint, train.init_from (an HF
+    directory or another run's checkpoint) or random."""
+    found = ckpt.restore_latest(step_fns.abstract_state, config, DataStateBox, _log)
+    if found is not None:
+        step, state, data_box, integrity = found
+        note = check_resume_changes(resume_changes(ckpt.saved_config(step), config),
+                                    allow_config_change, ckpt.step_dir(step))
+        if note:
+            _log(note)
+        train_iter.set_state(data_box.state)
+        _log(f"resumed from {ckpt.step_dir(step)}")
+        if integrity is None:
+            _log(f"note: checkpoint {step} has no fingerprints (saved by an older mlembed_jax): "
+                 "checked for NaN/inf only")
+        return state, (integrity.nonfinite_total if integrity else 0)
+    if config.train.init_from:
+        host, what = init_params_from(config.train.init_from, enc, config)
+        state = step_fns.init_state(host)
+        del host
+        _log(what)
+        return state, 0
+    _log("initialised from scratch (random weights)")
+    return step_fns.init_state(), 0
+
+
+def _train(config, workdir, mesh, train_iter, pack_range, preempt,
+           allow_config_change) -> int:
     plan = train_iter.plan
     val_batches = make_validation_iterator(config, plan.packs, pack_range=pack_range, plan=plan)
     names = list(train_iter.dataset_names)
@@ -111,6 +169,7 @@ def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
                    else config.train.epochs * train_iter.steps_per_epoch)
     _log(f"data: {len(names)} datasets, {train_iter.steps_per_epoch} steps per epoch, "
          f"{total_steps} steps; largest batch geometry {plan.geometry()}")
+    _log("data: " + "; ".join(train_iter.negatives_summary()))
 
     step_fns = build_step(config, mesh, total_steps=total_steps, num_datasets=len(names),
                           geometries=plan.geometries)
@@ -122,20 +181,27 @@ def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
          f"{'r_max ' + str(enc.mel_r_max) if enc.mel else 'off'}")
 
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_box = ckpt.restore(latest, step_fns.abstract_state, config, DataStateBox())
-        train_iter.set_state(data_box.state)
-        _log(f"resumed from {ckpt.directory}/{latest}")
-    elif config.train.init_from:
-        host, what = init_params_from(config.train.init_from, enc, config)
-        state = step_fns.init_state(host)
-        del host
-        _log(what)
-    else:
-        state = step_fns.init_state()
-        _log("initialised from scratch (random weights)")
+    try:
+        return _loop(config, workdir, mesh, train_iter, preempt, allow_config_change, ckpt,
+                     step_fns, teacher_params, val_batches, names, total_steps)
+    except CheckpointSaveError as e:
+        raise _Stop(str(e), 1) from None
+    finally:
+        with contextlib.suppress(CheckpointSaveError):  # reported above, if it was the cause
+            ckpt.close()
 
+
+def _loop(config, workdir, mesh, train_iter, preempt, allow_config_change, ckpt, step_fns,
+          teacher_params, val_batches, names, total_steps) -> int:
+    """Restore (or init), compile, then step / log / validate / save until the end."""
+    primary = jax.process_index() == 0
+    single = jax.process_count() == 1
+    rules, enc, plan = config.mesh.logical_axis_rules, step_fns.setup.enc, train_iter.plan
+    t_start = time.time()
+    state, nonfinite_total = _restore_or_init(config, ckpt, step_fns, train_iter, enc,
+                                              allow_config_change)
+    if primary:
+        write_config(config, workdir)  # once the config is accepted (a resume may refuse it)
     # One compiled step per row bucket, all before the first step (a step of another shape
     # would be an error, never a recompile).
     used = plan.shapes_used()
@@ -148,27 +214,41 @@ def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
          f"{len(eval_fns)} eval shape(s) in {time.time() - t0:.1f}s; largest "
          f"({largest} rows): {memory_line(compiled[largest])}")
 
-    writer = MetricsWriter(workdir, enabled=primary)
+    start = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, enabled=primary, start_step=start)
+    if writer.dropped:
+        _log(f"metrics.jsonl: dropped {writer.dropped} rows after step {start}, which this "
+             "run replays")
     periodic_eval = make_periodic_evaluator(config)  # None unless eval.every > 0
     device_kind = jax.devices()[0].device_kind
-    start = int(jax.device_get(state.step))
+    last = {"val": {}, "eval": {}}
+
+    def record(step, values, kind=None):
+        writer.write(step, values)
+        if kind:
+            last[kind] = {"step": step, **values}
+
     if start == 0 and config.train.eval_every > 0:
         with step_fns.rules_context():  # the baseline the validation loss falls from
-            writer.write(0, _validate(eval_fns, state.params, val_batches, plan, mesh,
-                                      rules, teacher_params, names))
+            record(0, _validate(eval_fns, state.params, val_batches, plan, mesh, rules,
+                                teacher_params, names), "val")
     bar = tqdm(total=total_steps, initial=start, disable=not primary, dynamic_ncols=True,
                desc="train")
     pending, interval_tokens, interval_flops, interval_stats = [], 0, 0.0, []
     t_last = time.time()
     step = start
+    streak, budget = 0, int(config.train.max_nonfinite_steps)
     exit_code = 0
-    with step_fns.rules_context():
+    every = config.train
+    with step_fns.rules_context(), bar:  # the bar ends its line before any error line
         while step < total_steps:
             batch, stats = next(train_iter)
             gb = sharding.to_global_batch(batch, plan.geometry(stats["rows"]), mesh, rules)
             state, metrics = compiled[stats["rows"]](state, gb, teacher_params)
             step += 1
-            preempt.check(step)
+            stopping = preempt.check(step)  # one reading per step: SIGTERM may come any time
+            if single:
+                ckpt.poll()  # a failed background save stops the run here, one step late
             lengths = text_lengths(batch)
             interval_tokens += int(lengths.sum())
             interval_flops += flops_lib.train_flops(config.model, lengths)
@@ -177,57 +257,78 @@ def _train(config, workdir, mesh, train_iter, pack_range, preempt) -> int:
             if "epoch_end" in stats:
                 writer.write(step, _epoch_values(stats["epoch_end"]))
                 _log(f"\n{_epoch_line(stats['epoch_end'])}")
+            saving = step % every.checkpoint_every == 0 or step == total_steps or stopping
 
-            if step % config.train.log_every == 0 or step == total_steps or preempt.requested:
+            if step % every.log_every == 0 or step == total_steps or saving:
                 host = jax.device_get(pending)  # the only host sync of the interval
+                if not single:
+                    ckpt.poll_all()  # all processes agree on a failed save at log steps
                 dt = max(time.time() - t_last, 1e-9)
                 values = _interval_values(host, interval_stats, names, interval_tokens,
                                           interval_flops, dt, device_kind, jax.process_count(),
                                           len(mesh.local_devices))
+                for m in host:
+                    streak = streak + 1 if m["nonfinite"] else 0
+                nonfinite_total += int(values["train/nonfinite_steps"])
+                values["train/nonfinite_total"] = float(nonfinite_total)
                 writer.write(step, values)
                 bar.set_postfix(loss=f"{values['train/total']:.4f}",
                                 lr=f"{values['train/lr']:.2e}",
                                 tok_s=f"{values['perf/tokens_per_s']:.0f}")
                 pending, interval_tokens, interval_flops, interval_stats = [], 0, 0.0, []
                 t_last = time.time()
+                if 0 <= budget < streak:
+                    raise _Stop(
+                        f"step {step}: {streak} steps in a row had a NaN/inf loss or gradient "
+                        f"norm and were skipped (train.max_nonfinite_steps={budget}); stopping "
+                        f"without saving (newest checkpoint: {ckpt.newest()}). Lower optim.lr or "
+                        "check the data; rerunning with the same --workdir resumes from that "
+                        "checkpoint.", 1)
             bar.update(1)
 
-            if config.train.eval_every > 0 and (step % config.train.eval_every == 0
-                                                or step == total_steps):
-                writer.write(step, _validate(eval_fns, state.params, val_batches, plan, mesh,
-                                             rules, teacher_params, names))
+            if every.eval_every > 0 and (step % every.eval_every == 0 or step == total_steps):
+                record(step, _validate(eval_fns, state.params, val_batches, plan, mesh,
+                                       rules, teacher_params, names), "val")
             if periodic_eval is not None and (step % config.eval.every == 0
                                                or step == total_steps):
-                writer.write(step, periodic_eval(state.params, step))
-            if step % config.train.checkpoint_every == 0 or step == total_steps \
-                    or preempt.requested:
+                record(step, periodic_eval(state.params, step), "eval")
+            if saving:
                 ckpt.save(step, state, DataStateBox(train_iter.get_state()), config,
-                          force=True)
-            if preempt.requested:
+                          nonfinite_total=nonfinite_total, force=True)
+            if stopping:
+                ckpt.wait()
                 _log(f"\nSIGTERM: saved step {step} to {ckpt.directory}; exiting")
                 exit_code = 143
                 break
     bar.close()
-    ckpt.close()
+    ckpt.wait()
     writer.close()
     if exit_code == 0:
-        _log(f"done: {step} steps; data: {train_iter.inner.summary()}")
+        _log(final_report(workdir, step, time.time() - t_start, last["val"], last["eval"],
+                          nonfinite_total, train_iter.inner.summary()))
     return exit_code
 
 
 def _interval_values(host_metrics, stats, names, tokens, flops, dt, device_kind, processes,
                      local_devices) -> dict:
-    """Means over the steps since the last log, plus speed figures."""
+    """Means over the steps since the last log, plus speed figures. Skipped (non-finite)
+    steps are left out of the means and counted in train/nonfinite_steps; with none left,
+    the means are NaN (null in metrics.jsonl)."""
     steps = len(host_metrics)
+    applied = [(m, s) for m, s in zip(host_metrics, stats) if not m["nonfinite"]]
     out = {}
-    for m in host_metrics:
+    for m, _ in applied:
         for k, v in flatten("train/", m, names).items():
-            out[k] = out.get(k, 0.0) + v / steps
+            out[k] = out.get(k, 0.0) + v / len(applied)
+    if not applied:
+        out = {k: float("nan") for k in flatten("train/", host_metrics[0], names)}
+    out["train/lr"] = sum(float(m["lr"]) for m in host_metrics) / steps  # skipped or not
+    out["train/nonfinite_steps"] = float(sum(float(m["nonfinite"]) for m in host_metrics))
     # Per-dataset losses: only the steps that drew that dataset count.
-    for name in set(s["dataset"] for s in stats):
-        vals = [float(m["total"]) for m, s in zip(host_metrics, stats) if s["dataset"] == name]
+    for name in set(s["dataset"] for _, s in applied):
+        vals = [float(m["total"]) for m, s in applied if s["dataset"] == name]
         out[f"train/loss_by_dataset/{name}"] = sum(vals) / len(vals)
-    for k in [k for k in out if k.startswith("train/dataset_")]:
+    for k in [k for k in out if k.startswith("train/dataset_") or k == "train/nonfinite"]:
         del out[k]
     out["data/padding_fraction"] = sum(s["padding_fraction"] for s in stats) / steps
     out["data/rows_per_pack"] = sum(s["rows"] for s in stats) / steps
@@ -292,19 +393,27 @@ def _validate(eval_fns, params, val_batches, plan, mesh, rules, teacher_params,
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv, config):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     try:
-        code = run(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, DataError, ManifestError) as e:
+        if not FLAGS.workdir:
+            raise ConfigError("--workdir is required: the run directory (checkpoints, "
+                              "metrics, TensorBoard); rerunning with it resumes")
+        code = run(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+    except (ConfigError, DataError, ManifestError, TokenizerError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
     flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, TensorBoard")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    flags.DEFINE_bool("allow_config_change", False, "resume although fields that change what "
+                      "the run trains (optim.*, loss.*, data.*, ...) differ from the checkpoint's")
+    try:
+        _config, _argv = config_from_argv(sys.argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(lambda argv: main(argv, _config), argv=_argv)

@@ -3,6 +3,10 @@ sharded step that training, the AOT compile and the benchmark all run.
 
 `state -> (state, metrics)` is pure: the step's RNG is folded in from the step number, the MEL
 rank is sampled inside the step, and the state is donated so params are updated in place.
+A step whose loss or gradient norm is not finite is skipped inside the step: params and
+optimizer state stay exactly as they were, the step counter advances (its batch is
+consumed), and `metrics["nonfinite"]` is 1. No host sync: the train loop reads the flag with
+the other metrics at its log steps.
 
 `build_step(config, mesh, ...)` assembles everything a run's step needs from the config:
 model, batch geometries (one per row bucket; packs from the mesh's batch shards), optimizer,
@@ -59,7 +63,7 @@ from mlembed_jax.sharding import (
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: number of updates done
+    step: jax.Array  # int32 scalar: steps taken (batches consumed), skipped ones included
     params: Any
     opt_state: Any
     rng: jax.Array  # uint32 [2]: the run's base key; step keys are folded in from `step`
@@ -82,6 +86,7 @@ class StepSetup:
     teacher_pairs: tuple[int, ...] = ()
     grad_cache_chunks: int = 0  # 0: plain step; k: cached embedding gradients, k chunks
     batch_shards: int = 1  # shards of the batch axes (chunks keep every device busy)
+    debug_nan_steps: tuple[int, ...] = ()  # train.debug_nan_steps (test/debug hook)
 
 
 def pooled_embeddings(setup: StepSetup, params, batch, rank):
@@ -118,6 +123,14 @@ def step_loss(setup: StepSetup, params, batch: dict, teacher_params=None, rank=N
                                    num_datasets=setup.num_datasets, **setup.loss_kwargs)
 
 
+def _debug_nan_factor(setup: StepSetup, step):
+    """NaN on the steps train.debug_nan_steps lists (1-based), else 1.0; None if unset."""
+    if not setup.debug_nan_steps:
+        return None
+    hit = jnp.any(step + 1 == jnp.asarray(setup.debug_nan_steps, jnp.int32))
+    return jnp.where(hit, jnp.float32(jnp.nan), jnp.float32(1.0))
+
+
 def _chunked_pooled(setup: StepSetup, params, chunked: dict, rank):
     """[E, P*T, d] pooled embeddings of a chunked batch, one chunk's activations at a time."""
     pooled = chunked_forward(lambda p, ch: pooled_embeddings(setup, p, ch, rank), params,
@@ -125,13 +138,21 @@ def _chunked_pooled(setup: StepSetup, params, chunked: dict, rank):
     return unchunk_texts(pooled, setup.batch_shards, setup.grad_cache_chunks)
 
 
-def loss_and_grads(setup: StepSetup, params, batch: dict, teacher_params=None, rank=None):
+def loss_and_grads(setup: StepSetup, params, batch: dict, teacher_params=None, rank=None,
+                   loss_factor=None):
     """((total loss, metrics), grads) of `step_loss` on a batch: one plain backward pass, or
     with setup.grad_cache_chunks > 0 the cached-embedding gradients of grad_cache.py (the
-    same values, at one chunk's activation memory and one extra forward pass)."""
+    same values, at one chunk's activation memory and one extra forward pass).
+    loss_factor (a traced scalar or None) multiplies the total inside the differentiated
+    function, so a NaN there reaches the gradients as a real one would."""
+    def scaled(result):
+        total, metrics = result
+        return (total if loss_factor is None else total * loss_factor), metrics
+
     if not setup.grad_cache_chunks:
         return jax.value_and_grad(
-            lambda p: step_loss(setup, p, batch, teacher_params, rank), has_aux=True)(params)
+            lambda p: scaled(step_loss(setup, p, batch, teacher_params, rank)),
+            has_aux=True)(params)
     shards, chunks = setup.batch_shards, setup.grad_cache_chunks
     chunked = chunk_batch(batch, shards, chunks)
     slots = globalize_slots(batch, setup.geometry)
@@ -142,26 +163,35 @@ def loss_and_grads(setup: StepSetup, params, batch: dict, teacher_params=None, r
         teacher = unchunk_texts(t, shards, chunks)
 
     def loss_fn(emb):
-        return nested_contrastive_loss(unchunk_texts(emb, shards, chunks), slots,
-                                       teacher_pooled=teacher,
-                                       num_datasets=setup.num_datasets, **setup.loss_kwargs)
+        return scaled(nested_contrastive_loss(
+            unchunk_texts(emb, shards, chunks), slots, teacher_pooled=teacher,
+            num_datasets=setup.num_datasets, **setup.loss_kwargs))
 
     return cached_value_and_grad(lambda p, ch: pooled_embeddings(setup, p, ch, rank), loss_fn,
                                  params, chunked)
 
 
 def train_step(setup: StepSetup, state: TrainState, batch: dict, teacher_params=None):
-    """One update. Returns (new state, metrics: scalars and small arrays, fp32)."""
+    """One update, or none if the loss or gradient norm is not finite (module docstring).
+    Returns (new state, metrics: scalars and small arrays, fp32)."""
     rank = step_rank(setup, state)
-    (_, metrics), grads = loss_and_grads(setup, state.params, batch, teacher_params, rank)
+    (total, metrics), grads = loss_and_grads(setup, state.params, batch, teacher_params, rank,
+                                             _debug_nan_factor(setup, state.step))
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o),
+                                                   new, old)
     metrics = dict(metrics)
-    metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
+    metrics["total"] = total
+    metrics["grad_norm"] = grad_norm
+    metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
     metrics["lr"] = jnp.asarray(setup.schedule(state.step), jnp.float32)
     if rank is not None:
         metrics["mel_rank"] = rank
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
     return new_state, metrics
 
 
@@ -447,7 +477,8 @@ def build_step(config, mesh: Mesh, *, total_steps: int, num_datasets: int | None
     setup = StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
                       loss_kwargs=config_kwargs(config.loss, packs=geometry.packs),
                       num_datasets=num_datasets, teacher=teacher, teacher_pairs=pairs,
-                      grad_cache_chunks=chunks, batch_shards=shards)
+                      grad_cache_chunks=chunks, batch_shards=shards,
+                      debug_nan_steps=tuple(config.train.get("debug_nan_steps", ())))
     abstract = abstract_state(setup, int(config.train.seed))
     state_sh = state_shardings(setup, mesh, rules, abstract)
     teacher_sh = (logical_shardings(param_logical_axes(teacher), mesh, rules)

@@ -90,6 +90,10 @@ def test_bad_topology_is_a_usage_error():
     r = subprocess.run([sys.executable, TOOL, f"--config={DEMO}", "--topology=v9z:2x2"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown chip 'v9z'" in r.stderr
+    # An unknown config field is one line too, before anything is compiled.
+    r = subprocess.run([sys.executable, TOOL, f"--config={DEMO}", "--topology=cpu:8",
+                        "--config.model.foo=1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown config field 'model.foo'"
     with pytest.raises(aot_target.AotError, match="device count"):
         aot_target.parse_target("h100:eight")
     t = aot_target.parse_target("v5p:4x4x4")

@@ -103,3 +103,25 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     assert "jax " in log and "flax " in log
     assert "== bench_small_choices" in log and "== done in" in log
     assert log.count("| variant ") == 5, log
+
+
+def test_benchmark_says_which_rows_per_pack_fits_the_mix():
+    """The demo derives its row buckets for the mix; buckets given too small for it are one
+    line naming the rows_per_pack that fits, and that one works."""
+    import pytest
+
+    from mlembed_jax.config import ConfigError, apply_overrides, load_config_file
+    from mlembed_jax.perf.benchmark import make_batches
+
+    demo = load_config_file(os.path.join(ROOT, "configs", "demo.py"))
+    geometries, batches = make_batches(demo, steps=2)  # derived buckets: it fits
+    assert len(batches) == 2 and geometries
+    small = apply_overrides(demo.copy_and_resolve_references(), {"data.rows_per_pack": "(4,)"})
+    with pytest.raises(ConfigError, match=r"needs (\d+) rows per pack, more than the largest "
+                                          r"bucket data.rows_per_pack=4; pass "
+                                          r"--config.data.rows_per_pack=\d+") as e:
+        make_batches(small, steps=2)
+    need = int(str(e.value).split(" needs ")[1].split()[0])
+    fits = apply_overrides(demo.copy_and_resolve_references(),
+                           {"data.rows_per_pack": f"({need},)"})
+    assert len(make_batches(fits, steps=2)[1]) == 2

@@ -304,3 +304,137 @@ def test_manifest_for_the_released_file_names(tmp_path):
             "zz_other.parquet") in bad.stderr
     assert not (tmp_path / "m2.json").exists()
     assert len(manifest_lib.reference_task_types()) == 502
+# ---------------------------------------------------------------------------- negatives
+def test_too_few_negatives_is_an_error_unless_the_manifest_says_so(tmp_path):
+    """3 negative columns for a retrieval dataset (which samples 7): an error naming the
+    file and the count; accepted with an explicit num_negatives, which training then uses
+    exactly and logs, and which a training manifest may not raise again."""
+    three = {"ret": ("retrieval", 60, 3)}
+    raw, mpath, _ = make_inputs(str(tmp_path / "a"), datasets=three)
+    with pytest.raises(DataError, match=r"ret.parquet: 3 negative column\(s\) \(negative_1.."
+                                        r"negative_3\), fewer than the 7 hard negatives a "
+                                        r"retrieval dataset samples; .*\"num_negatives\": 3"):
+        prepare_data(raw, mpath, TOKENIZER, str(tmp_path / "out_a"), workers=1, verbose=False)
+
+    explicit = {"ret": {"task_type": "retrieval", "num_negatives": 3}}
+    raw, mpath, _ = make_inputs(str(tmp_path / "b"), datasets=three, manifest_extra=explicit)
+    out = str(tmp_path / "out_b")
+    prepare_data(raw, mpath, TOKENIZER, out, workers=1, verbose=False)
+    with open(os.path.join(out, "prepared.json")) as f:
+        assert json.load(f)["manifest"]["ret"]["num_negatives"] == 3
+    it = make_train_iterator(data_config(out), packs=2)
+    assert it.negatives_summary() == [
+        "ret: retrieval, 3 negatives (manifest num_negatives; default 7)"]
+    batch, _ = next(it)
+    assert (batch["negative_valid"][batch["sample_valid"]].sum(-1) == 3).all()
+
+    default = tmp_path / "default.json"
+    default.write_text(json.dumps({"ret": "retrieval"}))
+    with pytest.raises(DataError, match=r"dataset 'ret' \(.*ret_query.parquet\) has 3 negative "
+                                        r"column\(s\), fewer than the 7"):
+        make_train_iterator(data_config(out, manifest=str(default)), packs=2)
+
+
+def test_invalid_utf8_names_file_row_and_column(tmp_path):
+    bad = pa.array([b"q0", b"q1", b"caf\xe9"], pa.binary()).view(pa.string())  # Latin-1 é
+    with pytest.raises(DataError, match=r"bad.parquet: row 2, column 'query': invalid UTF-8 "
+                                        r"\(unexpected end of data at byte 3"):
+        _prep(tmp_path, pa.table(dict(GOOD, query=bad)))
+
+
+# ---------------------------------------------------------------------------- fuzz
+_TEXTS = ["Deutschland", "Москва", "東京 タワー", "القاهرة", "emoji 🙂🚀", "tab\tand\nnewline",
+          "nul\x00byte", "long " + "Zürich " * 300, "x"]
+_BAD_CELLS = [None, "", "   ", b"\xff\xfe", 7]  # null, empty, blank, not UTF-8, not a string
+
+
+def _fuzz_case(rng):
+    """(table, manifest entry, why it must fail or None). Mostly valid tables with one fault
+    at a time, so both outcomes are common."""
+    n = rng.choice([1, 2, 5, 30])
+    task = rng.choice(["retrieval", "clustering", "classification"])
+    entry = {"task_type": task}
+    k = rng.randint(1, 10)
+    if rng.random() < 0.3:
+        entry["num_negatives"] = rng.randint(1, k)
+    want = entry.get("num_negatives", manifest_lib.DEFAULT_NEGATIVES[task])
+    if rng.random() < 0.3:
+        entry["query_prefix"] = rng.choice(["query: ", "問: "])
+    cols = {c: [rng.choice(_TEXTS) + f" {c} {i}" for i in range(n)]
+            for c in ["query", "passage"] + [f"negative_{j}" for j in range(1, k + 1)]}
+    why = None if k >= want else "negatives"
+    fault = rng.choice(["none", "none", "cell", "missing", "gap", "type", "extra", "dict"])
+    col = rng.choice(sorted(cols))
+    if fault == "cell":
+        bad = rng.choice(_BAD_CELLS)
+        cols[col][rng.randrange(n)] = bad
+        why = why or {type(None): "null", str: "empty", bytes: "invalid UTF-8",
+                      int: "expected a string"}[type(bad)]
+    elif fault == "missing":  # not the last negative: that would only lower the count
+        del cols[rng.choice(["query", "passage"] + [f"negative_{j}" for j in range(1, max(k, 2))])]
+        why = why or "missing column"
+    elif fault == "gap" and k >= 2:
+        del cols["negative_1"]
+        why = why or "missing column 'negative_1'"
+    elif fault == "type":
+        cols[col] = [float(i) for i in range(n)]
+        why = why or "expected a string"
+    elif fault == "extra":
+        cols["score"] = [rng.random() for _ in range(n)]  # other columns are ignored
+    arrays = {}
+    for c, values in cols.items():
+        if all(isinstance(v, float) for v in values):
+            arrays[c] = pa.array(values, pa.float64())
+        elif any(isinstance(v, bytes) for v in values):
+            raw = [v if isinstance(v, bytes) or v is None else v.encode() for v in values]
+            arrays[c] = pa.array(raw, pa.binary()).view(pa.string())
+        elif any(isinstance(v, int) for v in values):  # a number among texts: an int column
+            arrays[c] = pa.array([v if isinstance(v, int) else i for i, v in enumerate(values)],
+                                 pa.int64())
+        elif fault == "dict" and c == col:
+            arrays[c] = pa.array(values).dictionary_encode()  # categorical: still the texts
+        else:
+            arrays[c] = pa.array(values, rng.choice([pa.string(), pa.large_string()]))
+    return pa.table(arrays), entry, why
+
+
+def test_fuzz_prepare_inputs_clean_error_or_exact_result(tmp_path, tokenizer):
+    """Random column sets, types, nulls, encodings and sizes: every case is a one-line
+    DataError naming the file (and the reason the case was built to fail for), or a result
+    whose every query and document is exactly the input text tokenised (checked against a
+    plain tokenizer call and the doc-id hash), never a traceback or a changed text."""
+    import random
+
+    from mlembed_jax.data.prepare import doc_id_of
+
+    rng = random.Random(0)
+    seen = {"ok": 0, "error": 0}
+    for case in range(40):
+        table, entry, why = _fuzz_case(rng)
+        root = tmp_path / str(case)
+        (root / "raw").mkdir(parents=True)
+        pq.write_table(table, root / "raw" / "f.parquet")
+        (root / "m.json").write_text(json.dumps({"f": entry}))
+        try:
+            prepare_data(str(root / "raw"), str(root / "m.json"), TOKENIZER, str(root / "out"),
+                         max_seq_length=32, workers=1, verbose=False)
+        except DataError as e:
+            msg = str(e)
+            assert why is not None, (case, msg)
+            assert "f.parquet" in msg and "\n" not in msg, (case, msg)
+            if why != "negatives":  # several faults: the first one found is named
+                assert why in msg or "negative" in msg, (case, why, msg)
+            seen["error"] += 1
+            continue
+        assert why is None, (case, why)
+        seen["ok"] += 1
+        q = pq.read_table(root / "out" / "f_query.parquet")
+        prefix = entry.get("query_prefix", "")
+        texts = table.column("query").cast(pa.string()).to_pylist()
+        want = [tokenizer(prefix + t, add_special_tokens=False, truncation=True,
+                          max_length=31)["input_ids"] + [1] for t in texts]
+        assert q.column("query_input_ids").to_pylist() == want, case
+        for c in [c for c in q.column_names if c != "query_input_ids"]:
+            docs = table.column(c).cast(pa.string()).to_pylist()
+            assert q.column(c).to_pylist() == [doc_id_of(t) for t in docs], (case, c)
+    assert seen["ok"] >= 8 and seen["error"] >= 8, seen

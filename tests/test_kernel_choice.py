@@ -126,7 +126,7 @@ def test_train_run_with_splash_in_the_interpreter_matches_dense(tmp_path, monkey
     # Slow-ish (about a minute on 2 cores): the real splash kernel code, run by Pallas'
     # interpreter inside the jitted, sharded train step (shard_map over 2 batch shards).
     common = {"train.max_steps": 2, "data.seq_len": 128, "data.max_seq_length": 128,
-              "data.rows_per_pack": 2, "data.packs_per_step": 2, "mesh.num_devices": 2,
+              "data.rows_per_pack": 4, "data.packs_per_step": 2, "mesh.num_devices": 2,
               "model.remat": "auto", "train.checkpoint_every": 100}
     assert run(small_config(**common), str(tmp_path / "dense")) == 0
     monkeypatch.setenv(kc.INTERPRET_ENV, "1")

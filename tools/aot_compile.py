@@ -30,32 +30,31 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from mlembed_jax.cli import config_from_argv
 from mlembed_jax.config import ConfigError, validate
 from mlembed_jax.perf import aot_target
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 flags.DEFINE_string("topology", None, "v5p:4x4x4, v6e:8x8, ... or h100:8 for GPU planning")
 flags.DEFINE_integer("num_slices", 1, "TPU slices of --topology joined by DCN")
 flags.DEFINE_float("max_fraction", 0.9, "the step fits if its per-chip total is at most this "
                    "fraction of the chip's HBM (the rest: runtime, fragmentation)")
 flags.DEFINE_string("hlo_out", "", "also write the compiled HLO text here")
 flags.DEFINE_integer("num_datasets", 1, "datasets in the run (only sizes per-dataset metrics)")
-flags.mark_flags_as_required(["config", "topology"])
+flags.mark_flags_as_required(["topology"])
 
 
-def main(argv):
+def main(argv, config):
     del argv
     try:
         target = aot_target.parse_target(FLAGS.topology, FLAGS.num_slices)
         aot_target.prepare_environment(target)  # before JAX makes a backend
         from mlembed_jax.perf import aot  # imports JAX: only after the environment is set
 
-        validate(FLAGS.config)
+        validate(config)
         devices = aot.target_devices(target)
-        built = aot.build_lowered(FLAGS.config, devices, FLAGS.num_datasets)
+        built = aot.build_lowered(config, devices, FLAGS.num_datasets)
     except aot_target.LibtpuMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -82,4 +81,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    try:
+        _config, _argv = config_from_argv(sys.argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(lambda argv: sys.exit(main(argv, _config)), argv=_argv)

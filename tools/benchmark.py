@@ -22,9 +22,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import flax
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 from mlembed_jax.batch import text_lengths
+from mlembed_jax.cli import config_from_argv
 from mlembed_jax.config import ConfigError, apply_overrides, validate
 from mlembed_jax.model.kernel_check import resolve_attention
 from mlembed_jax.perf import flops as flops_lib
@@ -44,12 +44,12 @@ def _row(name, median, tok_s, padding, mfu, peak):
             f"| {_gb(peak)} |")
 
 
-def main(argv):
+def main(argv, config):
     del argv
     try:
         for text in FLAGS.variant or ():
             parse_variant(text)  # bad syntax fails before anything is timed
-        run(validate(FLAGS.config))
+        run(validate(config))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -149,7 +149,6 @@ def run(config):
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
     flags.DEFINE_integer("steps", 10, "timed steps")
     flags.DEFINE_integer("warmup", 2, "untimed steps first (compilation, autotuning)")
     flags.DEFINE_enum("baseline", None, ["torch"], "also time the PyTorch reference recipe")
@@ -160,5 +159,9 @@ if __name__ == "__main__":
     flags.DEFINE_multi_string("variant", None, "also time the config with these fields "
                               "changed, e.g. --variant=model.remat=none,model.attention=cudnn "
                               "(repeatable; same batches, no baseline)")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    try:
+        _config, _argv = config_from_argv(sys.argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(lambda argv: main(argv, _config), argv=_argv)

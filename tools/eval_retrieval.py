@@ -23,6 +23,7 @@ import os
 import sys
 import time
 
+from mlembed_jax.cli import writable_file
 from mlembed_jax.embedding_store import EmbeddingStore
 from mlembed_jax.eval import retrieval as rev
 from mlembed_jax.eval.cli import add_model_args, load_model_and_sets
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
                     "embeddings of earlier runs of this model at this point")
     a = ap.parse_args(argv)
     try:
+        if a.output:
+            writable_file(a.output, "--output")
         model, sets = load_model_and_sets(a)
         rank, exit, dim = model.check(a.rank, a.exit, a.dim, a.allow_untrained)
         store = (EmbeddingStore(a.cache_dir, model, rank=rank, exit=exit, dim=dim,
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
             print(f"{s.name}: nDCG@10 {m['ndcg@10']:.4f}  Recall@100 {m['recall@100']:.4f}  "
                   f"MRR@10 {m['mrr@10']:.4f}  ({m['num_queries']} queries, {m['num_docs']} "
                   f"docs; rank {rank}, exit {exit}, dim {dim})")
-    except (ValueError, FileNotFoundError) as e:  # RetrievalDataError, EncodeError, ...
+    except (ValueError, OSError) as e:  # RetrievalDataError, EncodeError, CheckpointError
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = {"model": os.path.abspath(a.model), "step": model.step,

@@ -12,6 +12,7 @@ import argparse
 import sys
 import warnings
 
+from mlembed_jax.checkpoint import CheckpointError
 from mlembed_jax.export import ExportError, ExportWarning, export_checkpoint
 
 
@@ -47,8 +48,11 @@ def main(argv=None) -> int:
                 args.checkpoint, args.out, rank=args.rank, layers=args.layers, dim=args.dim,
                 mode=args.mode, tokenizer_dir=args.tokenizer, dtype=args.dtype,
                 overwrite=args.overwrite)
-        except ExportError as e:
+        except (ExportError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # e.g. --out on a read-only or full disk
+            print(f"error: cannot write --out {args.out!r}: {e.strerror or e}", file=sys.stderr)
             return 2
     cut = summary["cut"]
     print(f"exported step {summary['step']} at rank R={cut.rank}, layers K={cut.layers}, "

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from mlembed_jax.cli import writable_dir
 from mlembed_jax.encode import normalize
 from mlembed_jax.eval import retrieval as rev
 from mlembed_jax.eval.cli import add_model_args, load_model_and_sets
@@ -164,6 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
     try:
+        writable_dir(a.out_dir, "--out_dir")
         model, sets = load_model_and_sets(a)
         ranks = a.ranks or (list(model.ranks) if model.cfg.mel else [None])
         exits = a.exits or list(model.exits)

@@ -27,18 +27,21 @@ def main(argv=None):
     ap.add_argument("--sample_seed", type=int, default=0, help="seed of that sample")
     args = ap.parse_args(argv)
 
+    from mlembed_jax.cli import writable_dir
+    from mlembed_jax.config import ConfigError
     from mlembed_jax.data.manifest import ManifestError
     from mlembed_jax.data.prepare import DataError, prepare_data
     from mlembed_jax.data.text_encoding import TokenizerError
 
     try:
+        writable_dir(args.output_dir, "--output_dir")
         prepare_data(args.input_dir, args.manifest, args.tokenizer, args.output_dir,
                      max_seq_length=args.max_seq_length, workers=args.workers,
                      max_rows_per_dataset=args.max_rows_per_dataset,
                      sample_seed=args.sample_seed)
-    except (DataError, ManifestError, TokenizerError) as e:
+    except (ConfigError, DataError, ManifestError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from mlembed_jax.batch import BatchGeometry
+from mlembed_jax.data import manifest as manifest_lib
 from mlembed_jax.data import packing
 from mlembed_jax.data.plan import DataPlan, StepPlan, make_data_plan
 from mlembed_jax.data.prepare import DataError
@@ -91,6 +92,15 @@ class PackedTrainIterator(grain.DatasetIterator):
     @staticmethod
     def _fresh_epoch_counts() -> dict:
         return {"samples": 0, "steps": 0, "partial_batches": 0, "steps_by_rows": {}}
+
+    def negatives_summary(self) -> list[str]:
+        """Per dataset: task type and the hard negatives each sample gets."""
+        out = []
+        for ds, n in zip(self.data.datasets, self.plan.num_negatives):
+            default = manifest_lib.DEFAULT_NEGATIVES.get(ds.spec.task_type, n)
+            note = "" if n == default else f" (manifest num_negatives; default {default})"
+            out.append(f"{ds.name}: {ds.spec.task_type}, {n} negative{'s' * (n != 1)}{note}")
+        return out
 
     def __next__(self):
         step = self._step
@@ -181,6 +191,7 @@ class TrainIterator:
         self.plan = inner.plan
         self.steps_per_epoch = inner.steps_per_epoch
         self.dataset_names = inner.data.names
+        self.negatives_summary = inner.negatives_summary
         if prefetch > 0:
             ds = grain.experimental.ThreadPrefetchIterDataset(
                 _TrainDataset(lambda: inner), prefetch_buffer_size=prefetch)

@@ -140,10 +140,16 @@ class DataPlan:
         self._data_cfg = data_cfg
         self.num_negatives = []
         for ds in data.datasets:
-            if ds.spec.num_negatives > self.max_negatives:
-                raise DataError(f"dataset {ds.name!r} asks for {ds.spec.num_negatives} "
-                                f"negatives but data.max_negatives={self.max_negatives}")
-            self.num_negatives.append(min(ds.spec.num_negatives, ds.available_negatives))
+            want, have = ds.spec.num_negatives, ds.available_negatives
+            if want > self.max_negatives:
+                raise DataError(f"dataset {ds.name!r} asks for {want} negatives but "
+                                f"data.max_negatives={self.max_negatives}")
+            if want > have:  # never fewer than asked, silently
+                raise DataError(
+                    f"dataset {ds.name!r} ({ds.path}) has {have} negative column(s), fewer "
+                    f"than the {want} its {ds.spec.task_type} task samples; add "
+                    f'"num_negatives": {have} to its manifest entry to train with {have}')
+            self.num_negatives.append(want)
         splits = schedule.dataset_splits(data.datasets, data_cfg)
         self.train_rows = [tr for tr, _ in splits]
         self.val_rows = [val for _, val in splits]

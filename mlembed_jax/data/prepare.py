@@ -85,13 +85,19 @@ def check_text_column(table: pa.Table, column: str, path: str) -> list[str]:
     """Returns the column as Python strings; errors name the first bad row."""
     if column not in table.column_names:
         raise DataError(f"{path}: missing column {column!r} (found {table.column_names})")
+    if table.column_names.count(column) > 1:
+        raise DataError(f"{path}: column {column!r} appears {table.column_names.count(column)} "
+                        "times; keep one")
     col = table.column(column)
+    if pa.types.is_dictionary(col.type) and _is_string_type(col.type.value_type):
+        col = col.cast(col.type.value_type)  # categorical strings (e.g. pandas 'category')
     if not _is_string_type(col.type):
         valid = pc.indices_nonzero(pc.is_valid(col)) if len(col) else pa.array([])
         row = valid[0].as_py() if len(valid) else 0
         value = col[row].as_py() if len(col) else None
         raise DataError(f"{path}: row {row}, column {column!r}: expected a string, got "
                         f"{col.type} value {value!r}")
+    _check_utf8(col, column, path)
     nulls = pc.indices_nonzero(pc.is_null(col))
     if len(nulls):
         raise DataError(f"{path}: row {nulls[0].as_py()}, column {column!r}: null text "
@@ -111,6 +117,26 @@ def sample_rows(num_rows: int, max_rows: int, seed: int, name: str) -> np.ndarra
         return None
     rng = np.random.default_rng([seed, name_key(name), 0xCA9])
     return np.sort(rng.choice(num_rows, size=max_rows, replace=False))
+def _check_utf8(col: pa.ChunkedArray, column: str, path: str) -> None:
+    """Parquet does not validate string bytes; name the first row that is not UTF-8."""
+    try:
+        col.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    row = 0
+    for chunk in col.chunks:
+        for value in chunk.view(pa.binary() if chunk.type == pa.string() else pa.large_binary()):
+            raw = value.as_py()
+            try:
+                if raw is not None:
+                    raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: row {row}, column {column!r}: invalid UTF-8 "
+                                f"({e.reason} at byte {e.start}: {raw[e.start:e.start + 4]!r}); "
+                                "write the file with UTF-8 text") from None
+            row += 1
+    raise DataError(f"{path}: column {column!r} does not validate as UTF-8 text")
 
 
 def doc_id_of(text: str) -> int:
@@ -272,6 +298,12 @@ def prepare_dataset(path: str, spec: manifest_lib.DatasetSpec, encoder: Tokenize
     queries = check_text_column(table, "query", path)
     doc_cols = ["passage"] + neg_cols
     columns = {c: check_text_column(table, c, path) for c in doc_cols}
+    if len(neg_cols) < spec.num_negatives:  # training would sample fewer than the task's count
+        raise DataError(
+            f"{path}: {len(neg_cols)} negative column(s) (negative_1..negative_{len(neg_cols)}),"
+            f" fewer than the {spec.num_negatives} hard negatives a {spec.task_type} dataset "
+            f'samples; add negative columns, or add "num_negatives": {len(neg_cols)} to '
+            f"{spec.name!r} in the manifest to train with {len(neg_cols)}")
     keep = sample_rows(table.num_rows, max_rows, sample_seed, spec.name)
     if keep is not None:
         queries = [queries[i] for i in keep]

@@ -16,9 +16,16 @@ class TokenizerError(ValueError):
     """The tokenizer directory can't be used for training data."""
 
 
+def quiet_transformers() -> None:
+    """Call before importing transformers. Without torch (`make demo` installs none) it
+    advises on import that models are unavailable; only its tokenizers are used here."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def load_tokenizer(tokenizer_dir: str):
     """Loads a local HF tokenizer directory (offline) and checks it has an EOS token."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_transformers()
     from transformers import AutoTokenizer  # slow to import: data workers never need it
 
     try:

@@ -99,6 +99,7 @@ def check_same_ids(training_tokenizer_dir: str, export_dir: str, max_seq_length:
                    texts: list[str] | None = None) -> None:
     """Raises ExportError unless the exported tokenizer, called as sentence-transformers calls
     it (special tokens on, truncation at model_max_length), gives prepare_data's ids."""
+    text_encoding.quiet_transformers()
     from transformers import AutoTokenizer  # slow to import: only the export's check needs it
 
     texts = probe_texts(max_seq_length) if texts is None else texts

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from mlembed_jax.batch import BatchGeometry, geometry_from_config, row_buckets, text_lengths
+from mlembed_jax.config import ConfigError
 from mlembed_jax.perf import flops as flops_lib
 from mlembed_jax.perf.benchmark_mix import MIX_NEGATIVES, benchmark_batches
 from mlembed_jax.sharding import make_mesh, to_global_batch
@@ -65,12 +66,15 @@ def make_batches(config, steps: int, seed: int = 0, packs: int = 1):
     their stats. Returns (geometries of the buckets the steps use, [(batch, stats)])."""
     dc = config.data
     base = geometry_from_config(dc, packs, rows=1)  # rows are set per step below
-    buckets, batches = benchmark_batches(
-        base, steps, seed, vocab_size=config.model.vocab_size,
-        eos_id=min(config.model.eos_token_id, config.model.vocab_size - 1),
-        negatives=min(MIX_NEGATIVES, base.max_negatives), mode=dc.packing,
-        max_length=int(dc.max_seq_length), rows_per_pack=row_buckets(dc),
-        num_shapes=int(dc.num_shapes))
+    try:
+        buckets, batches = benchmark_batches(
+            base, steps, seed, vocab_size=config.model.vocab_size,
+            eos_id=min(config.model.eos_token_id, config.model.vocab_size - 1),
+            negatives=min(MIX_NEGATIVES, base.max_negatives), mode=dc.packing,
+            max_length=int(dc.max_seq_length), rows_per_pack=row_buckets(dc),
+            num_shapes=int(dc.num_shapes))
+    except ValueError as e:  # buckets too small for the mix: the fix is a config field
+        raise ConfigError(str(e)) from None
     used = sorted({s["rows"] for _, s in batches})
     return [geometry_from_config(dc, packs, r) for r in used], batches
 

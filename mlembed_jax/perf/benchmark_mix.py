@@ -76,8 +76,10 @@ def mix_buckets(lengths: np.ndarray, packs: int, samples_per_pack: int, seq_len:
     needs = plan.step_needs(lengths, packs, samples_per_pack, seq_len)
     buckets = tuple(sorted(rows_per_pack)) or plan.choose_buckets(needs, num_shapes)
     if needs.max() > buckets[-1]:
-        raise ValueError(f"a step of the mix needs {int(needs.max())} rows, more than the "
-                         f"largest bucket {buckets[-1]}")
+        raise ValueError(f"a step of the benchmark length mix needs {int(needs.max())} rows "
+                         f"per pack, more than the largest bucket data.rows_per_pack="
+                         f"{buckets[-1]}; pass --config.data.rows_per_pack="
+                         f"{int(needs.max())} or more (or () to derive the buckets)")
     return needs, buckets
 
 

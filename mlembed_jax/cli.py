@@ -1,0 +1,81 @@
+"""Command-line pieces shared by training and the tools, so that bad input is one line.
+
+`config_from_argv` reads `--config=FILE` and `--config.section.field=value` before absl
+parses the rest: a missing file or an unknown field is a ConfigError, not the traceback
+ml_collections' config_flags raises when the config is first used.
+
+    config, argv = config_from_argv(sys.argv)    # argv: what is left for absl
+
+`writable_dir` / `writable_file` check an output location up front, before any work.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from mlembed_jax.config import ConfigError, load_config_file
+
+_PREFIX = "--config."
+
+
+def split_config_args(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
+    """(config file, {"section.field": "value"}, the other arguments, argv[0] first).
+
+    Accepts `--config=FILE`, `--config FILE`, `--config.a.b=value` and `--config.a.b value`.
+    """
+    path, overrides, rest = None, {}, list(argv[:1])
+    args = list(argv[1:])
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        name, eq, value = arg.partition("=")
+        if name == "--config" or name.startswith(_PREFIX):
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"{name} needs a value: {name}=VALUE")
+                i += 1
+                value = args[i]
+            if name == "--config":
+                path = value
+            else:
+                key = name[len(_PREFIX):]
+                if not key or key.startswith(".") or key.endswith("."):
+                    raise ConfigError(f"{arg!r} is not --config.section.field=value")
+                overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return path, overrides, rest
+
+
+def config_from_argv(argv: list[str]):
+    """(validated ConfigDict, remaining argv). ConfigError (one line) for a missing or
+    unreadable --config, an unknown field or a value of the wrong type."""
+    path, overrides, rest = split_config_args(argv)
+    if not path:
+        raise ConfigError("--config is required: a configs/*.py file, e.g. "
+                          "--config=configs/demo.py")
+    return load_config_file(path, overrides), rest
+
+
+def writable_dir(path: str, what: str) -> str:
+    """Creates `path` if needed and checks a file can be written there; ConfigError naming
+    `what` (e.g. "--workdir") otherwise. Returns the path."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} {path!r} is not writable ({e.strerror or e}); choose a "
+                          "directory you can write to") from None
+    return path
+
+
+def writable_file(path: str, what: str) -> str:
+    """`writable_dir` for the directory that will hold the file `path`."""
+    writable_dir(os.path.dirname(os.path.abspath(path)), f"{what} {path!r}: its directory")
+    return path
