@@ -137,14 +137,23 @@ def orbax_log(path: str | None):
 
 
 class _TensorStoreTaskNoise(logging.Filter):
-    """Orbax reads tensors in concurrent asyncio tasks. When a damaged file fails several of
-    them, the first error is reported (one line) and asyncio would print every other one as
-    'Task exception was never retrieved' with a traceback, whenever the task is collected."""
+    """Orbax reads and writes tensors in concurrent asyncio tasks. When a damaged file or a
+    full disk fails several of them, the first error is reported (one line) and asyncio
+    would print every other one as 'Task exception was never retrieved' with a traceback,
+    whenever the task is collected."""
 
     def filter(self, record):
+        if not str(record.msg).startswith("Task exception was never retrieved"):
+            return True
         exc = record.exc_info[1] if record.exc_info else None
-        return not (str(record.msg).startswith("Task exception was never retrieved")
-                    and "tensorstore" in str(exc).lower())
+        if "tensorstore" in str(exc).lower():
+            return False
+        tb = exc.__traceback__ if exc is not None else None
+        while tb is not None:  # a task of Orbax's own (e.g. a write that hit the disk limit)
+            if "/orbax/" in tb.tb_frame.f_code.co_filename.replace(os.sep, "/"):
+                return False
+            tb = tb.tb_next
+        return True
 
 
 logging.getLogger("asyncio").addFilter(_TensorStoreTaskNoise())

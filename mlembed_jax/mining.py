@@ -121,8 +121,9 @@ class Mined:
     """One mined dataset. table: query, passage, negative_1..K' (recipe format).
     stats: the summary entry (counts per filter, rows short, scores). hist: name ->
     counts over HIST_BINS (positive, negative, removed). naive: [rows, K] corpus index of
-    each row's K nearest non-positive texts before any filter (-1 = none), for comparison
-    with plain top-k mining; corpus: the corpus texts those indices point at."""
+    each row's K nearest texts before any filter other than "not a positive, not the query's
+    own text" (-1 = none), for comparison with plain top-k mining; corpus: the corpus texts
+    those indices point at."""
 
     table: pa.Table
     stats: dict
@@ -170,6 +171,7 @@ def mine(name: str, queries: Sequence[str], passages: Sequence[str], extra_corpu
     uq_of = {t: i for i, t in enumerate(uq)}
     row_q = np.fromiter((uq_of[q] for q in queries), np.int64, n)
     row_pos = np.fromiter((doc_of[p] for p in passages), np.int64, n)
+    row_qdoc = np.fromiter((doc_of.get(q, -1) for q in queries), np.int64, n)  # -1: not a doc
 
     # One id per whitespace-normalised text, shared by corpus texts and queries.
     norm_of: dict[str, int] = {}
@@ -185,7 +187,7 @@ def mine(name: str, queries: Sequence[str], passages: Sequence[str], extra_corpu
 
     q_emb = np.asarray(embed_queries(uq), np.float32)
     d_emb = np.asarray(embed_docs(corpus), np.float32)
-    k = min(s.depth + max_pos, n_docs)
+    k = min(s.depth + max_pos + 1, n_docs)  # + 1: the query's own text, if it is a doc
     scores, index = exact_search(q_emb, d_emb, k)  # [uq, k] best first; index -1 = none
     pos_score = np.einsum("nd,nd->n", q_emb[row_q], d_emb[row_pos])
 
@@ -208,7 +210,10 @@ def mine(name: str, queries: Sequence[str], passages: Sequence[str], extra_corpu
         rank = np.cumsum(cands, axis=1) - 1  # among the candidates, 0 = nearest
         examined = cands & (rank < s.depth)
         examined_total += int(examined.sum())
-        naive[rows] = _left_align(examined & (rank < K), cand, K, -1)
+        # Plain top-k mining (sentence-transformers' mine_hard_negatives) skips the query's
+        # own text as well as its positives.
+        plain = cands & (cand != row_qdoc[rows][:, None])
+        naive[rows] = _left_align(plain & (np.cumsum(plain, axis=1) <= K), cand, K, -1)
 
         cnorm = doc_norm[np.maximum(cand, 0)]
         masks = {

@@ -259,7 +259,7 @@ def test_kill_during_save_then_full_disk_then_resume(tmp_path):
     errors = [ln for ln in full.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: saving checkpoint {newest + 1} "
                                                      "failed: "), full.stderr[-3000:]
-    assert "Traceback" not in full.stderr
+    assert "Traceback" not in full.stderr, full.stderr
     assert sorted(os.listdir(ckpts)) == [str(newest)]  # no temp dir, the good one kept
     stopped = max(train_losses(work))
     assert stopped <= newest + 2, "a failed save is reported at the latest one step later"

@@ -309,7 +309,15 @@ def test_cli_output_goes_through_prepare_data_into_training(names_model, tmp_pat
     assert table.column_names[:3] == ["query", "passage", "negative_1"]
 
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"cldr_names": {"task_type": "retrieval"}}))
+    # "shrink" writes as many columns as the row with the fewest survivors has; a retrieval
+    # dataset samples 7, so with fewer the manifest must say how many (prepare_data refuses
+    # it otherwise), as the summary's note tells the user.
+    width = st["negative_columns"]
+    entry = {"task_type": "retrieval"}
+    if width < 7:
+        assert f'"num_negatives": {width}' in st["note"]
+        entry["num_negatives"] = width
+    manifest.write_text(json.dumps({"cldr_names": entry}))
     prepared = tmp_path / "prepared"
     prepare_data(str(out), str(manifest), DEMO_TOKENIZER, str(prepared), max_seq_length=64,
                  workers=1, verbose=False)

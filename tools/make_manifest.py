@@ -17,6 +17,20 @@ import os
 import sys
 
 
+def _negative_count(path: str) -> int:
+    """Negative columns of a parquet file, from its schema only (the footer)."""
+    import pyarrow.parquet as pq
+
+    from mlembed_jax.data.prepare import DataError, negative_columns
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # noqa: BLE001 - arrow raises several types for bad files
+        raise DataError(f"{path}: cannot read parquet schema (corrupted or truncated?): "
+                        f"{type(e).__name__}: {e}") from e
+    return len(negative_columns(names, path))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--input_dir", required=True, help="one <name>.parquet per dataset")
@@ -27,6 +41,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from mlembed_jax.data import manifest as manifest_lib
+    from mlembed_jax.data.prepare import DataError
 
     try:
         if not os.path.isdir(args.input_dir):
@@ -37,9 +52,11 @@ def main(argv=None) -> int:
                                              "replace it")
         types = manifest_lib.reference_task_types(
             args.task_types or manifest_lib.REFERENCE_TASK_TYPES)
-        files = [f for f in os.listdir(args.input_dir) if f.endswith(".parquet")]
-        manifest = manifest_lib.manifest_for_files(files, types)
-    except manifest_lib.ManifestError as e:
+        files = sorted(f for f in os.listdir(args.input_dir) if f.endswith(".parquet"))
+        negatives = {f[:-len(".parquet")]: _negative_count(os.path.join(args.input_dir, f))
+                     for f in files}
+        manifest = manifest_lib.manifest_for_files(files, types, negatives)
+    except (manifest_lib.ManifestError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with open(args.out, "w") as f:
@@ -50,6 +67,11 @@ def main(argv=None) -> int:
         counts[entry["task_type"]] = counts.get(entry["task_type"], 0) + 1
     print(f"wrote {args.out}: {len(manifest)} datasets ("
           + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + ")")
+    fewer = [f"{n} ({e['num_negatives']})" for n, e in manifest.items() if "num_negatives" in e]
+    if fewer:
+        print(f"{len(fewer)} dataset(s) have fewer negative columns than their task type "
+              f"samples and train with what they have (\"num_negatives\" written): "
+              + ", ".join(fewer))
     return 0
 
 

@@ -135,10 +135,13 @@ def reference_task_types(path: str = REFERENCE_TASK_TYPES) -> dict[str, str]:
     return dict(types)
 
 
-def manifest_for_files(file_names: list[str], task_types: dict[str, str]) -> dict:
+def manifest_for_files(file_names: list[str], task_types: dict[str, str],
+                       negative_counts: dict[str, int] | None = None) -> dict:
     """The manifest (name -> {"task_type": ...}, in sorted name order) of data files named
     `<name>.parquet` or plain names, from a name -> task type table. Every file must be in
-    the table: the error lists all that are not."""
+    the table: the error lists all that are not. negative_counts (name -> negative columns
+    in the file): a file with fewer than its task type samples gets an explicit
+    "num_negatives" of that count, so the departure is written where a reader sees it."""
     names = sorted(n[: -len(".parquet")] if n.endswith(".parquet") else n for n in file_names)
     if not names:
         raise ManifestError("no dataset files given (expected <name>.parquet files)")
@@ -150,6 +153,9 @@ def manifest_for_files(file_names: list[str], task_types: dict[str, str]) -> dic
             "(name -> retrieval / clustering / classification) or pass a task types file "
             "that has them")
     manifest = {n: {"task_type": task_types[n]} for n in names}
+    for n, have in (negative_counts or {}).items():
+        if n in manifest and have < DEFAULT_NEGATIVES[manifest[n]["task_type"]]:
+            manifest[n]["num_negatives"] = have
     parse_manifest(manifest, source="generated manifest")  # same checks as a written one
     return manifest
 

@@ -63,12 +63,13 @@ def read_parquet(path: str) -> pa.Table:
                         f"{type(e).__name__}: {e}") from e
 
 
-def negative_columns(table: pa.Table, path: str) -> list[str]:
-    """negative_1 .. negative_K, checked to be contiguous; at least negative_1."""
-    nums = sorted(int(m.group(1)) for c in table.column_names if (m := _NEG_RE.match(c)))
+def negative_columns(column_names: list[str], path: str) -> list[str]:
+    """negative_1 .. negative_K of a file's columns, checked to be contiguous; at least
+    negative_1."""
+    nums = sorted(int(m.group(1)) for c in column_names if (m := _NEG_RE.match(c)))
     if not nums:
         raise DataError(f"{path}: missing column 'negative_1' (need query, passage, "
-                        f"negative_1 .. negative_K; found {table.column_names})")
+                        f"negative_1 .. negative_K; found {list(column_names)})")
     for want, got in enumerate(nums, start=1):
         if want != got:
             raise DataError(f"{path}: missing column 'negative_{want}' (negatives must be "
@@ -291,7 +292,7 @@ def prepare_dataset(path: str, spec: manifest_lib.DatasetSpec, encoder: Tokenize
     table = read_parquet(path)
     if table.num_rows == 0:
         raise DataError(f"{path}: the dataset has no rows")
-    neg_cols = negative_columns(table, path)
+    neg_cols = negative_columns(table.column_names, path)
     input_negatives = len(neg_cols)
     if spec.task_type == "classification":
         neg_cols = neg_cols[:1]  # the recipe's classification negative: always negative_1

@@ -129,7 +129,7 @@ def _load_dataset(prepared_dir: str, spec, dataset_id: int, corpus: Corpus,
         raise DataError(f"{path}: missing column 'query_input_ids'")
     if "passage" not in table.column_names:
         raise DataError(f"{path}: missing column 'passage'")
-    cols = ["passage"] + negative_columns(table, path)
+    cols = ["passage"] + negative_columns(table.column_names, path)
     q = table.column("query_input_ids").combine_chunks()
     q_offsets = np.asarray(q.offsets, np.int64)
     q_tokens = np.asarray(q.values, np.int32)
