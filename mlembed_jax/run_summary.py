@@ -8,16 +8,14 @@ import json
 import os
 import shlex
 
+from mlembed_jax import storage
 from mlembed_jax.config import config_json
 
 
 def write_config(config, workdir: str) -> str:
     """WORKDIR/run_config.json (written atomically); returns its path."""
     path = os.path.join(workdir, "run_config.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(config_json(config), f, indent=1)
-    os.replace(tmp, path)
+    storage.write_text_atomic(json.dumps(config_json(config), indent=1), path)
     return path
 
 
