@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlembed_jax import checkpoint
+from mlembed_jax import checkpoint, storage
 from mlembed_jax.cli import writable_file
 from mlembed_jax.data.jsonl import iter_jsonl
 from mlembed_jax.data.prepared import training_text
@@ -234,12 +234,13 @@ def load(path: str, *, tokenizer_dir: str | None = None, max_seq_length: int | N
     ("float32" | "bfloat16") and attention override the model's compute settings.
     """
     config, default_dim = None, None
-    if not os.path.exists(path):
+    storage.check_location(path, "model")
+    if not storage.exists(path):
         raise EncodeError(f"model path {path!r} does not exist; give a training workdir, a "
                           "checkpoints/<step> directory, or a Hugging Face model directory")
     overrides = {k: v for k, v in (("compute_dtype", compute_dtype),
                                    ("attention", attention)) if v is not None}
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if storage.isfile(os.path.join(path, "config.json")):
         cfg = encoder_config_from_hf(path, mel=False, exits=(), **overrides)
         params = load_hf_params(path, cfg)
         tok_dir = tokenizer_dir or path
@@ -301,13 +302,11 @@ def _hf_sentence_settings(path: str) -> tuple[int, dict, int | None]:
     """
     max_len, prefixes, truncate_dim = 1024, {}, None
     st = os.path.join(path, "sentence_bert_config.json")
-    if os.path.isfile(st):
-        with open(st) as f:
-            max_len = int(json.load(f).get("max_seq_length") or max_len)
+    if storage.isfile(st):
+        max_len = int(json.loads(storage.read_text(st)).get("max_seq_length") or max_len)
     st = os.path.join(path, "config_sentence_transformers.json")
-    if os.path.isfile(st):
-        with open(st) as f:
-            meta = json.load(f)
+    if storage.isfile(st):
+        meta = json.loads(storage.read_text(st))
         truncate_dim = meta.get("truncate_dim")
         for name, text in (meta.get("prompts") or {}).items():
             for role, words in (("query", ("query",)), ("document", ("document", "passage"))):

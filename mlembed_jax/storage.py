@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import io
 import os
 import tempfile
 
@@ -28,7 +29,12 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 # plain buckets do not need.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+import fsspec.config  # noqa: E402
 from etils import epath  # noqa: E402
+
+# gcsfs caches directory listings per process; other processes (the other hosts of a run, a
+# training run seen from a tool) add checkpoints behind its back, so list afresh every time.
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
 class StorageError(ValueError):
@@ -148,9 +154,14 @@ def makedirs(path: str) -> None:
 
 def open(path: str, mode: str = "r", **kwargs):  # noqa: A001 - the builtin's twin
     """builtins.open, or a streaming fsspec file for a URL (reads fetch ranges as needed)."""
-    if is_url(path):
-        return epath.Path(path).open(mode, **kwargs)
-    return builtins.open(path, mode, **kwargs)
+    if not is_url(path):
+        return builtins.open(path, mode, **kwargs)
+    if "b" in mode:
+        return epath.Path(path).open(mode)
+    # Text through our own wrapper: epath's takes no newline= (csv needs it), only UTF-8.
+    raw = epath.Path(path).open(mode + "b")
+    return io.TextIOWrapper(raw, encoding=kwargs.get("encoding") or "utf-8",
+                            newline=kwargs.get("newline"))
 
 
 def remove(path: str) -> None:
@@ -212,6 +223,24 @@ def write_text_atomic(text: str, path: str) -> None:
 def read_text(path: str) -> str:
     with open(path, "rb") as f:
         return f.read().decode("utf-8")
+
+
+@contextlib.contextmanager
+def local_copy(path: str, names: tuple[str, ...]):
+    """A local directory holding the files `names` of the directory `path` (those present):
+    `path` itself when local; for a URL, a temporary copy of just those files, removed on
+    exit. For small files a library can only open locally (a tokenizer's)."""
+    if not is_url(path):
+        yield path
+        return
+    check_location(path)
+    with tempfile.TemporaryDirectory(prefix="mlembed-") as tmp:
+        for name in names:
+            src = f"{path.rstrip('/')}/{name}"
+            if isfile(src):
+                with open(src, "rb") as f, builtins.open(os.path.join(tmp, name), "wb") as g:
+                    g.write(f.read())
+        yield tmp
 
 
 def writable_dir_check(path: str) -> None:
