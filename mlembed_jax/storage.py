@@ -92,7 +92,7 @@ def check_credentials() -> None:
     from google.auth import exceptions
 
     try:
-        google.auth.load_credentials_from_file(key)
+        google.auth.default()  # with the variable set: that file, and no network
     except exceptions.GoogleAuthError as e:
         raise StorageError(f"GOOGLE_APPLICATION_CREDENTIALS={key!r} does not hold usable "
                            f"credentials ({_reason(e)}); point it at a service-account key "
