@@ -50,7 +50,10 @@ def final_report(workdir: str, step: int, seconds: float, val: dict, retrieval: 
     """The end-of-run lines: figures of the last validation / retrieval evaluation and the
     next commands (encode, export, report) with this run's directory filled in."""
     run = shlex.quote(workdir)
-    name = os.path.basename(os.path.normpath(workdir))
+    name = os.path.basename(storage.normalized(workdir))
+    # The report tool writes local files only.
+    report = os.path.join("reports", name) if storage.is_url(workdir) else os.path.join(
+        workdir, "report")
     lines = [f"done: {step} steps in {seconds:.0f} s; data: {data_summary}",
              f"run directory: {workdir} (metrics.jsonl, tensorboard/, checkpoints/, "
              "run_config.json)"]
@@ -69,6 +72,6 @@ def final_report(workdir: str, step: int, seconds: float, val: dict, retrieval: 
         f"  python -m mlembed_jax.encode --model={run} --input=texts.txt --output=emb.npy",
         f"  python tools/export_hf.py --checkpoint {run} --out exports/{shlex.quote(name)}",
         f"  python tools/matryoshka_report.py --model={run} --heldout "
-        f"--out_dir={shlex.quote(os.path.join(workdir, 'report'))}",
+        f"--out_dir={shlex.quote(report)}",
     ]
     return "\n".join(lines)

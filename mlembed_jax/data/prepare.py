@@ -272,11 +272,11 @@ def _length_stats(lengths: np.ndarray) -> dict:
 
 def tokenizer_fingerprint(tokenizer_dir: str) -> str:
     h = hashlib.sha256()
-    for name in sorted(os.listdir(tokenizer_dir)):
+    for name in sorted(storage.listdir(tokenizer_dir)):
         p = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(p):
+        if storage.isfile(p):
             h.update(name.encode())
-            with open(p, "rb") as f:
+            with storage.open(p, "rb") as f:
                 h.update(f.read())
     return h.hexdigest()[:16]
 
