@@ -323,11 +323,11 @@ def read_texts(path: str, field: str = "text", id_field: str | None = None
                ) -> tuple[list[str], list | None]:
     """Texts (and ids) from a file: .jsonl -> one JSON object (or string) per line, text in
     `field`; anything else -> one text per line. Errors name the file and the line."""
-    if not os.path.isfile(path):
+    storage.check_location(path, "--input")
+    if not storage.isfile(path):
         raise EncodeError(f"input file {path!r} does not exist")
     if not path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            texts = f.read().splitlines()
+        texts = storage.read_text(path).splitlines()
         return texts, ([str(i) for i in range(len(texts))] if id_field else None)
     texts, ids = [], [] if id_field else None
     for lineno, obj in iter_jsonl(path, EncodeError):
@@ -349,16 +349,19 @@ def read_texts(path: str, field: str = "text", id_field: str | None = None
 
 
 def write_embeddings(path: str, emb: np.ndarray, ids: list | None = None) -> None:
-    """[n, dim] float32 -> .npy (the array) or .parquet (columns id, embedding)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """[n, dim] float32 -> .npy (the array) or .parquet (columns id, embedding); local or a
+    URL."""
+    storage.makedirs(os.path.dirname(storage.absolute(path)))
     if path.endswith(".npy"):
-        np.save(path, emb)
+        with storage.open(path, "wb") as f:
+            np.save(f, emb)
     elif path.endswith(".parquet"):
         n, d = emb.shape
         flat = pa.array(emb.reshape(-1), pa.float32())
         col = pa.FixedSizeListArray.from_arrays(flat, d)
         ids = [str(i) for i in (ids if ids is not None else range(n))]
-        pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "embedding": col}), path)
+        with storage.open(path, "wb") as f:
+            pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "embedding": col}), f)
     else:
         raise EncodeError(f"output {path!r} must end in .npy or .parquet")
 
