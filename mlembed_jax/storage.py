@@ -203,7 +203,10 @@ def rmtree(path: str) -> None:
 def move(src: str, dst: str) -> None:
     """shutil.move; on an object store a copy of every object, then a delete."""
     if is_url(src):
-        epath.Path(src).rename(dst)
+        # gcsfs tries a server-side move first and logs a traceback when the bucket does not
+        # offer it, before copying instead.
+        with _quiet_logger("gcsfs"):
+            epath.Path(src).rename(dst)
     else:
         import shutil
 
