@@ -55,6 +55,7 @@ __all__ = ["CheckpointDamaged", "CheckpointError", "CheckpointSaveError", "Check
 ITEMS = ("state", "data", "config", "integrity")
 DAMAGED_DIR = "damaged_checkpoints"  # under the workdir: checkpoints set aside, never deleted
 _TMP_MARK = ".orbax-checkpoint-tmp"
+_COMMIT_MARK = "commit_success.txt"
 _DATA_FILE = re.compile(r"^process_(\d+)-of-(\d+)\.json$")
 
 
@@ -149,6 +150,19 @@ class _TensorStoreTaskNoise(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_TensorStoreTaskNoise())
+
+
+def finished_steps(ckpt_dir: str) -> list[int]:
+    """The steps of `ckpt_dir` whose save finished, ascending. Elsewhere an unfinished save is
+    a temporary directory of another name; on gs:// Orbax writes the step in place and marks
+    it finished with commit_success.txt last."""
+    if not storage.isdir(ckpt_dir):
+        return []
+    steps = sorted(int(d) for d in storage.listdir(ckpt_dir) if d.isdigit())
+    if ckpt_dir.startswith("gs://"):
+        steps = [s for s in steps
+                 if storage.isfile(os.path.join(ckpt_dir, str(s), _COMMIT_MARK))]
+    return steps
 
 
 def read_json_item(step_dir: str, item: str) -> dict:
@@ -325,8 +339,7 @@ class Checkpointer:
         """'step N (path)' of the newest finished checkpoint, or 'no checkpoint'."""
         # From disk: the manager forgets a step it plans to rotate out as soon as the next
         # save starts, though the step stays until that save succeeds.
-        steps = sorted(int(d) for d in storage.listdir(self.directory) if d.isdigit()
-                       and int(d) != self._pending) if storage.isdir(self.directory) else []
+        steps = [s for s in finished_steps(self.directory) if s != self._pending]
         return f"step {steps[-1]} ({self.step_dir(steps[-1])})" if steps else "no checkpoint"
 
     def _check_free_space(self, step: int, state) -> None:
@@ -527,8 +540,7 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
         return step_dir, int(base)
     ckpt_dir = os.path.join(path, "checkpoints") if storage.isdir(
         os.path.join(path, "checkpoints")) else path
-    steps = sorted(int(d) for d in storage.listdir(ckpt_dir) if d.isdigit()) \
-        if storage.isdir(ckpt_dir) else []
+    steps = finished_steps(ckpt_dir)
     if not steps:
         raise FileNotFoundError(f"no checkpoint under {path!r}: expected a training workdir "
                                 "(with checkpoints/<step>) or a checkpoints/<step> directory")
@@ -651,8 +663,7 @@ def intact_steps(ckpt_dir: str, below: int) -> list[int]:
     """The steps under `below` in `ckpt_dir` whose params all read back as saved, newest
     first (each is read in full: only for error messages)."""
     out = []
-    steps = sorted((int(d) for d in storage.listdir(ckpt_dir) if d.isdigit() and int(d) < below),
-                   reverse=True)
+    steps = [s for s in reversed(finished_steps(ckpt_dir)) if s < below]
     for step in steps:
         try:
             TrainedParams(os.path.join(ckpt_dir, str(step)), quiet=True,
