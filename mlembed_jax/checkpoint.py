@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mlembed_jax import storage
 from mlembed_jax.checkpoint_verify import (
     CheckpointDamaged,
     CheckpointError,
@@ -54,6 +55,7 @@ __all__ = ["CheckpointDamaged", "CheckpointError", "CheckpointSaveError", "Check
 ITEMS = ("state", "data", "config", "integrity")
 DAMAGED_DIR = "damaged_checkpoints"  # under the workdir: checkpoints set aside, never deleted
 _TMP_MARK = ".orbax-checkpoint-tmp"
+_COMMIT_MARK = "commit_success.txt"
 _DATA_FILE = re.compile(r"^process_(\d+)-of-(\d+)\.json$")
 
 
@@ -159,11 +161,24 @@ class _TensorStoreTaskNoise(logging.Filter):
 logging.getLogger("asyncio").addFilter(_TensorStoreTaskNoise())
 
 
+def finished_steps(ckpt_dir: str) -> list[int]:
+    """The steps of `ckpt_dir` whose save finished, ascending. Elsewhere an unfinished save is
+    a temporary directory of another name; on gs:// Orbax writes the step in place and marks
+    it finished with commit_success.txt last."""
+    if not storage.isdir(ckpt_dir):
+        return []
+    steps = sorted(int(d) for d in storage.listdir(ckpt_dir) if d.isdigit())
+    if ckpt_dir.startswith("gs://"):
+        steps = [s for s in steps
+                 if storage.isfile(os.path.join(ckpt_dir, str(s), _COMMIT_MARK))]
+    return steps
+
+
 def read_json_item(step_dir: str, item: str) -> dict:
     """A JSON item of a step directory (config, integrity); CheckpointDamaged if unreadable."""
     path = os.path.join(step_dir, item, "metadata")
     try:
-        with open(path, "rb") as f:
+        with storage.open(path, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointDamaged(f"{item}/metadata is missing") from None
@@ -176,7 +191,7 @@ def read_json_item(step_dir: str, item: str) -> dict:
 
 def read_integrity(step_dir: str) -> Integrity | None:
     """The step's fingerprints, or None for a checkpoint saved before they were recorded."""
-    if not os.path.isdir(os.path.join(step_dir, "integrity")):
+    if not storage.isdir(os.path.join(step_dir, "integrity")):
         return None
     try:
         return Integrity.from_json(read_json_item(step_dir, "integrity"))
@@ -187,9 +202,10 @@ def read_integrity(step_dir: str) -> Integrity | None:
 def check_complete(step_dir: str) -> None:
     """CheckpointDamaged unless the step has its items and every process's data file."""
     for item in ("state", "data", "config"):
-        if not os.path.isdir(os.path.join(step_dir, item)):
+        if not storage.isdir(os.path.join(step_dir, item)):
             raise CheckpointDamaged(f"its {item}/ item is missing")
-    found = [m for m in map(_DATA_FILE.match, os.listdir(os.path.join(step_dir, "data"))) if m]
+    found = [m for m in map(_DATA_FILE.match, storage.listdir(os.path.join(step_dir, "data")))
+             if m]
     counts = {int(m.group(2)) for m in found}
     if len(counts) != 1:
         raise CheckpointDamaged("data/process_<i>-of-<n>.json is missing" if not counts else
@@ -239,7 +255,7 @@ class Checkpointer:
     """Wraps an orbax CheckpointManager at `workdir/checkpoints` (see the module docstring)."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = storage.absolute(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -332,11 +348,12 @@ class Checkpointer:
         """'step N (path)' of the newest finished checkpoint, or 'no checkpoint'."""
         # From disk: the manager forgets a step it plans to rotate out as soon as the next
         # save starts, though the step stays until that save succeeds.
-        steps = sorted(int(d) for d in os.listdir(self.directory) if d.isdigit()
-                       and int(d) != self._pending) if os.path.isdir(self.directory) else []
+        steps = [s for s in finished_steps(self.directory) if s != self._pending]
         return f"step {steps[-1]} ({self.step_dir(steps[-1])})" if steps else "no checkpoint"
 
     def _check_free_space(self, step: int, state) -> None:
+        if storage.is_url(self.directory):
+            return  # an object store has no free space to ask for; a quota error is reported
         need = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
         free = shutil.disk_usage(self.directory).free
         ok = _agree(free >= need + need // 20 + (16 << 20))  # 5% + 16 MiB for metadata
@@ -348,11 +365,11 @@ class Checkpointer:
 
     def _remove_partial(self) -> None:
         """Deletes the temporary directories of unfinished saves (never a finished step)."""
-        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+        if jax.process_index() != 0 or not storage.isdir(self.directory):
             return
-        for name in os.listdir(self.directory):
+        for name in storage.listdir(self.directory):
             if _TMP_MARK in name:
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                storage.rmtree(os.path.join(self.directory, name))
 
     # ---------------------------------------------------------------------------- restoring
     def saved_config(self, step: int) -> dict:
@@ -421,8 +438,8 @@ class Checkpointer:
     def _set_aside(self, step: int) -> str:
         dest = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.move(self.step_dir(step), dest)
+            storage.makedirs(os.path.dirname(dest))
+            storage.move(self.step_dir(step), dest)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"mlembed_set_aside_{step}")
         self.manager.reload()
@@ -454,7 +471,7 @@ def init_params_from(path: str, enc, config) -> tuple[dict, str]:
     optimizer state and data position are not taken). Raises ConfigError when it is neither
     or holds another model shape.
     """
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if storage.isfile(os.path.join(path, "config.json")):
         from mlembed_jax.model.hf_import import load_hf_params  # reads safetensors only
 
         return (load_hf_params(path, enc, allow_fewer_layers=True),
@@ -518,21 +535,21 @@ def check_resume_changes(changes, allowed: bool, where: str) -> str | None:
 
 def resolve_checkpoint(path: str) -> tuple[str, int]:
     """WORKDIR, WORKDIR/STEP or WORKDIR/checkpoints/STEP -> (checkpoints dir, step)."""
-    path = os.path.abspath(path)
+    storage.check_location(path, "checkpoint")
+    path = storage.normalized(storage.absolute(path))
     head, tail = os.path.split(path)
-    if tail.isdigit() and not os.path.exists(path) \
-            and os.path.isdir(os.path.join(head, "checkpoints", tail)):
+    if tail.isdigit() and not storage.exists(path) \
+            and storage.isdir(os.path.join(head, "checkpoints", tail)):
         path = os.path.join(head, "checkpoints", tail)  # WORKDIR/STEP
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     base = os.path.basename(path)
     if base.isdigit():
         step_dir = os.path.dirname(path)
         return step_dir, int(base)
-    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(
+    ckpt_dir = os.path.join(path, "checkpoints") if storage.isdir(
         os.path.join(path, "checkpoints")) else path
-    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) \
-        if os.path.isdir(ckpt_dir) else []
+    steps = finished_steps(ckpt_dir)
     if not steps:
         raise FileNotFoundError(f"no checkpoint under {path!r}: expected a training workdir "
                                 "(with checkpoints/<step>) or a checkpoints/<step> directory")
@@ -575,7 +592,7 @@ class TrainedParams:
         self.workdir = (os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints"
                         else ckpt_dir)
         self._state_dir = os.path.join(self.step_dir, "state")
-        if not os.path.isdir(os.path.join(self.step_dir, "config")):
+        if not storage.isdir(os.path.join(self.step_dir, "config")):
             raise FileNotFoundError(f"{self.step_dir!r} is not a complete mlembed_jax "
                                     "checkpoint (no config item); was the save interrupted?")
         try:
@@ -655,8 +672,7 @@ def intact_steps(ckpt_dir: str, below: int) -> list[int]:
     """The steps under `below` in `ckpt_dir` whose params all read back as saved, newest
     first (each is read in full: only for error messages)."""
     out = []
-    steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and int(d) < below),
-                   reverse=True)
+    steps = [s for s in reversed(finished_steps(ckpt_dir)) if s < below]
     for step in steps:
         try:
             TrainedParams(os.path.join(ckpt_dir, str(step)), quiet=True,

@@ -12,8 +12,8 @@ ml_collections' config_flags raises when the config is first used.
 from __future__ import annotations
 
 import os
-import tempfile
 
+from mlembed_jax import storage
 from mlembed_jax.config import ConfigError, load_config_file
 
 _PREFIX = "--config."
@@ -64,11 +64,12 @@ def config_from_argv(argv: list[str]):
 
 def writable_dir(path: str, what: str) -> str:
     """Creates `path` if needed and checks a file can be written there; ConfigError naming
-    `what` (e.g. "--workdir") otherwise. Returns the path."""
+    `what` (e.g. "--workdir") otherwise. Returns the path. `path` may be a URL (gs://...):
+    then the bucket must exist and take an object."""
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
+        storage.writable_dir_check(path)
+    except storage.StorageError as e:
+        raise ConfigError(f"{what} {e}") from None
     except OSError as e:
         raise ConfigError(f"{what} {path!r} is not writable ({e.strerror or e}); choose a "
                           "directory you can write to") from None
@@ -77,5 +78,5 @@ def writable_dir(path: str, what: str) -> str:
 
 def writable_file(path: str, what: str) -> str:
     """`writable_dir` for the directory that will hold the file `path`."""
-    writable_dir(os.path.dirname(os.path.abspath(path)), f"{what} {path!r}: its directory")
+    writable_dir(os.path.dirname(storage.absolute(path)), f"{what} {path!r}: its directory")
     return path

@@ -159,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Recall@100 and MRR@10 of one (rank, exit, dim) point on a local set.
     c.eval = ev = ml_collections.ConfigDict()
     ev.every = 0  # steps between evaluations; 0 = off
-    ev.beir_dir = ""  # local BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv
+    ev.beir_dir = ""  # BEIR layout (local or gs://): corpus.jsonl, queries.jsonl, qrels/<split>.tsv
     ev.split = "test"  # qrels/<split>.tsv
     ev.heldout = False  # also the held-out split of the retrieval datasets (data.*)
     ev.rank = -1  # MEL rank; -1 = r_max

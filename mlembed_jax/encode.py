@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlembed_jax import checkpoint
+from mlembed_jax import checkpoint, storage
 from mlembed_jax.cli import writable_file
 from mlembed_jax.data.jsonl import iter_jsonl
 from mlembed_jax.data.prepared import training_text
@@ -234,12 +234,13 @@ def load(path: str, *, tokenizer_dir: str | None = None, max_seq_length: int | N
     ("float32" | "bfloat16") and attention override the model's compute settings.
     """
     config, default_dim = None, None
-    if not os.path.exists(path):
+    storage.check_location(path, "model")
+    if not storage.exists(path):
         raise EncodeError(f"model path {path!r} does not exist; give a training workdir, a "
                           "checkpoints/<step> directory, or a Hugging Face model directory")
     overrides = {k: v for k, v in (("compute_dtype", compute_dtype),
                                    ("attention", attention)) if v is not None}
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if storage.isfile(os.path.join(path, "config.json")):
         cfg = encoder_config_from_hf(path, mel=False, exits=(), **overrides)
         params = load_hf_params(path, cfg)
         tok_dir = tokenizer_dir or path
@@ -301,13 +302,11 @@ def _hf_sentence_settings(path: str) -> tuple[int, dict, int | None]:
     """
     max_len, prefixes, truncate_dim = 1024, {}, None
     st = os.path.join(path, "sentence_bert_config.json")
-    if os.path.isfile(st):
-        with open(st) as f:
-            max_len = int(json.load(f).get("max_seq_length") or max_len)
+    if storage.isfile(st):
+        max_len = int(json.loads(storage.read_text(st)).get("max_seq_length") or max_len)
     st = os.path.join(path, "config_sentence_transformers.json")
-    if os.path.isfile(st):
-        with open(st) as f:
-            meta = json.load(f)
+    if storage.isfile(st):
+        meta = json.loads(storage.read_text(st))
         truncate_dim = meta.get("truncate_dim")
         for name, text in (meta.get("prompts") or {}).items():
             for role, words in (("query", ("query",)), ("document", ("document", "passage"))):
@@ -324,11 +323,11 @@ def read_texts(path: str, field: str = "text", id_field: str | None = None
                ) -> tuple[list[str], list | None]:
     """Texts (and ids) from a file: .jsonl -> one JSON object (or string) per line, text in
     `field`; anything else -> one text per line. Errors name the file and the line."""
-    if not os.path.isfile(path):
+    storage.check_location(path, "--input")
+    if not storage.isfile(path):
         raise EncodeError(f"input file {path!r} does not exist")
     if not path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            texts = f.read().splitlines()
+        texts = storage.read_text(path).splitlines()
         return texts, ([str(i) for i in range(len(texts))] if id_field else None)
     texts, ids = [], [] if id_field else None
     for lineno, obj in iter_jsonl(path, EncodeError):
@@ -350,16 +349,19 @@ def read_texts(path: str, field: str = "text", id_field: str | None = None
 
 
 def write_embeddings(path: str, emb: np.ndarray, ids: list | None = None) -> None:
-    """[n, dim] float32 -> .npy (the array) or .parquet (columns id, embedding)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """[n, dim] float32 -> .npy (the array) or .parquet (columns id, embedding); local or a
+    URL."""
+    storage.makedirs(os.path.dirname(storage.absolute(path)))
     if path.endswith(".npy"):
-        np.save(path, emb)
+        with storage.open(path, "wb") as f:
+            np.save(f, emb)
     elif path.endswith(".parquet"):
         n, d = emb.shape
         flat = pa.array(emb.reshape(-1), pa.float32())
         col = pa.FixedSizeListArray.from_arrays(flat, d)
         ids = [str(i) for i in (ids if ids is not None else range(n))]
-        pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "embedding": col}), path)
+        with storage.open(path, "wb") as f:
+            pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "embedding": col}), f)
     else:
         raise EncodeError(f"output {path!r} must end in .npy or .parquet")
 

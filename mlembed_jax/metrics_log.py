@@ -2,6 +2,12 @@
 
 A resumed run replays the steps after its checkpoint; `MetricsWriter(..., start_step=S)`
 first drops the rows (and TensorBoard events) after S, so each step has one set of rows.
+
+A workdir on an object store (gs://) cannot be appended to: there the writer keeps the
+file's lines in memory and uploads the whole file on `flush()`, at most every
+`flush_every_s` seconds and whenever the run saves a checkpoint (so the rows up to a
+checkpoint are stored before a resume from it could need them). TensorBoard goes through
+tensorboardX's own gs:// writer, which likewise re-uploads its event file (every 2 minutes).
 """
 
 from __future__ import annotations
@@ -9,9 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from mlembed_jax import storage
 
 
 def flatten(prefix: str, metrics: dict, dataset_names) -> dict:
@@ -38,17 +47,24 @@ class MetricsWriter:
     this run writes them again. On a fresh start every old row goes.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None):
+    def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None,
+                 flush_every_s: float = 60.0):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         self.dropped = 0
+        # URL workdirs: every line of the file, uploaded whole by flush() (None: local append).
+        self._lines: list[str] | None = [] if storage.is_url(workdir) else None
+        self._flush_every_s, self._flushed_at, self._unflushed = flush_every_s, time.time(), 0
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
+            storage.makedirs(workdir)
             purge = None
             if start_step is not None:
                 self.dropped = _keep_rows_through(self.path, start_step if start_step else -1)
                 purge = start_step + 1 if start_step else 0
+            if self._lines is not None and storage.exists(self.path):
+                with storage.open(self.path) as f:
+                    self._lines = [line for line in f if line.endswith("\n")]
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def write(self, step: int, values: dict) -> None:
@@ -56,14 +72,30 @@ class MetricsWriter:
             return
         clean = {k: (v if isinstance(v, str) or math.isfinite(v) else None)
                  for k, v in values.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
+        line = json.dumps({"step": step, **clean}) + "\n"
         for k, v in values.items():
             if not isinstance(v, str) and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
+        if self._lines is None:
+            with open(self.path, "a") as f:
+                f.write(line)
+            self._tb.flush()
+            return
+        self._lines.append(line)
+        self._unflushed += 1
+        if time.time() - self._flushed_at >= self._flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Stores every row written so far (a URL workdir: one upload of the whole file)."""
+        if not self.enabled or self._lines is None or not self._unflushed:
+            return
+        storage.write_text_atomic("".join(self._lines), self.path)
         self._tb.flush()
+        self._flushed_at, self._unflushed = time.time(), 0
 
     def close(self):
+        self.flush()
         if self._tb is not None:
             self._tb.close()
 
@@ -71,10 +103,10 @@ class MetricsWriter:
 def _keep_rows_through(path: str, last: int) -> int:
     """Rewrites `path` (atomically) without rows after step `last`, or torn lines a killed
     run left. Returns how many lines went."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return 0
     kept, dropped = [], 0
-    with open(path) as f:
+    with storage.open(path) as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -86,19 +118,16 @@ def _keep_rows_through(path: str, last: int) -> int:
             elif line.strip():
                 dropped += 1
     if dropped:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        storage.write_text_atomic("".join(kept), path)
     return dropped
 
 
 def read_metrics(workdir: str) -> list[dict]:
     """The rows of workdir/metrics.jsonl; a torn last line (a killed run) is left out."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return []
-    with open(path) as f:
+    with storage.open(path) as f:
         lines = [line for line in f if line.strip()]
     rows = []
     for i, line in enumerate(lines):

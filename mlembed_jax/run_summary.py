@@ -8,16 +8,14 @@ import json
 import os
 import shlex
 
+from mlembed_jax import storage
 from mlembed_jax.config import config_json
 
 
 def write_config(config, workdir: str) -> str:
     """WORKDIR/run_config.json (written atomically); returns its path."""
     path = os.path.join(workdir, "run_config.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(config_json(config), f, indent=1)
-    os.replace(tmp, path)
+    storage.write_text_atomic(json.dumps(config_json(config), indent=1), path)
     return path
 
 
@@ -52,7 +50,10 @@ def final_report(workdir: str, step: int, seconds: float, val: dict, retrieval: 
     """The end-of-run lines: figures of the last validation / retrieval evaluation and the
     next commands (encode, export, report) with this run's directory filled in."""
     run = shlex.quote(workdir)
-    name = os.path.basename(os.path.normpath(workdir))
+    name = os.path.basename(storage.normalized(workdir))
+    # The report tool writes local files only.
+    report = os.path.join("reports", name) if storage.is_url(workdir) else os.path.join(
+        workdir, "report")
     lines = [f"done: {step} steps in {seconds:.0f} s; data: {data_summary}",
              f"run directory: {workdir} (metrics.jsonl, tensorboard/, checkpoints/, "
              "run_config.json)"]
@@ -71,6 +72,6 @@ def final_report(workdir: str, step: int, seconds: float, val: dict, retrieval: 
         f"  python -m mlembed_jax.encode --model={run} --input=texts.txt --output=emb.npy",
         f"  python tools/export_hf.py --checkpoint {run} --out exports/{shlex.quote(name)}",
         f"  python tools/matryoshka_report.py --model={run} --heldout "
-        f"--out_dir={shlex.quote(os.path.join(workdir, 'report'))}",
+        f"--out_dir={shlex.quote(report)}",
     ]
     return "\n".join(lines)

@@ -19,9 +19,10 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import time
 
-from mlembed_jax import distributed, sharding
+from mlembed_jax import distributed, sharding, storage
 
 # Must precede every other JAX call (a TPU pod / SLURM / explicit multi-process run).
 if __name__ == "__main__":
@@ -123,8 +124,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> int:
     _log(f"data plan ({time.time() - t0:.1f}s): {plan.describe()}")
     train_iter = make_train_iterator(config, packs, pack_range=pack_range, plan=plan)
     try:
-        with orbax_log(os.path.join(workdir, "orbax.log") if jax.process_index() == 0
-                       else None):
+        with orbax_log(_orbax_log_path(workdir) if jax.process_index() == 0 else None):
             return _train(config, workdir, mesh, train_iter, pack_range, preempt,
                           allow_config_change)
     except _Stop as e:
@@ -132,6 +132,16 @@ def run(config, workdir: str, allow_config_change: bool = False) -> int:
         return e.code
     finally:
         train_iter.close()  # the prefetch thread ends with the run, however it ends
+
+
+def _orbax_log_path(workdir: str) -> str:
+    """WORKDIR/orbax.log; for a URL workdir a local file (a log is appended line by line,
+    which an object store cannot do), named on stdout."""
+    if not storage.is_url(workdir):
+        return os.path.join(workdir, "orbax.log")
+    path = os.path.join(tempfile.gettempdir(), f"mlembed-orbax-{os.getpid()}.log")
+    _log(f"orbax log: {path} (the workdir is a URL)")
+    return path
 
 
 def _restore_or_init(config, ckpt, step_fns, train_iter, enc, allow_config_change):
@@ -295,6 +305,7 @@ def _loop(config, workdir, mesh, train_iter, preempt, allow_config_change, ckpt,
             if saving:
                 ckpt.save(step, state, DataStateBox(train_iter.get_state()), config,
                           nonfinite_total=nonfinite_total, force=True)
+                writer.flush()  # the rows a resume from this checkpoint keeps are stored
             if stopping:
                 ckpt.wait()
                 _log(f"\nSIGTERM: saved step {step} to {ckpt.directory}; exiting")
@@ -401,7 +412,8 @@ def main(argv, config):
             raise ConfigError("--workdir is required: the run directory (checkpoints, "
                               "metrics, TensorBoard); rerunning with it resumes")
         code = run(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
-    except (ConfigError, DataError, ManifestError, TokenizerError, CheckpointError) as e:
+    except (ConfigError, DataError, ManifestError, TokenizerError, CheckpointError,
+            storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)

@@ -5,7 +5,7 @@
     python tools/eval_retrieval.py --model=runs/demo --heldout     # the run's held-out split
 
 --model: a training workdir, WORKDIR/checkpoints/<step>, or a Hugging Face Qwen3 directory.
---beir_dir: a local directory in the BEIR layout (corpus.jsonl, queries.jsonl,
+--beir_dir: a directory (local or gs://) in the BEIR layout (corpus.jsonl, queries.jsonl,
 qrels/<split>.tsv); nothing is downloaded. --heldout: the in-domain set of the checkpoint's
 own held-out split (training checkpoints only; see eval/retrieval.py heldout_sets).
 Search is exact (blocked matrix products). The JSON result holds the metrics, the point

@@ -14,6 +14,7 @@ import warnings
 
 from mlembed_jax.checkpoint import CheckpointError
 from mlembed_jax.export import ExportError, ExportWarning, export_checkpoint
+from mlembed_jax.storage import StorageError
 
 
 def main(argv=None) -> int:
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
                     help="training workdir (its latest checkpoint), WORKDIR/STEP or "
                     "WORKDIR/checkpoints/STEP")
     ap.add_argument("--out", required=True,
-                    help="output directory (must not exist, unless --overwrite)")
+                    help="output directory, local or gs:// (must not exist, unless --overwrite)")
     ap.add_argument("--rank", type=int, help="MEL rank R <= r_max (default r_max)")
     ap.add_argument("--layers", type=int, help="keep the first K layers (default all L)")
     ap.add_argument("--dim", type=int, help="embedding dim M <= d: sentence-transformers' "
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
                 args.checkpoint, args.out, rank=args.rank, layers=args.layers, dim=args.dim,
                 mode=args.mode, tokenizer_dir=args.tokenizer, dtype=args.dtype,
                 overwrite=args.overwrite)
-        except (ExportError, CheckpointError) as e:
+        except (ExportError, CheckpointError, StorageError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OSError as e:  # e.g. --out on a read-only or full disk

@@ -15,10 +15,11 @@ import sys
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--input_dir", required=True, help="one <name>.parquet per dataset")
+    ap.add_argument("--input_dir", required=True,
+                    help="one <name>.parquet per dataset (local or gs://)")
     ap.add_argument("--manifest", required=True, help="JSON/YAML: name -> task_type, prefixes")
     ap.add_argument("--tokenizer", required=True, help="local HF tokenizer directory")
-    ap.add_argument("--output_dir", required=True)
+    ap.add_argument("--output_dir", required=True, help="local or gs://")
     ap.add_argument("--max_seq_length", type=int, default=1024, help="EOS included")
     ap.add_argument("--workers", type=int, default=None, help="default: all cores")
     ap.add_argument("--max_rows_per_dataset", type=int, default=80_000,
@@ -32,6 +33,7 @@ def main(argv=None):
     from mlembed_jax.data.manifest import ManifestError
     from mlembed_jax.data.prepare import DataError, prepare_data
     from mlembed_jax.data.text_encoding import TokenizerError
+    from mlembed_jax.storage import StorageError
 
     try:
         writable_dir(args.output_dir, "--output_dir")
@@ -39,7 +41,7 @@ def main(argv=None):
                      max_seq_length=args.max_seq_length, workers=args.workers,
                      max_rows_per_dataset=args.max_rows_per_dataset,
                      sample_seed=args.sample_seed)
-    except (ConfigError, DataError, ManifestError, TokenizerError) as e:
+    except (ConfigError, DataError, ManifestError, TokenizerError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from typing import Iterator
 
+from mlembed_jax import storage
+
 
 def iter_jsonl(path: str, error: type[Exception] = ValueError) -> Iterator[tuple[int, object]]:
     """Yields (line number, parsed value) for every non-blank line; a line that is not JSON
     raises `error` naming `path:line`."""
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -21,6 +21,8 @@ import json
 import os
 import re
 
+from mlembed_jax import storage
+
 REFERENCE_TASK_TYPES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                     "reference_task_types.json")
 
@@ -90,10 +92,10 @@ def parse_manifest(data: object, source: str = "<manifest>") -> dict[str, Datase
 
 def load_manifest(path: str) -> dict[str, DatasetSpec]:
     """Reads a .json / .yaml / .yml manifest file."""
-    if not os.path.isfile(path):
+    storage.check_location(path, "manifest")
+    if not storage.isfile(path):
         raise ManifestError(f"manifest {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = storage.read_text(path)
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml  # optional; only YAML manifests need it

@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from mlembed_jax import storage
 from mlembed_jax.data import manifest as manifest_lib
 from mlembed_jax.data import text_encoding
 from mlembed_jax.data.schedule import name_key
@@ -56,7 +57,12 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- reading
 def read_parquet(path: str) -> pa.Table:
+    """The table at `path`; from a URL it is read through a streaming file (ranged reads of
+    the footer and columns), not downloaded first."""
     try:
+        if storage.is_url(path):
+            with storage.open(path, "rb") as f:
+                return pq.read_table(f)
         return pq.read_table(path)
     except Exception as e:  # noqa: BLE001 - arrow raises several types for bad files
         raise DataError(f"{path}: cannot read parquet file (corrupted or truncated?): "
@@ -219,23 +225,26 @@ def list_array(arrays: list[np.ndarray]) -> pa.Array:
 
 
 def atomic_write_table(table: pa.Table, path: str) -> None:
+    if storage.is_url(path):  # one upload: the object appears complete or not at all
+        with storage.open(path, "wb") as f:
+            pq.write_table(table, f)
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
 def atomic_write_bytes(data: bytes, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    storage.write_bytes_atomic(data, path)
 
 
 def atomic_save_npy(array: np.ndarray, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
     array = np.asanyarray(array)
+    if storage.is_url(path):  # one upload; the client raises if it does not complete
+        with storage.open(path, "wb") as f:
+            np.save(f, array)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
     np.save(tmp, array)
     # np.save writes the data with fwrite, which drops a short write (disk full, a file size
     # limit) without an error: check the file holds every byte before it counts as written.
@@ -264,11 +273,11 @@ def _length_stats(lengths: np.ndarray) -> dict:
 
 def tokenizer_fingerprint(tokenizer_dir: str) -> str:
     h = hashlib.sha256()
-    for name in sorted(os.listdir(tokenizer_dir)):
+    for name in sorted(storage.listdir(tokenizer_dir)):
         p = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(p):
+        if storage.isfile(p):
             h.update(name.encode())
-            with open(p, "rb") as f:
+            with storage.open(p, "rb") as f:
                 h.update(f.read())
     return h.hexdigest()[:16]
 
@@ -390,13 +399,14 @@ def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_
     """Prepares every dataset of the manifest found in input_dir; skips finished ones.
     max_rows_per_dataset: the cap (a seeded sample by sample_seed; <= 0 keeps every row)."""
     specs = manifest_lib.load_manifest(manifest_path)
-    if not os.path.isdir(input_dir):
+    storage.check_location(input_dir, "--input_dir")
+    if not storage.isdir(input_dir):
         raise DataError(f"input directory {input_dir!r} does not exist")
     files = {f[: -len(".parquet")]: os.path.join(input_dir, f)
-             for f in sorted(os.listdir(input_dir)) if f.endswith(".parquet")}
+             for f in sorted(storage.listdir(input_dir)) if f.endswith(".parquet")}
     manifest_lib.check_files_match(specs, list(files), where=input_dir)
     tokenizer = text_encoding.load_tokenizer(tokenizer_dir)
-    os.makedirs(output_dir, exist_ok=True)
+    storage.makedirs(output_dir)
     tok_fp = tokenizer_fingerprint(tokenizer_dir)
 
     encoder = None
@@ -405,20 +415,19 @@ def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_
     try:
         for name, spec in specs.items():
             path = files[name]
-            st = os.stat(path)
+            size, mtime_ns = storage.size_and_version(path)
             fingerprint = {"version": FORMAT_VERSION, "tokenizer": tok_fp,
                            "max_seq_length": max_seq_length, "spec": spec.to_json(),
-                           "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns,
+                           "input_size": size, "input_mtime_ns": mtime_ns,
                            "max_rows": max_rows_per_dataset, "sample_seed": sample_seed}
             marker = os.path.join(output_dir, f"{name}.done")
-            if os.path.exists(marker):
-                with open(marker) as f:
-                    done = json.load(f)
+            if storage.exists(marker):
+                done = json.loads(storage.read_text(marker))
                 if done.get("fingerprint") == fingerprint:
                     stats[name] = done["stats"]
                     skipped.append(name)
                     continue
-                os.remove(marker)  # inputs or settings changed: redo this dataset
+                storage.remove(marker)  # inputs or settings changed: redo this dataset
             if encoder is None:
                 encoder = TokenizerPool(tokenizer, max_seq_length,
                                   os.cpu_count() if workers is None else workers)
@@ -437,15 +446,14 @@ def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_
             "max_rows_per_dataset": max_rows_per_dataset, "sample_seed": sample_seed,
             "manifest": {n: specs[n].to_json() for n in names}, "datasets": stats}
     old = None
-    if os.path.exists(info_path):
-        with open(info_path) as f:
-            old = json.load(f)
+    if storage.exists(info_path):
+        old = json.loads(storage.read_text(info_path))
     if len(skipped) == len(names) and old is not None and {
             k: v for k, v in old.items() if k != "corpus_documents"} == info:
         corpus_docs = old["corpus_documents"]
     else:
-        if os.path.exists(info_path):
-            os.remove(info_path)  # the corpus is about to change: not complete until rewritten
+        if storage.exists(info_path):
+            storage.remove(info_path)  # the corpus is about to change: not complete until rewritten
         corpus_docs = assemble_corpus(output_dir, names)
         info["corpus_documents"] = corpus_docs
         atomic_write_bytes(json.dumps(info, indent=1).encode(), info_path)

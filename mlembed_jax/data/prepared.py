@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from mlembed_jax import storage
 from mlembed_jax.data import manifest as manifest_lib
 from mlembed_jax.data.prepare import FORMAT_VERSION, DataError, negative_columns, read_parquet
 
@@ -25,7 +26,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 @dataclasses.dataclass
 class Corpus:
-    tokens: np.ndarray  # [total] int32, memory-mapped
+    tokens: np.ndarray  # [total] int32, memory-mapped (read into memory from a URL)
     offsets: np.ndarray  # [n_docs + 1] int64
     lengths: np.ndarray  # [n_docs] int32
     doc_ids: np.ndarray  # [n_docs] int64, sorted
@@ -75,6 +76,7 @@ def load_prepared(prepared_dir: str, seq_len: int, manifest_path: str = "",
     task_types: keep only the datasets of these task types (data.task_types; () = all), e.g.
     ("retrieval",) for the paper's first stage. Dataset ids follow the kept datasets' order.
     """
+    storage.check_location(prepared_dir, "data.prepared_dir")
     info_path = os.path.join(prepared_dir, "prepared.json")
     info = read_prepared_info(prepared_dir)
     if info is None:
@@ -102,9 +104,9 @@ def load_prepared(prepared_dir: str, seq_len: int, manifest_path: str = "",
                             f"{sorted({s.task_type for s in specs.values()})})")
         specs = kept
 
-    doc_ids = np.load(os.path.join(prepared_dir, "corpus_doc_ids.npy"))
-    offsets = np.load(os.path.join(prepared_dir, "corpus_offsets.npy"))
-    tokens = np.load(os.path.join(prepared_dir, "corpus_tokens.npy"), mmap_mode="r")
+    doc_ids = _load_npy(os.path.join(prepared_dir, "corpus_doc_ids.npy"))
+    offsets = _load_npy(os.path.join(prepared_dir, "corpus_offsets.npy"))
+    tokens = _load_npy(os.path.join(prepared_dir, "corpus_tokens.npy"), mmap=True)
     lengths = np.diff(offsets).astype(np.int32)
     corpus = Corpus(tokens=tokens, offsets=offsets, lengths=lengths, doc_ids=doc_ids)
     if len(lengths) and lengths.max() > seq_len:
@@ -118,10 +120,19 @@ def load_prepared(prepared_dir: str, seq_len: int, manifest_path: str = "",
     return PreparedData(datasets=datasets, corpus=corpus, info=info)
 
 
+def _load_npy(path: str, mmap: bool = False) -> np.ndarray:
+    """np.load; memory-mapped when asked and local. An object store cannot be mapped: there
+    the array is streamed into memory (the corpus tokens: 4 bytes per token)."""
+    if not storage.is_url(path):
+        return np.load(path, mmap_mode="r" if mmap else None)
+    with storage.open(path, "rb") as f:
+        return np.load(f)
+
+
 def _load_dataset(prepared_dir: str, spec, dataset_id: int, corpus: Corpus,
                   seq_len: int) -> PreparedDataset:
     path = os.path.join(prepared_dir, f"{spec.name}_query.parquet")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise DataError(f"{path}: query file of dataset {spec.name!r} is missing; re-run "
                         "tools/prepare_data.py")
     table = read_parquet(path)
@@ -168,20 +179,20 @@ def _load_dataset(prepared_dir: str, spec, dataset_id: int, corpus: Corpus,
 def read_prepared_info(prepared_dir: str) -> dict | None:
     """prepared.json of a prepared data directory, or None when it is not there."""
     path = os.path.join(prepared_dir, "prepared.json") if prepared_dir else ""
-    if not path or not os.path.isfile(path):
+    if not path or not storage.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def find_tokenizer_dir(recorded: str, prepared_dir: str) -> str | None:
     """An existing directory for the tokenizer path prepared.json recorded (as prepare_data
     was given it): as given when absolute; else relative to the current directory, the
-    prepared data directory or any directory above it, or the repository root."""
-    if os.path.isabs(recorded):
-        return recorded if os.path.isdir(recorded) else None
+    prepared data directory or any directory above it, or the repository root. Either may
+    be a URL."""
+    if os.path.isabs(recorded) or storage.is_url(recorded):
+        return recorded if storage.isdir(recorded) else None
     anchors = [os.getcwd()]
-    d = os.path.abspath(prepared_dir) if prepared_dir else ""
+    d = storage.normalized(storage.absolute(prepared_dir)) if prepared_dir else ""
     while d and d not in anchors:
         anchors.append(d)
         parent = os.path.dirname(d)
@@ -189,8 +200,8 @@ def find_tokenizer_dir(recorded: str, prepared_dir: str) -> str | None:
     anchors.append(_REPO_ROOT)
     for a in anchors:
         cand = os.path.join(a, recorded)
-        if os.path.isdir(cand):
-            return os.path.abspath(cand)
+        if storage.isdir(cand):
+            return storage.absolute(cand)
     return None
 
 
@@ -229,7 +240,7 @@ def training_text(config) -> TrainingText:
     if info is not None and "manifest" in info:
         manifest = manifest_lib.parse_manifest(info["manifest"], source=prepared_dir)
     manifest_path = str(data_cfg.get("manifest", "")) if data_cfg else ""
-    if manifest_path and os.path.isfile(manifest_path):
+    if manifest_path and storage.isfile(manifest_path):
         given = manifest_lib.load_manifest(manifest_path)
         # Prefixes are baked into the prepared tokens, so those come from prepared.json; task
         # types and negative counts are what the run's manifest file said (as load_prepared).

@@ -22,14 +22,25 @@ def quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+# The files an HF tokenizer directory may hold (never the model weights beside them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja")
+
+
 def load_tokenizer(tokenizer_dir: str):
-    """Loads a local HF tokenizer directory (offline) and checks it has an EOS token."""
+    """Loads an HF tokenizer directory (offline; local or a URL) and checks it has an EOS
+    token. transformers reads local files only, so a URL's few tokenizer files (small next
+    to the model beside them) are copied to a temporary directory first."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_transformers()
     from transformers import AutoTokenizer  # slow to import: data workers never need it
 
+    from mlembed_jax import storage
+
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        with storage.local_copy(tokenizer_dir, TOKENIZER_FILES) as local:
+            tok = AutoTokenizer.from_pretrained(local, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the directory named
         raise TokenizerError(f"could not load tokenizer from {tokenizer_dir!r}: {e}") from e
     if tok.eos_token_id is None:

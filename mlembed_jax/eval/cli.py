@@ -14,7 +14,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     """Flags shared with tools/matryoshka_report.py: the model and the evaluation set."""
     ap.add_argument("--model", required=True, help="training workdir, checkpoints/<step>, or "
                     "HF Qwen3 directory")
-    ap.add_argument("--beir_dir", default="", help="local BEIR-layout directory")
+    ap.add_argument("--beir_dir", default="", help="BEIR-layout directory (local or gs://)")
     ap.add_argument("--split", default="test", help="qrels/<split>.tsv")
     ap.add_argument("--heldout", action="store_true",
                     help="evaluate on the checkpoint's held-out split (its retrieval datasets)")

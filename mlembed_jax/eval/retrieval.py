@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlembed_jax import storage
 from mlembed_jax.data.jsonl import iter_jsonl
 from mlembed_jax.data.prepared import load_prepared
 from mlembed_jax.data.schedule import dataset_splits
@@ -93,7 +94,7 @@ def read_beir_jsonl(path: str, what: str, need_title: bool = False):
 def read_qrels(path: str) -> list[tuple[str, str, int]]:
     """(query id, doc id, grade) rows of a BEIR qrels TSV; a header line is skipped."""
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with storage.open(path, encoding="utf-8", newline="") as f:
         for lineno, parts in enumerate(csv.reader(f, delimiter="\t"), start=1):
             if not parts or all(not p.strip() for p in parts):
                 continue
@@ -123,12 +124,13 @@ def load_beir(path: str, split: str = "test", *, max_queries: int = 0, max_corpu
     doc judged for the kept queries plus a seeded sample of the others up to that size (the
     metrics are then those of the smaller corpus, easier than the full one).
     """
-    if not os.path.isdir(path):
+    storage.check_location(path, "BEIR directory")
+    if not storage.isdir(path):
         raise RetrievalDataError(f"BEIR directory {path!r} does not exist")
     files = {"corpus": os.path.join(path, "corpus.jsonl"),
              "queries": os.path.join(path, "queries.jsonl"),
              "qrels": os.path.join(path, "qrels", f"{split}.tsv")}
-    missing = [p for p in files.values() if not os.path.isfile(p)]
+    missing = [p for p in files.values() if not storage.isfile(p)]
     if missing:
         raise RetrievalDataError(
             f"{path!r} is not in the BEIR layout: missing {', '.join(missing)} (expected "
@@ -158,7 +160,7 @@ def load_beir(path: str, split: str = "test", *, max_queries: int = 0, max_corpu
         doc_ids = [d for d in doc_ids if d in keep]
     info.update({"queries": len(query_ids), "corpus": len(doc_ids),
                  "queries_in_file": len(queries), "corpus_in_file": len(corpus)})
-    return RetrievalSet(name=os.path.basename(os.path.normpath(path)), query_ids=query_ids,
+    return RetrievalSet(name=os.path.basename(storage.normalized(path)), query_ids=query_ids,
                         queries=[queries[q] for q in query_ids], doc_ids=doc_ids,
                         docs=[corpus[d] for d in doc_ids], qrels=qrels, info=info)
 

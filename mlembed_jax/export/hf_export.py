@@ -25,6 +25,7 @@ import warnings
 import ml_dtypes
 import numpy as np
 
+from mlembed_jax import storage
 from mlembed_jax.checkpoint import TrainedParams
 from mlembed_jax.export.errors import ExportError, ExportWarning
 from mlembed_jax.export.model_card import final_metrics, render
@@ -132,9 +133,9 @@ def _max_positions(config, max_seq_length: int) -> int:
     """max_position_embeddings of the HF model training started from, if it is at hand."""
     init = config.train.get("init_from", "")
     n = QWEN3_MAX_POSITIONS
-    if init and os.path.isfile(os.path.join(init, "config.json")):
-        with open(os.path.join(init, "config.json")) as f:
-            n = int(json.load(f).get("max_position_embeddings", n))
+    if init and storage.isfile(os.path.join(init, "config.json")):
+        n = int(json.loads(storage.read_text(os.path.join(init, "config.json"))).get(
+            "max_position_embeddings", n))
     return max(n, max_seq_length)
 
 
@@ -209,8 +210,9 @@ def _write_weights(out_dir, reader, enc, cut, dtype, max_shard_bytes) -> list[st
         weight_map.update({name: fn for name in names})
         del shard
     if n > 1:
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        storage.write_text_atomic(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2),
+            os.path.join(out_dir, "model.safetensors.index.json"))
         files.append("model.safetensors.index.json")
     return files
 
@@ -226,18 +228,20 @@ def _write_factors(out_dir, reader, cut, dtype) -> None:
 
 # ----------------------------------------------------------------------------- the export
 def _check_out_dir(out_dir: str, overwrite: bool, reader_dirs: list[str]) -> None:
-    out = os.path.abspath(out_dir)
+    storage.check_location(out_dir, "--out")
+    out = storage.normalized(storage.absolute(out_dir))
     for d in reader_dirs:  # --overwrite must never delete the training run
-        if os.path.commonpath([out, os.path.abspath(d)]) == out:
+        run = storage.normalized(storage.absolute(d))
+        if run == out or run.startswith(out.rstrip("/") + "/"):
             raise ExportError(f"--out {out_dir!r} is or contains the training run {d!r}; "
                               "choose another directory")
-    if not os.path.lexists(out):
+    if not (storage.exists(out) or os.path.islink(out)):
         return
     if not overwrite:
         raise ExportError(f"--out {out_dir!r} already exists; pass --overwrite to replace it")
-    if not os.path.isdir(out):
+    if not storage.isdir(out):
         raise ExportError(f"--out {out_dir!r} exists and is not a directory")
-    entries = os.listdir(out)
+    entries = storage.listdir(out)
     if entries and not {"config.json", "modules.json"} & set(entries):
         raise ExportError(f"--out {out_dir!r} is a non-empty directory that does not look "
                           "like an export (no config.json or modules.json); refusing to "
@@ -270,10 +274,14 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, rank: int | None = None,
     _check_out_dir(out_dir, overwrite, [reader.workdir])
     sources = training_sources(config, tokenizer_dir)
 
-    out = os.path.abspath(out_dir)
-    tmp = f"{out}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    out = storage.normalized(storage.absolute(out_dir))
+    # Locally the export is built in a temporary directory renamed over `out` at the end. An
+    # object store has no rename: there it is written in place (after removing the old export
+    # --overwrite allowed), and a failed export removes what it wrote.
+    remote = storage.is_url(out)
+    tmp = out if remote else f"{out}.partial-{os.getpid()}"
+    storage.rmtree(tmp)
+    storage.makedirs(tmp)
     try:
         np_dtype = DTYPES[dtype]
         files = _write_weights(tmp, reader, enc, cut, np_dtype, max_shard_bytes)
@@ -283,25 +291,25 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, rank: int | None = None,
         special = write_tokenizer(sources.tokenizer_dir, tmp, sources.eos_token_id,
                                   sources.max_seq_length, enc.vocab_size)
         check_same_ids(sources.tokenizer_dir, tmp, sources.max_seq_length)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config(enc, cut.layers, dtype, special,
-                                _max_positions(config, sources.max_seq_length)), f, indent=2)
+        storage.write_text_atomic(json.dumps(hf_config(
+            enc, cut.layers, dtype, special, _max_positions(config, sources.max_seq_length)),
+            indent=2), os.path.join(tmp, "config.json"))
         prompts = prompts_from_manifest(sources.manifest)
         write_sentence_transformers_files(
             tmp, enc.hidden_size, sources.max_seq_length, prompts,
             truncate_dim=cut.dim if cut.dim != enc.hidden_size else None)
         card = render(
-            config=config, step=reader.step, checkpoint=os.path.abspath(checkpoint), cut=cut,
+            config=config, step=reader.step, checkpoint=storage.absolute(checkpoint), cut=cut,
             enc=enc, mode=mode, dtype=dtype, manifest=sources.manifest, prompts=prompts,
             metrics=final_metrics(reader.workdir, reader.step),
             exits=model_exits(config.model.exits, config.model.num_layers),
             mrl_min_dim=int(config.loss.mrl_min_dim))
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(card)
-        if os.path.lexists(out):
-            shutil.rmtree(out)  # _check_out_dir allowed it (--overwrite, an old export)
-        os.rename(tmp, out)
+        storage.write_text_atomic(card, os.path.join(tmp, "README.md"))
+        if not remote:
+            if os.path.lexists(out):
+                shutil.rmtree(out)  # _check_out_dir allowed it (--overwrite, an old export)
+            os.rename(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.rmtree(tmp)
         raise
     return {"step": reader.step, "cut": cut, "files": files, "out_dir": out}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from mlembed_jax import storage
+
 # Legacy boolean keys: the one layout every sentence-transformers version reads.
 _POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
                   "weightedmean_tokens", "lasttoken")
@@ -35,8 +37,7 @@ def prompts_from_manifest(manifest: dict) -> dict[str, str]:
 
 
 def _dump(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
+    storage.write_text_atomic(json.dumps(obj, indent=2, ensure_ascii=False), path)
 
 
 def write_sentence_transformers_files(out_dir: str, hidden_size: int, max_seq_length: int,
@@ -52,13 +53,13 @@ def write_sentence_transformers_files(out_dir: str, hidden_size: int, max_seq_le
     ])
     _dump(os.path.join(out_dir, "sentence_bert_config.json"),
           {"max_seq_length": int(max_seq_length), "do_lower_case": False})
-    os.makedirs(os.path.join(out_dir, "1_Pooling"))
+    storage.makedirs(os.path.join(out_dir, "1_Pooling"))
     # Last-token pooling takes the last position the attention mask keeps, so it finds the
     # appended EOS with right padding and with left padding alike.
     pooling = {"word_embedding_dimension": int(hidden_size), "include_prompt": True}
     pooling.update({f"pooling_mode_{m}": m == "lasttoken" for m in _POOLING_MODES})
     _dump(os.path.join(out_dir, "1_Pooling", "config.json"), pooling)
-    os.makedirs(os.path.join(out_dir, "2_Normalize"))
+    storage.makedirs(os.path.join(out_dir, "2_Normalize"))  # empty: no object on gs://
     _dump(os.path.join(out_dir, "config_sentence_transformers.json"), {
         "model_type": "SentenceTransformer",
         "prompts": prompts,

@@ -16,6 +16,7 @@ import os
 import numpy as np
 from tokenizers import Tokenizer, processors
 
+from mlembed_jax import storage
 from mlembed_jax.data import text_encoding
 from mlembed_jax.export.errors import ExportError
 
@@ -42,10 +43,11 @@ def write_tokenizer(src_dir: str, out_dir: str, eos_id: int, max_seq_length: int
     """Writes tokenizer.json and tokenizer_config.json to out_dir; returns
     {"eos_token", "eos_token_id", "pad_token", "pad_token_id"} for config.json."""
     path = os.path.join(src_dir, "tokenizer.json")
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise ExportError(f"tokenizer {src_dir!r} has no tokenizer.json; the export needs a "
                           "fast (tokenizers) tokenizer, as tools/prepare_data.py uses")
-    tok = Tokenizer.from_file(path)
+    text = storage.read_text(path)
+    tok = Tokenizer.from_str(text)
     if tok.get_vocab_size(with_added_tokens=True) > model_vocab_size:
         raise ExportError(f"tokenizer {src_dir!r} has {tok.get_vocab_size(True)} tokens but "
                           f"the model's vocabulary is {model_vocab_size}; it is not the "
@@ -53,17 +55,16 @@ def write_tokenizer(src_dir: str, out_dir: str, eos_id: int, max_seq_length: int
     eos = tok.id_to_token(eos_id)
     if eos is None:
         raise ExportError(f"tokenizer {src_dir!r} has no token with the training EOS id {eos_id}")
-    with open(path) as f:
-        tok.post_processor = _eos_post_processor(json.load(f), eos, eos_id)
+    tok.post_processor = _eos_post_processor(json.loads(text), eos, eos_id)
     tok.no_truncation()  # truncation and padding come from the caller (model_max_length)
     tok.no_padding()
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    storage.write_text_atomic(tok.to_str(pretty=True), os.path.join(out_dir, "tokenizer.json"))
 
     cfg = {}
     cfg_path = os.path.join(src_dir, "tokenizer_config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            cfg = {k: v for k, v in json.load(f).items() if k not in _DROPPED_KEYS}
+    if storage.isfile(cfg_path):
+        cfg = {k: v for k, v in json.loads(storage.read_text(cfg_path)).items()
+               if k not in _DROPPED_KEYS}
     pad = cfg.get("pad_token")
     pad = pad.get("content") if isinstance(pad, dict) else pad
     if pad is None or tok.token_to_id(pad) is None:
@@ -82,8 +83,8 @@ def write_tokenizer(src_dir: str, out_dir: str, eos_id: int, max_seq_length: int
         "padding_side": "right",
         "truncation_side": "right",  # training keeps the first tokens
     })
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, ensure_ascii=False)
+    storage.write_text_atomic(json.dumps(cfg, indent=2, ensure_ascii=False),
+                              os.path.join(out_dir, "tokenizer_config.json"))
     return {"eos_token": eos, "eos_token_id": int(eos_id), "pad_token": pad,
             "pad_token_id": int(tok.token_to_id(pad))}
 
@@ -105,8 +106,9 @@ def check_same_ids(training_tokenizer_dir: str, export_dir: str, max_seq_length:
     texts = probe_texts(max_seq_length) if texts is None else texts
     want = text_encoding.encode_texts(text_encoding.load_tokenizer(training_tokenizer_dir),
                                       texts, max_seq_length)
-    got = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)(
-        texts, truncation=True)["input_ids"]
+    with storage.local_copy(export_dir, text_encoding.TOKENIZER_FILES) as local:
+        got = AutoTokenizer.from_pretrained(local, local_files_only=True)(
+            texts, truncation=True)["input_ids"]
     for text, w, g in zip(texts, want, got):
         if not np.array_equal(np.asarray(g), w):
             raise ExportError(f"exported tokenizer gives ids {list(g)[:12]}... for {text[:40]!r},"

@@ -7,9 +7,9 @@ manifest is an error or a warning that says what the export will lack).
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 
+from mlembed_jax import storage
 from mlembed_jax.data.prepare import tokenizer_fingerprint
 from mlembed_jax.data.prepared import training_text
 from mlembed_jax.export.errors import ExportError, ExportWarning
@@ -27,9 +27,9 @@ def training_sources(config, tokenizer_override: str | None = None) -> TrainingS
     """Tokenizer, EOS, truncation length and manifest of the run that saved `config`."""
     text = training_text(config)
     if tokenizer_override:
-        if not os.path.isdir(tokenizer_override):
+        if not storage.isdir(tokenizer_override):
             raise ExportError(f"--tokenizer {tokenizer_override!r} is not a directory")
-        tokenizer_dir = os.path.abspath(tokenizer_override)
+        tokenizer_dir = storage.absolute(tokenizer_override)
         if text.fingerprint and tokenizer_fingerprint(tokenizer_dir) != text.fingerprint:
             warnings.warn(f"--tokenizer {tokenizer_override!r} is not byte-identical to the "
                           "tokenizer the training data was prepared with (prepared.json "

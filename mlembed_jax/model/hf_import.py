@@ -14,6 +14,7 @@ import os
 import ml_dtypes
 import numpy as np
 
+from mlembed_jax import storage
 from mlembed_jax.model import hf_names
 from mlembed_jax.model.factorized_embed import svd_factors
 from mlembed_jax.model.qwen3 import EncoderConfig
@@ -28,14 +29,14 @@ class CheckpointError(ValueError):
 
 def read_hf_config(model_dir: str) -> dict:
     """config.json of a Qwen3 directory, checked to be a model this encoder reproduces."""
-    if not os.path.isdir(model_dir):
+    storage.check_location(model_dir, "HF model directory")
+    if not storage.isdir(model_dir):
         raise CheckpointError(f"HF model directory {model_dir!r} does not exist")
     path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise CheckpointError(f"{model_dir!r} has no config.json; is it a Hugging Face model "
                               "directory?")
-    with open(path) as f:
-        hf = json.load(f)
+    hf = json.loads(storage.read_text(path))
     if hf.get("model_type") != "qwen3":
         raise CheckpointError(f"{path}: model_type is {hf.get('model_type')!r}, but mlembed_jax "
                               "loads Qwen3 models only (model_type 'qwen3')")
@@ -100,13 +101,12 @@ def _tensor_files(model_dir: str) -> dict[str, str]:
     """Tensor name -> file path, for single or sharded safetensors checkpoints."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+    if storage.isfile(index):
+        weight_map = json.loads(storage.read_text(index))["weight_map"]
         return {n: os.path.join(model_dir, fn) for n, fn in weight_map.items()}
-    if os.path.isfile(single):
+    if storage.isfile(single):
         return {n: single for n in SafetensorsFile(single).names()}
-    if any(os.path.isfile(os.path.join(model_dir, n))
+    if any(storage.isfile(os.path.join(model_dir, n))
            for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise CheckpointError(
             f"{model_dir!r} holds only pytorch_model.bin (pickle), which mlembed_jax never "

@@ -2,7 +2,8 @@
 
 safetensors' own numpy loader rejects bfloat16; the format is simple enough (8-byte header
 length, JSON header, raw little-endian data) to read directly, and a memory map means only
-the tensor being converted is ever resident.
+the tensor being converted is ever resident. A file at a URL (gs://) cannot be mapped: there
+each tensor is one ranged read of its bytes, so still only that tensor is in memory.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import struct
 
 import ml_dtypes
 import numpy as np
+
+from mlembed_jax import storage
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -30,7 +33,7 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         try:
-            with open(path, "rb") as f:
+            with storage.open(path, "rb") as f:
                 head = f.read(8)
                 if len(head) < 8:
                     raise SafetensorsError(f"{path}: file too short to be safetensors")
@@ -41,15 +44,17 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self._header = header
         self._data_start = 8 + n
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r")
+        remote = storage.is_url(path)
+        self._mm = None if remote else np.memmap(path, dtype=np.uint8, mode="r")
+        size = storage.size_and_version(path)[0] if remote else self._mm.size
         for name, info in header.items():
             if info["dtype"] not in _DTYPES:
                 raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype "
                                        f"{info['dtype']}")
             end = self._data_start + info["data_offsets"][1]
-            if end > self._mm.size:
+            if end > size:
                 raise SafetensorsError(f"{path}: truncated (tensor {name!r} ends at byte {end}, "
-                                       f"file has {self._mm.size})")
+                                       f"file has {size})")
 
     def names(self) -> list[str]:
         return list(self._header)
@@ -63,7 +68,12 @@ class SafetensorsFile:
     def read(self, name: str) -> np.ndarray:
         info = self._header[name]
         start, end = (self._data_start + o for o in info["data_offsets"])
-        raw = self._mm[start:end]
+        if self._mm is not None:
+            raw = self._mm[start:end]
+        else:
+            with storage.open(self.path, "rb") as f:
+                f.seek(start)
+                raw = np.frombuffer(f.read(end - start), np.uint8)
         return np.array(raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"]))
 
 
@@ -80,7 +90,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the spec pads the header to 8 bytes
-    with open(path, "wb") as f:
+    with storage.open(path, "wb") as f:  # a URL: streamed up in blocks, never whole in RAM
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in tensors.values():
