@@ -120,10 +120,10 @@ def test_prepare_train_sigterm_resume_export_encode_all_on_gcs(gcs, tmp_path, ca
     data = {"data.prepared_dir": f"{root}/prepared", "data.manifest": f"{root}/manifest.json"}
 
     # The reference: the same run uninterrupted, its workdir local (data still in the bucket).
-    # The three runs share a compilation cache, so only the first one compiles.
+    # The three runs share the session's compilation cache (conftest), so only one compiles.
     steps = 30
     kw = {**data, "train.max_steps": steps, "train.checkpoint_every": 1000}
-    env = {**subprocess_env(), "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache")}
+    env = subprocess_env()
     straight = subprocess.run(cli_args(tmp_path / "straight", **kw), env=env,
                               capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
