@@ -6,7 +6,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test libtpu
+.PHONY: setup demo test test-all libtpu
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,7 +39,14 @@ demo: $(BIN)/.installed
 	$(BIN)/python -m mlembed_jax.train --config=configs/demo.py --workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # Lint first (ruff, pyproject.toml's rules; the same check .pre-commit-config.yaml runs).
+# Two workers, one test file each at a time (module fixtures are built once). `make test`
+# leaves out the tests marked slow (pyproject.toml, README "Tests"); `make test-all` runs all.
 # pytest exits 5 when it collected no tests; that must fail, not pass.
+PYTEST = $(BIN)/python -m pytest -q -n 2 --dist loadfile
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
+	$(PYTEST) -m "not slow" tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
+
+test-all: setup
+	$(BIN)/ruff check .
+	$(PYTEST) tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc

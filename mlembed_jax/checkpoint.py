@@ -141,11 +141,12 @@ def orbax_log(path: str | None):
 class _TensorStoreTaskNoise(logging.Filter):
     """Orbax reads and writes tensors in concurrent asyncio tasks. When a damaged file or a
     full disk fails several of them, the first error is reported (one line) and asyncio
-    would print every other one as 'Task exception was never retrieved' with a traceback,
-    whenever the task is collected."""
+    would print every other one as '... exception was never retrieved' with a traceback,
+    whenever the task or its gathering future is collected."""
 
     def filter(self, record):
-        if not str(record.msg).startswith("Task exception was never retrieved"):
+        # "Task ..." or "_GatheringFuture exception was never retrieved" (a gather of them)
+        if "exception was never retrieved" not in str(record.msg).split("\n", 1)[0]:
             return True
         exc = record.exc_info[1] if record.exc_info else None
         if "tensorstore" in str(exc).lower():

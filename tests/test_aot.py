@@ -42,6 +42,7 @@ def gb(text, label):
     return float(m.group(1)) * (1e9 if m.group(2) == "GB" else 1e6)
 
 
+@pytest.mark.slow  # the splash and two-slice compiles below also compile for a TPU and fit
 @needs_libtpu
 def test_small_config_compiles_for_a_tpu_topology_and_fits():
     r = run_tool("v5p:2x2x1", **{"mesh.fsdp": 2})

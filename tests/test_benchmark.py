@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import ml_collections
+import pytest
 from train_helpers import ROOT, subprocess_env
 
 from mlembed_jax.perf.flops import mfu, non_embedding_params, train_flops
@@ -30,8 +31,6 @@ def test_flop_count_matches_hand_count():
 def test_benchmark_variant_rows_report_bad_fields_without_stopping(capsys):
     """A variant with a bad value becomes an error row; the syntax is checked up front.
     (The timed paths, baseline, plain, profile and variants, run in the script smoke test.)"""
-    import pytest
-
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import benchmark
 
@@ -49,6 +48,7 @@ def test_benchmark_variant_rows_report_bad_fields_without_stopping(capsys):
                           "model.remat='bogus' must be one of"), row
 
 
+@pytest.mark.slow  # stage 2 of the GPU script's smoke runs the same tool
 def test_attention_bench_cpu_smoke():
     args = [sys.executable, os.path.join(ROOT, "tools", "bench_attention.py"), "--seq_len=128",
             "--rows=64", "--heads=4", "--kv_heads=2", "--head_dim=32", "--steps=2",
@@ -84,6 +84,7 @@ def test_attention_bench_flags_a_kernel_that_crosses_texts(monkeypatch):
     assert bench_attention.bench_kernel("dense", q, k, v, seg, 1)[3] is False
 
 
+@pytest.mark.slow  # ~3 min; run it (make test-all) before spending a GPU session
 def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     """tools/gpu_benchmark.sh runs once per GPU session, so its every stage runs here first
     (tiny shapes, portable kernels standing in for the GPU ones)."""
@@ -108,8 +109,6 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
 def test_benchmark_says_which_rows_per_pack_fits_the_mix():
     """The demo derives its row buckets for the mix; buckets given too small for it are one
     line naming the rows_per_pack that fits, and that one works."""
-    import pytest
-
     from mlembed_jax.config import ConfigError, apply_overrides, load_config_file
     from mlembed_jax.perf.benchmark import make_batches
 

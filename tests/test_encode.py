@@ -191,6 +191,7 @@ def test_cli_writes_npy_and_parquet_in_input_order(hf_dir, tmp_path, capsys):
     assert "exit=7 is not one of the model's MLL exits (1, 2, 3)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # test_export checks the export against the JAX forward too
 def test_exported_model_encodes_like_its_checkpoint(tmp_path_factory, tmp_path):
     """tools/export_hf's output (a cut, compatibility-mode HF + sentence-transformers
     directory) loads here and gives the checkpoint's embeddings at the exported point."""

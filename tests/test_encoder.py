@@ -205,7 +205,8 @@ def _grad_fn(cfg, params):
     return jax.grad(loss), params
 
 
-@pytest.mark.parametrize("attention", ["dense", "tokamax_xla"])
+@pytest.mark.parametrize("attention", [
+    "dense", pytest.param("tokamax_xla", marks=pytest.mark.slow)])  # slow: dense shows it
 def test_remat_policies_give_the_same_gradients(params, attention):
     import dataclasses
 

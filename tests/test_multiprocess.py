@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 
+import pytest
 from train_helpers import cli_args, small_config, subprocess_env, train_losses
 
 from mlembed_jax.train import run
@@ -67,6 +68,7 @@ def _wait(procs, timeout=240):
     return codes
 
 
+@pytest.mark.slow  # ~2 min: two jax.distributed processes; CPU meshes are tested in-process
 def test_two_processes_match_one_and_resume_after_sigterm(tmp_path):
     # Reference: one process, 8 devices, same mesh shape, straight through.
     assert run(small_config(**COMMON), str(tmp_path / "one")) == 0

@@ -48,6 +48,7 @@ def _setup(config, enc, geometry, teacher=None, **optim):
                      num_datasets=3, teacher=teacher, teacher_pairs=pairs)
 
 
+@pytest.mark.slow  # test_loss checks the KD term's teacher gradient is zero
 def test_no_gradient_reaches_the_teacher(parts):
     config, enc, geometry, batches = parts
     teacher_cfg = dataclasses.replace(enc, mel=False)  # the student's depth and exits
