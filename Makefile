@@ -1,6 +1,6 @@
 # Two commands for a newcomer (see README): `make demo` and `make test`.
 # Both create ./.venv on first use, then run: the demo installs only the runtime (CPU JAX
-# and what training, encode and export need, ~1.1 GB); the tests add CPU torch,
+# and what training, encode and export need, ~1.3 GB); the tests add CPU torch,
 # sentence-transformers, tokamax, pytest and ruff (and libtpu, below).
 PY ?= python3
 VENV ?= .venv
