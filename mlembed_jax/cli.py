@@ -62,6 +62,21 @@ def config_from_argv(argv: list[str]):
     return load_config_file(path, overrides), rest
 
 
+def run_absl_main(main) -> None:
+    """A config-taking command's entry point: `main(argv, config)` under absl's app.run,
+    after the config is read; a bad config is one `error:` line and exit code 2."""
+    import sys
+
+    from absl import app
+
+    try:
+        config, rest = config_from_argv(sys.argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(lambda argv: main(argv, config), argv=rest)
+
+
 def writable_dir(path: str, what: str) -> str:
     """Creates `path` if needed and checks a file can be written there; ConfigError naming
     `what` (e.g. "--workdir") otherwise. Returns the path. `path` may be a URL (gs://...):

@@ -30,7 +30,7 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -46,7 +46,7 @@ from mlembed_jax.checkpoint import (  # noqa: E402
     orbax_log,
     resume_changes,
 )
-from mlembed_jax.cli import config_from_argv, writable_dir  # noqa: E402
+from mlembed_jax.cli import run_absl_main, writable_dir  # noqa: E402
 from mlembed_jax.config import ConfigError, validate  # noqa: E402
 from mlembed_jax.data.manifest import ManifestError  # noqa: E402
 from mlembed_jax.data.pipeline import make_train_iterator, make_validation_iterator  # noqa: E402
@@ -423,9 +423,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, TensorBoard")
     flags.DEFINE_bool("allow_config_change", False, "resume although fields that change what "
                       "the run trains (optim.*, loss.*, data.*, ...) differ from the checkpoint's")
-    try:
-        _config, _argv = config_from_argv(sys.argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    app.run(lambda argv: main(argv, _config), argv=_argv)
+    run_absl_main(main)

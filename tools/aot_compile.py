@@ -29,9 +29,9 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-from mlembed_jax.cli import config_from_argv
+from mlembed_jax.cli import run_absl_main
 from mlembed_jax.config import ConfigError, validate
 from mlembed_jax.perf import aot_target
 
@@ -81,9 +81,4 @@ def main(argv, config):
 
 
 if __name__ == "__main__":
-    try:
-        _config, _argv = config_from_argv(sys.argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    app.run(lambda argv: sys.exit(main(argv, _config)), argv=_argv)
+    run_absl_main(lambda argv, config: sys.exit(main(argv, config)))

@@ -21,10 +21,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import flax
 import jax
-from absl import app, flags
+from absl import flags
 
 from mlembed_jax.batch import text_lengths
-from mlembed_jax.cli import config_from_argv
+from mlembed_jax.cli import run_absl_main
 from mlembed_jax.config import ConfigError, apply_overrides, validate
 from mlembed_jax.model.kernel_check import resolve_attention
 from mlembed_jax.perf import flops as flops_lib
@@ -159,9 +159,4 @@ if __name__ == "__main__":
     flags.DEFINE_multi_string("variant", None, "also time the config with these fields "
                               "changed, e.g. --variant=model.remat=none,model.attention=cudnn "
                               "(repeatable; same batches, no baseline)")
-    try:
-        _config, _argv = config_from_argv(sys.argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    app.run(lambda argv: main(argv, _config), argv=_argv)
+    run_absl_main(main)
