@@ -129,14 +129,14 @@ def test_every_epoch_trains_every_sample_once_at_the_configured_batch(prepared, 
         assert datasets == set(SMALL)
         # Each training row exactly once per epoch, no held-out row ever.
         for ds in data.datasets:
-            train, val = split_rows(ds.num_rows, ds.name, 0, 0.1, 8)
+            train, val = split_rows(ds.num_rows, ds.name, 0, 0.1, 8, rule="floor")
             got = sorted(i for n, i in seen if n == ds.name)
             assert got == train.tolist()
             assert len(val) == max(8, int(np.ceil(0.1 * ds.num_rows)))
         end = stats["epoch_end"]
         assert (end["epoch"], end["samples"], end["coverage"]) == (epoch, len(seen), 1.0)
         assert end["partial_batches"] == partial == sum(
-            (ds.num_rows - len(split_rows(ds.num_rows, ds.name, 0, 0.1, 8)[1])) % (packs * B)
+            len(split_rows(ds.num_rows, ds.name, 0, 0.1, 8, rule="floor")[0]) % (packs * B)
             > 0 for ds in data.datasets)
         assert set(end["steps_by_rows"]) == shapes and sum(end["steps_by_rows"].values()) == \
             it.steps_per_epoch
@@ -261,7 +261,7 @@ def test_validation_batches_fixed_and_cover_held_out(prepared, tok):
         seen += check_samples(x, val.plan.geometry(sx["rows"]), tok, rows, ("ret", "clu", "cls"))
     data = load_prepared(out, 64)
     want = sorted((ds.name, int(i)) for ds in data.datasets
-                  for i in split_rows(ds.num_rows, ds.name, 0, 0.1, 8)[1])
+                  for i in split_rows(ds.num_rows, ds.name, 0, 0.1, 8, rule="floor")[1])
     assert sorted(seen) == want
 
 
