@@ -210,6 +210,28 @@ def test_old_carry_over_state_is_refused_with_the_way_out(prepared):
         it.set_state(old)
 
 
+def test_state_from_before_the_reference_rules_resumes_only_with_the_old_rules(prepared):
+    """A checkpoint's iterator state without "rules" was planned by the only rules there
+    were (floor, batches_left, per_sample); resuming it with other rules would change its
+    epoch's order, so it is refused with the flags that continue it exactly."""
+    from mlembed_jax.data.prepare import DataError
+
+    out, _ = prepared
+    old_rules = {"holdout": "floor", "mixing": "batches_left", "negatives_draw": "per_sample"}
+    state = make_train_iterator(data_config(out, **old_rules), packs=2).get_state()
+    del state["rules"]
+    it = make_train_iterator(data_config(out, mixing="static", negatives_draw="per_step"),
+                             packs=2)
+    with pytest.raises(DataError, match=r"data.mixing='batches_left', here 'static', "
+                       r"data.negatives_draw='per_sample', here 'per_step'\); resume with "
+                       r"--config.data.mixing=batches_left --config.data.negatives_draw="
+                       r"per_sample to continue"):
+        it.set_state(state)
+    again = make_train_iterator(data_config(out, **old_rules), packs=2)
+    again.set_state(state)
+    assert again.get_state()["rules"] == old_rules
+
+
 def _queries(batch, geometry):
     """Token tuples of every valid sample's query: the sample's identity."""
     S, R = geometry.seq_len, geometry.rows_per_pack

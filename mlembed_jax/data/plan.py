@@ -140,8 +140,12 @@ class DataPlan:
         self.max_negatives = int(data_cfg.max_negatives)
         self.mode = data_cfg.packing
         self.seed = int(data_cfg.seed)
-        self.mixing = data_cfg.get("mixing", "static")
-        self.per_step_negatives = data_cfg.get("negatives_draw", "per_step") == "per_step"
+        # The rules that shape the order; a resumed run must plan with the same ones.
+        self.rules = {"holdout": data_cfg.get("holdout", "reference"),
+                      "mixing": data_cfg.get("mixing", "static"),
+                      "negatives_draw": data_cfg.get("negatives_draw", "per_step")}
+        self.mixing = self.rules["mixing"]
+        self.per_step_negatives = self.rules["negatives_draw"] == "per_step"
         self._data_cfg = data_cfg
         self.num_negatives = []
         for ds in data.datasets:
