@@ -346,4 +346,6 @@ def test_planned_steps_follow_the_draw_and_replan_identically(small_prepared, dr
     assert shared and all(shared) if draw == "per_step" else not any(shared)
     assert [plan.step(s).dataset_id for s in range(plan.steps_per_epoch)] == \
         [again.step(s).dataset_id for s in range(plan.steps_per_epoch)]
+    assert f"data.holdout=floor, data.mixing=static, data.negatives_draw={draw}" in \
+        plan.describe()
 

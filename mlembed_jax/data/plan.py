@@ -346,7 +346,8 @@ class DataPlan:
         line = (f"{self.steps_per_epoch} steps per epoch ({self.partial_per_epoch} partial), "
                 f"{self.train_samples} training samples per epoch; row buckets "
                 f"{list(self.buckets)} x {self.seq_len} (steps per bucket over "
-                f"{self.planned_epochs} epoch(s): {train or 'none'})")
+                f"{self.planned_epochs} epoch(s): {train or 'none'}); "
+                + ", ".join(f"data.{k}={v}" for k, v in self.rules.items()))
         if self.small:
             names = ", ".join(f"{n} ({c} rows)" for n, c in sorted(self.small.items()))
             line += (f"; {len(self.small)} dataset(s) smaller than one step's {self.G} samples "
