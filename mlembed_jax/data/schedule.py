@@ -34,7 +34,6 @@ def mix64(*keys) -> np.ndarray:
 
 HOLDOUT_RULES = ("reference", "floor")
 MIXING_RULES = ("static", "batches_left")
-NEGATIVE_DRAWS = ("per_step", "per_sample")
 
 
 def split_rows(num_rows: int, name: str, split_seed: int, fraction: float,
