@@ -253,7 +253,8 @@ def test_mixing_order_is_pure_and_keeps_each_datasets_batches_in_order():
 
 # ---------------------------------------------------------------------------- 7: negatives
 def reference_hard_neg_indices(rng: random.Random, num_hard_neg: int) -> list[int]:
-    """run.py:62, once per batch (collate_fn): 0-based columns, shared by the batch."""
+    """run.py:45-47, once per batch (collate_fn; the global random, seeded by set_seed(0) at
+    run.py:62): 0-based columns, shared by the batch."""
     hard_neg_indices = [0] if num_hard_neg == 1 else rng.sample(list(range(24)), num_hard_neg)
     return hard_neg_indices
 
