@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_data_helpers import TOKENIZER, data_config, make_inputs
+from test_gcs import BUCKET as GCS_BUCKET
+from test_gcs import gcs  # noqa: F401 - the fixture
 from train_helpers import ROOT, subprocess_env
 
 from mlembed_jax.config import ConfigError, validate
@@ -133,6 +135,27 @@ def test_odd_names_train_and_keep_their_names_in_metrics_and_tensorboard(release
     assert read_tensorboard_tags(str(tmp_path / "tensorboard")) == values
     for n in ODD_NAMES:
         assert values[f"val/dataset_loss/{n}"] == names.index(n)
+
+
+@pytest.mark.usefixtures("gcs")
+def test_odd_names_as_object_names_on_gcs(tmp_path):
+    """The same names as object names: prepare_data from and to gs:// (the local
+    fake-gcs-server of test_gcs.py, through gcsfs), then loading the prepared data."""
+    from mlembed_jax import storage
+    from mlembed_jax.data.prepared import load_prepared
+
+    odd = {"x_C#": ("retrieval", 20, 8), "x_C++": ("clustering", 20, 9)}
+    raw, mpath, _ = make_inputs(str(tmp_path), datasets=odd)
+    base = f"gs://{GCS_BUCKET}/odd_names"
+    for f in os.listdir(raw):
+        storage.write_bytes_atomic(open(os.path.join(raw, f), "rb").read(), f"{base}/raw/{f}")
+    prepare_data(f"{base}/raw", mpath, TOKENIZER, f"{base}/prep", max_seq_length=48,
+                 workers=1, verbose=False)
+    listed = set(storage.listdir(f"{base}/prep"))
+    assert {f"{n}{end}" for n in odd for end in ("_query.parquet", "_docs.parquet",
+                                                   ".done")} <= listed
+    data = load_prepared(f"{base}/prep", 48, mpath)
+    assert list(data.names) == list(odd) and [d.num_rows for d in data.datasets] == [20, 20]
 
 
 # ---------------------------------------------------------------------------- 4: held out
