@@ -107,7 +107,18 @@ def base_config() -> ml_collections.ConfigDict:
     d.seed = 0
     d.validation_fraction = 0.01
     d.split_seed = 0  # held-out split seed; separate from data.seed so the split stays put
-    d.min_validation_samples = 32  # held-out floor for tiny datasets (at most half the rows)
+    # Held-out rows per dataset. reference: n - floor((1 - validation_fraction) * n), the
+    # reference's train_test_split(train_size=0.99): one row when n < 100. floor:
+    # max(ceil(validation_fraction * n), min_validation_samples), at most half the rows.
+    d.holdout = "reference"
+    d.min_validation_samples = 32  # the "floor" rule's floor for tiny datasets
+    # Which dataset each step draws. static: the reference's weights, each dataset's batch
+    # count at the epoch's start (small datasets come late in an epoch); batches_left:
+    # weighted by the batches a dataset has left (spread evenly over the epoch).
+    d.mixing = "static"
+    # Hard-negative columns: per_step, one draw shared by all samples of a step (the
+    # reference); per_sample, each sample its own draw.
+    d.negatives_draw = "per_step"
     d.task_types = ()  # train only these task types, e.g. ("retrieval",); () = all
     d.prefetch = 2  # batches built ahead in a background thread (0 = none)
 
@@ -239,6 +250,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                     " or positive row counts, e.g. (18, 20, 24)")
     if not isinstance(d.num_shapes, int) or d.num_shapes < 1:
         errs.append(f"data.num_shapes={d.num_shapes!r} must be a positive integer")
+    for key, allowed in (("holdout", ("reference", "floor")),
+                         ("mixing", ("static", "batches_left")),
+                         ("negatives_draw", ("per_step", "per_sample"))):
+        if d[key] not in allowed:
+            errs.append(f"data.{key}={d[key]!r} must be one of {', '.join(allowed)}")
+    if not 0 <= d.validation_fraction < 1:
+        errs.append(f"data.validation_fraction={d.validation_fraction!r} must be in [0, 1)")
     if not isinstance(d.samples_per_pack, int) or d.samples_per_pack < 1:
         errs.append(f"data.samples_per_pack={d.samples_per_pack!r} must be a positive integer")
     bad_types = [t for t in d.task_types if t not in ("retrieval", "clustering",

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 from tensorboardX import SummaryWriter
+from tensorboardX.proto.summary_pb2 import Summary
 
 from mlembed_jax import storage
 
@@ -73,9 +74,13 @@ class MetricsWriter:
         clean = {k: (v if isinstance(v, str) or math.isfinite(v) else None)
                  for k, v in values.items()}
         line = json.dumps({"step": step, **clean}) + "\n"
-        for k, v in values.items():
-            if not isinstance(v, str) and math.isfinite(v):
-                self._tb.add_scalar(k, v, step)
+        # The tag is the metric's own name: add_scalar would rewrite characters outside
+        # [-/\w.] to '_' (dataset names such as xcodeeval_code2code_C++ / _C#), so the
+        # TensorBoard tag and the metrics.jsonl key would differ and could collide.
+        scalars = [Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()
+                   if not isinstance(v, str) and math.isfinite(v)]
+        if scalars:
+            self._tb._get_file_writer().add_summary(Summary(value=scalars), step)
         if self._lines is None:
             with open(self.path, "a") as f:
                 f.write(line)

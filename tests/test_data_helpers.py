@@ -63,6 +63,9 @@ def data_config(prepared_dir: str, **overrides):
     d.max_seq_length = 64
     d.samples_per_pack = 4
     d.validation_fraction = 0.1
+    # The floor rule: these tests count on at least 8 held-out rows of a dataset (the
+    # reference rule is tested in test_reference_data_rules.py).
+    d.holdout = "floor"
     d.min_validation_samples = 8
     d.prefetch = 0
     for k, v in overrides.items():

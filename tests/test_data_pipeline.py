@@ -129,14 +129,14 @@ def test_every_epoch_trains_every_sample_once_at_the_configured_batch(prepared, 
         assert datasets == set(SMALL)
         # Each training row exactly once per epoch, no held-out row ever.
         for ds in data.datasets:
-            train, val = split_rows(ds.num_rows, ds.name, 0, 0.1, 8)
+            train, val = split_rows(ds.num_rows, ds.name, 0, 0.1, 8, rule="floor")
             got = sorted(i for n, i in seen if n == ds.name)
             assert got == train.tolist()
             assert len(val) == max(8, int(np.ceil(0.1 * ds.num_rows)))
         end = stats["epoch_end"]
         assert (end["epoch"], end["samples"], end["coverage"]) == (epoch, len(seen), 1.0)
         assert end["partial_batches"] == partial == sum(
-            (ds.num_rows - len(split_rows(ds.num_rows, ds.name, 0, 0.1, 8)[1])) % (packs * B)
+            len(split_rows(ds.num_rows, ds.name, 0, 0.1, 8, rule="floor")[0]) % (packs * B)
             > 0 for ds in data.datasets)
         assert set(end["steps_by_rows"]) == shapes and sum(end["steps_by_rows"].values()) == \
             it.steps_per_epoch
@@ -210,6 +210,28 @@ def test_old_carry_over_state_is_refused_with_the_way_out(prepared):
         it.set_state(old)
 
 
+def test_state_from_before_the_reference_rules_resumes_only_with_the_old_rules(prepared):
+    """A checkpoint's iterator state without "rules" was planned by the only rules there
+    were (floor, batches_left, per_sample); resuming it with other rules would change its
+    epoch's order, so it is refused with the flags that continue it exactly."""
+    from mlembed_jax.data.prepare import DataError
+
+    out, _ = prepared
+    old_rules = {"holdout": "floor", "mixing": "batches_left", "negatives_draw": "per_sample"}
+    state = make_train_iterator(data_config(out, **old_rules), packs=2).get_state()
+    del state["rules"]
+    it = make_train_iterator(data_config(out, mixing="static", negatives_draw="per_step"),
+                             packs=2)
+    with pytest.raises(DataError, match=r"data.mixing='batches_left', here 'static', "
+                       r"data.negatives_draw='per_sample', here 'per_step'\); resume with "
+                       r"--config.data.mixing=batches_left --config.data.negatives_draw="
+                       r"per_sample to continue"):
+        it.set_state(state)
+    again = make_train_iterator(data_config(out, **old_rules), packs=2)
+    again.set_state(state)
+    assert again.get_state()["rules"] == old_rules
+
+
 def _queries(batch, geometry):
     """Token tuples of every valid sample's query: the sample's identity."""
     S, R = geometry.seq_len, geometry.rows_per_pack
@@ -261,7 +283,7 @@ def test_validation_batches_fixed_and_cover_held_out(prepared, tok):
         seen += check_samples(x, val.plan.geometry(sx["rows"]), tok, rows, ("ret", "clu", "cls"))
     data = load_prepared(out, 64)
     want = sorted((ds.name, int(i)) for ds in data.datasets
-                  for i in split_rows(ds.num_rows, ds.name, 0, 0.1, 8)[1])
+                  for i in split_rows(ds.num_rows, ds.name, 0, 0.1, 8, rule="floor")[1])
     assert sorted(seen) == want
 
 

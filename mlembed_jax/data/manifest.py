@@ -29,7 +29,9 @@ REFERENCE_TASK_TYPES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 TASK_TYPES = ("retrieval", "clustering", "classification")
 DEFAULT_NEGATIVES = {"retrieval": 7, "clustering": 9, "classification": 1}
 _ENTRY_KEYS = {"task_type", "query_prefix", "document_prefix", "num_negatives"}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# '+' and '#' for the reference's own names (xcodeeval_code2code_C++, ..._C#); no '/',
+# whitespace or leading '.', since a name is also a file name and a metric key.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+#\-]*$")
 
 
 class ManifestError(ValueError):
@@ -65,7 +67,8 @@ def parse_manifest(data: object, source: str = "<manifest>") -> dict[str, Datase
     for name, entry in data.items():
         where = f"{source}: dataset {name!r}"
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ManifestError(f"{where}: names may hold letters, digits, '_', '-', '.' only")
+            raise ManifestError(f"{where}: names may hold letters, digits, '_', '-', '.', "
+                                  "'+', '#' only, starting with a letter or digit")
         if isinstance(entry, str):  # shorthand: "name": "retrieval"
             entry = {"task_type": entry}
         if not isinstance(entry, dict):

@@ -27,6 +27,9 @@ from mlembed_jax.data.prepared import PreparedData
 
 # 2: no carry-over (version 1 carried samples between steps and cannot resume exactly here).
 STATE_VERSION = 2
+# The data rules of a version-2 state that does not record them: the only ones that existed.
+_RULES_BEFORE_RECORDED = {"holdout": "floor", "mixing": "batches_left",
+                          "negatives_draw": "per_sample"}
 
 
 def _fill(plan: DataPlan, step: StepPlan, pack_start: int, pack_stop: int):
@@ -138,7 +141,8 @@ class PackedTrainIterator(grain.DatasetIterator):
         return {"version": STATE_VERSION, "step": self._step, "seed": self.plan.seed,
                 "packs": self.plan.packs, "samples_per_pack": self.plan.samples_per_pack,
                 "pack_range": [self.pack_start, self.pack_stop],
-                "datasets": list(self.data.names), "totals": dict(self.totals),
+                "datasets": list(self.data.names), "rules": dict(self.plan.rules),
+                "totals": dict(self.totals),
                 "epoch_counts": copy.deepcopy(self._epoch_counts)}
 
     def set_state(self, state: dict) -> None:
@@ -154,6 +158,15 @@ class PackedTrainIterator(grain.DatasetIterator):
                 raise DataError(f"data iterator state does not match this pipeline: {key}="
                                 f"{state.get(key)!r} in the state, {want[key]!r} here "
                                 "(resume needs the same seed, datasets and pack layout)")
+        rules = state.get("rules", _RULES_BEFORE_RECORDED)
+        differ = {k: v for k, v in rules.items() if self.plan.rules.get(k) != v}
+        if differ:
+            flags = " ".join(f"--config.data.{k}={v}" for k, v in differ.items())
+            raise DataError(
+                "data iterator state was planned with other data rules ("
+                + ", ".join(f"data.{k}={v!r}, here {self.plan.rules.get(k)!r}"
+                            for k, v in differ.items())
+                + f"); resume with {flags} to continue its order exactly")
         self._step = int(state["step"])
         self.totals = {k: int(v) for k, v in state["totals"].items()}
         ec = state["epoch_counts"]

@@ -7,8 +7,11 @@ Coverage: an epoch trains every training row of every dataset exactly once, B =
 data.samples_per_pack samples per pack. A dataset's rows, shuffled per epoch, are cut into
 batches of G = packs x B samples; its last batch of the epoch holds the remainder (a partial
 batch, counted as such), and a dataset with fewer than G training rows is one partial batch
-per epoch. The steps' datasets are a seeded shuffle of all batches (schedule.epoch_order).
-Nothing is carried over, so nothing is left waiting at an epoch's end.
+per epoch. Which dataset each step draws follows data.mixing (schedule.epoch_order): by
+default the reference's static weights, each dataset's batch count at the epoch's start.
+Nothing is carried over, so nothing is left waiting at an epoch's end. A step's hard
+negatives follow data.negatives_draw: by default one draw of columns per step, shared by
+its samples, as the reference's collate_fn does.
 
 Dealing: a step's samples are sorted by token count (most first) and dealt to the packs in
 snake order (packs 0..P-1, then P-1..0, ...), so each pack gets B samples and about the same
@@ -137,6 +140,12 @@ class DataPlan:
         self.max_negatives = int(data_cfg.max_negatives)
         self.mode = data_cfg.packing
         self.seed = int(data_cfg.seed)
+        # The rules that shape the order; a resumed run must plan with the same ones.
+        self.rules = {"holdout": data_cfg.get("holdout", "reference"),
+                      "mixing": data_cfg.get("mixing", "static"),
+                      "negatives_draw": data_cfg.get("negatives_draw", "per_step")}
+        self.mixing = self.rules["mixing"]
+        self.per_step_negatives = self.rules["negatives_draw"] == "per_step"
         self._data_cfg = data_cfg
         self.num_negatives = []
         for ds in data.datasets:
@@ -166,7 +175,8 @@ class DataPlan:
         self.planned_epochs = max(1, int(epochs))
         for e in range(self.planned_epochs):
             self.epoch_needs(e)
-        self.validation = [(d, val[j * G:(j + 1) * G]) for d, val in enumerate(self.val_rows)
+        # (dataset, batch index in the dataset, rows) of each validation batch.
+        self.validation = [(d, j, val[j * G:(j + 1) * G]) for d, val in enumerate(self.val_rows)
                            for j in range(math.ceil(len(val) / G))]
         self.validation_needs = self._validation_needs()
         self.buckets = self._buckets()
@@ -175,7 +185,8 @@ class DataPlan:
     def _epoch(self, epoch: int) -> dict:
         if epoch not in self._orders:
             self._orders.clear()  # one epoch at a time keeps memory flat
-            order, k = schedule.epoch_order(self.seed, epoch, self.batches_per_dataset)
+            order, k = schedule.epoch_order(self.seed, epoch, self.batches_per_dataset,
+                                            self.mixing)
             self._orders[epoch] = {"order": order, "k": k, "rows": {}}
         return self._orders[epoch]
 
@@ -186,12 +197,16 @@ class DataPlan:
             e["rows"][d] = schedule.sample_order(self.seed, epoch, d, self.train_rows[d])
         return e["rows"][d]
 
-    def sample_lengths(self, d: int, epoch: int, rows: np.ndarray):
+    def sample_lengths(self, d: int, epoch: int, rows: np.ndarray, first_batch: int):
         """([n, 2 + negatives] text lengths, [n, 1 + negatives] corpus rows) of dataset d's
-        samples `rows`, with the negatives `epoch` draws for them."""
+        samples `rows`, with the negatives `epoch` draws for them. rows: consecutive batches
+        of G of the dataset's epoch order, starting at its batch `first_batch`."""
         ds = self.data.datasets[d]
+        batches = None
+        if self.per_step_negatives:
+            batches = first_batch + np.arange(len(rows)) // self.G
         neg = schedule.choose_negatives(self.seed, epoch, d, rows, ds.available_negatives,
-                                        self.num_negatives[d], ds.spec.task_type)
+                                        self.num_negatives[d], ds.spec.task_type, batches)
         cols = np.concatenate([np.zeros((len(rows), 1), np.int64), neg], axis=1)
         doc = ds.doc_rows[np.asarray(rows, np.int64)[:, None], cols]
         lens = np.concatenate([ds.q_lengths[rows][:, None], self.data.corpus.lengths[doc]],
@@ -209,7 +224,7 @@ class DataPlan:
         per_chunk = max(1, _CHUNK_PACKS // self.packs)
         for a in range(0, n_batches, per_chunk):
             part = rows[a * G:(a + per_chunk) * G]
-            lens, _ = self.sample_lengths(d, epoch, part)
+            lens, _ = self.sample_lengths(d, epoch, part, a)
             nb = math.ceil(len(part) / G)
             padded = np.zeros((nb * G, lens.shape[1]), np.int64)
             padded[:len(lens)] = lens
@@ -304,8 +319,9 @@ class DataPlan:
         return out
 
     # ---------------------------------------------------------------------- steps
-    def _plan(self, step: int, epoch: int, d: int, rows: np.ndarray, need: int) -> StepPlan:
-        lens, doc = self.sample_lengths(d, epoch, rows)
+    def _plan(self, step: int, epoch: int, d: int, k: int, rows: np.ndarray,
+              need: int) -> StepPlan:
+        lens, doc = self.sample_lengths(d, epoch, rows, k)
         return StepPlan(step=step, epoch=epoch, dataset_id=d, rows=rows, doc=doc,
                         lengths=lens,
                         packs=deal(lens.sum(axis=1), self.packs, self.samples_per_pack),
@@ -317,11 +333,11 @@ class DataPlan:
         e = self._epoch(epoch)
         d, k = int(e["order"][s]), int(e["k"][s])
         rows = self.dataset_order(epoch, d)[k * self.G:(k + 1) * self.G]
-        return self._plan(step, epoch, d, rows, int(self.epoch_needs(epoch)[s]))
+        return self._plan(step, epoch, d, k, rows, int(self.epoch_needs(epoch)[s]))
 
     def validation_step(self, j: int) -> StepPlan:
-        d, rows = self.validation[j]
-        return self._plan(j, VALIDATION_EPOCH, d, rows, int(self.validation_needs[j]))
+        d, k, rows = self.validation[j]
+        return self._plan(j, VALIDATION_EPOCH, d, k, rows, int(self.validation_needs[j]))
 
     def describe(self) -> str:
         """One line for the start-up log: shapes, coverage rule outcomes, small datasets."""
@@ -330,7 +346,8 @@ class DataPlan:
         line = (f"{self.steps_per_epoch} steps per epoch ({self.partial_per_epoch} partial), "
                 f"{self.train_samples} training samples per epoch; row buckets "
                 f"{list(self.buckets)} x {self.seq_len} (steps per bucket over "
-                f"{self.planned_epochs} epoch(s): {train or 'none'})")
+                f"{self.planned_epochs} epoch(s): {train or 'none'}); "
+                + ", ".join(f"data.{k}={v}" for k, v in self.rules.items()))
         if self.small:
             names = ", ".join(f"{n} ({c} rows)" for n, c in sorted(self.small.items()))
             line += (f"; {len(self.small)} dataset(s) smaller than one step's {self.G} samples "
