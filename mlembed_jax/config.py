@@ -47,6 +47,9 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 REMAT_POLICIES = ("none", "full", "dots", "attn_out", "attention", "dots_attention", AUTO)
 
 
+LR_SCHEDULES = ("cosine", "cosine_to_min_lr", "constant_with_warmup")
+
+
 class ConfigError(ValueError):
     """A configuration the run cannot use; the message names the field and the fix."""
 
@@ -114,7 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-5
     o.min_lr = 1e-7
-    o.schedule = "cosine"  # cosine | constant_with_warmup
+    # cosine: the reference's, cosine to 0 after warmup, clamped from below at min_lr;
+    # cosine_to_min_lr: cosine down to min_lr itself; constant_with_warmup (optim.lr_schedule).
+    o.schedule = "cosine"
     o.warmup_steps = 100
     o.b1 = 0.9
     o.b2 = 0.98
@@ -246,9 +251,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if bad_types:
         errs.append(f"data.task_types has {bad_types}; use retrieval, clustering, "
                     "classification")
-    if c.optim.schedule not in ("cosine", "constant_with_warmup"):
-        errs.append(f"optim.schedule={c.optim.schedule!r} must be 'cosine' or "
-                    "'constant_with_warmup'")
+    if c.optim.schedule not in LR_SCHEDULES:
+        errs.append(f"optim.schedule={c.optim.schedule!r} must be one of "
+                    f"{', '.join(LR_SCHEDULES)}")
     if not isinstance(c.train.grad_cache_chunks, int) or c.train.grad_cache_chunks < 0:
         errs.append(f"train.grad_cache_chunks={c.train.grad_cache_chunks!r} must be 0 (off) or "
                     "a positive number of chunks")
