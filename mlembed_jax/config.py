@@ -133,10 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
     ls.kd_weight = 0.0  # > 0 exactly when loss.teacher is set (the reference uses 1)
     ls.teacher = ""  # HF directory of a frozen teacher; "" = no distillation
     ls.in_batch_block_size = 0  # rows per block of the in-batch logits; 0 = no blocking
-    # full: in-batch gradient reaches queries and positives (the paper's maths, the
-    # reference on one GPU); queries: positives get none from it (the reference on several
-    # GPUs, whose gather autograd does not track).
-    ls.in_batch_gradient = "full"
+    # queries: the in-batch term's gradient reaches the queries only, the gathered positives
+    # are constants in it (the reference at any GPU count: its gather is not tracked by
+    # autograd); full: the loss's own gradient, reaching the positives too.
+    ls.in_batch_gradient = "queries"
 
     c.train = t = ml_collections.ConfigDict()
     # HF Qwen3 directory, or a training workdir / checkpoint (its params, MEL factors as
