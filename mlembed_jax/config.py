@@ -132,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
     ls.mrl_min_dim = 8
     ls.kd_weight = 0.0  # > 0 exactly when loss.teacher is set (the reference uses 1)
     ls.teacher = ""  # HF directory of a frozen teacher; "" = no distillation
+    # Which teacher exit each student exit learns from (train_step.teacher_exit_layers).
+    # position: the reference's, i-th with i-th, both exit lists deepest first; layer: the
+    # same layer number (last with last, a shallower teacher's last for exits it lacks).
+    ls.kd_exit_pairing = "position"
     ls.in_batch_block_size = 0  # rows per block of the in-batch logits; 0 = no blocking
     # queries: the in-batch term's gradient reaches the queries only, the gathered positives
     # are constants in it (the reference at any GPU count: its gather is not tracked by
@@ -274,6 +278,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not c.loss.teacher and c.loss.kd_weight != 0:
         errs.append(f"loss.kd_weight={c.loss.kd_weight} needs a teacher: set loss.teacher to "
                     "an HF model directory, or loss.kd_weight=0")
+    if c.loss.kd_exit_pairing not in ("position", "layer"):
+        errs.append(f"loss.kd_exit_pairing={c.loss.kd_exit_pairing!r} must be 'position' or "
+                    "'layer'")
     if c.loss.in_batch_gradient not in ("full", "queries"):
         errs.append(f"loss.in_batch_gradient={c.loss.in_batch_gradient!r} must be 'full' or "
                     "'queries'")
