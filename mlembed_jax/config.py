@@ -155,7 +155,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     # Cached embedding gradients (mlembed_jax/grad_cache.py): 0 = off; k = the step's packs
     # go through the model in k sequential chunks, so activation memory is one chunk's
-    # (data.packs_per_step / k / devices packs per device) at one extra forward pass.
+    # (data.packs_per_step / k / devices packs per device) at one extra forward pass;
+    # -1 = as many chunks as packs per device (one pack per device at a time), off at one.
     t.grad_cache_chunks = 0
     # Steps whose loss or gradient norm is NaN/inf are skipped (params and optimizer state
     # unchanged). More than this many in a row stop the run (exit 1); -1 = never stop.
@@ -258,9 +259,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.optim.schedule not in LR_SCHEDULES:
         errs.append(f"optim.schedule={c.optim.schedule!r} must be one of "
                     f"{', '.join(LR_SCHEDULES)}")
-    if not isinstance(c.train.grad_cache_chunks, int) or c.train.grad_cache_chunks < 0:
-        errs.append(f"train.grad_cache_chunks={c.train.grad_cache_chunks!r} must be 0 (off) or "
-                    "a positive number of chunks")
+    if not isinstance(c.train.grad_cache_chunks, int) or c.train.grad_cache_chunks < -1:
+        errs.append(f"train.grad_cache_chunks={c.train.grad_cache_chunks!r} must be 0 (off), "
+                    "a positive number of chunks, or -1 (one pack per device at a time)")
     if not c.loss.temperature > 0:
         errs.append(f"loss.temperature={c.loss.temperature} must be > 0")
     t = c.train

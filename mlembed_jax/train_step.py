@@ -38,6 +38,7 @@ from mlembed_jax.grad_cache import (
     cached_value_and_grad,
     chunk_batch,
     chunked_forward,
+    resolve_chunks,
     unchunk_texts,
 )
 from mlembed_jax.loss import (
@@ -485,7 +486,9 @@ def build_step(config, mesh: Mesh, *, total_steps: int, num_datasets: int | None
         raise ValueError(f"the row buckets' geometries differ in more than their rows: "
                          f"{geometries}")
     geometry = geometries[-1]
-    shards, chunks = batch_shards(mesh, rules), int(config.train.get("grad_cache_chunks", 0))
+    shards = batch_shards(mesh, rules)
+    chunks = resolve_chunks(int(config.train.get("grad_cache_chunks", 0)), geometry.packs,
+                            shards)
     if chunks and geometry.packs % (shards * chunks):
         raise ConfigError(
             f"train.grad_cache_chunks={chunks} needs packs per step divisible by chunks x "
