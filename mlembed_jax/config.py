@@ -48,6 +48,7 @@ REMAT_POLICIES = ("none", "full", "dots", "attn_out", "attention", "dots_attenti
 
 
 LR_SCHEDULES = ("cosine", "cosine_to_min_lr", "constant_with_warmup")
+KD_EXIT_PAIRINGS = ("position", "layer")  # train_step.teacher_exit_layers
 
 
 class ConfigError(ValueError):
@@ -279,7 +280,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not c.loss.teacher and c.loss.kd_weight != 0:
         errs.append(f"loss.kd_weight={c.loss.kd_weight} needs a teacher: set loss.teacher to "
                     "an HF model directory, or loss.kd_weight=0")
-    if c.loss.kd_exit_pairing not in ("position", "layer"):
+    if c.loss.kd_exit_pairing not in KD_EXIT_PAIRINGS:
         errs.append(f"loss.kd_exit_pairing={c.loss.kd_exit_pairing!r} must be 'position' or "
                     "'layer'")
     if c.loss.in_batch_gradient not in ("full", "queries"):

@@ -48,6 +48,7 @@ def batch_summary(config, packs: int, shards: int) -> str:
     B = int(config.data.samples_per_pack)
     set_by = (f"data.packs_per_step={packs}" if config.data.packs_per_step != -1
               else "data.packs_per_step=-1: one pack per batch shard")
+
     def n(k, what):
         return f"{k} {what}" + ("" if k == 1 else "s")
 

@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mlembed_jax.batch import BatchGeometry, geometry_from_config, globalize_slots, row_buckets
-from mlembed_jax.config import ConfigError
+from mlembed_jax.config import KD_EXIT_PAIRINGS, ConfigError
 from mlembed_jax.grad_cache import (
     cached_value_and_grad,
     chunk_batch,
@@ -334,9 +334,6 @@ def with_shardings(abstract, shardings):
 
 # ------------------------------------------------------------------------------------------
 # The one builder.
-
-
-KD_EXIT_PAIRINGS = ("position", "layer")
 
 
 def teacher_exit_layers(student_exits, student_layers: int, teacher_layers: int,
