@@ -47,6 +47,10 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 REMAT_POLICIES = ("none", "full", "dots", "attn_out", "attention", "dots_attention", AUTO)
 
 
+LR_SCHEDULES = ("cosine", "cosine_to_min_lr", "constant_with_warmup")
+KD_EXIT_PAIRINGS = ("position", "layer")  # train_step.teacher_exit_layers
+
+
 class ConfigError(ValueError):
     """A configuration the run cannot use; the message names the field and the fix."""
 
@@ -125,7 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-5
     o.min_lr = 1e-7
-    o.schedule = "cosine"  # cosine | constant_with_warmup
+    # cosine: the reference's, cosine to 0 after warmup, clamped from below at min_lr;
+    # cosine_to_min_lr: cosine down to min_lr itself; constant_with_warmup (optim.lr_schedule).
+    o.schedule = "cosine"
     o.warmup_steps = 100
     o.b1 = 0.9
     o.b2 = 0.98
@@ -138,11 +144,15 @@ def base_config() -> ml_collections.ConfigDict:
     ls.mrl_min_dim = 8
     ls.kd_weight = 0.0  # > 0 exactly when loss.teacher is set (the reference uses 1)
     ls.teacher = ""  # HF directory of a frozen teacher; "" = no distillation
+    # Which teacher exit each student exit learns from (train_step.teacher_exit_layers).
+    # position: the reference's, i-th with i-th, both exit lists deepest first; layer: the
+    # same layer number (last with last, a shallower teacher's last for exits it lacks).
+    ls.kd_exit_pairing = "position"
     ls.in_batch_block_size = 0  # rows per block of the in-batch logits; 0 = no blocking
-    # full: in-batch gradient reaches queries and positives (the paper's maths, the
-    # reference on one GPU); queries: positives get none from it (the reference on several
-    # GPUs, whose gather autograd does not track).
-    ls.in_batch_gradient = "full"
+    # queries: the in-batch term's gradient reaches the queries only, the gathered positives
+    # are constants in it (the reference at any GPU count: its gather is not tracked by
+    # autograd); full: the loss's own gradient, reaching the positives too.
+    ls.in_batch_gradient = "queries"
 
     c.train = t = ml_collections.ConfigDict()
     # HF Qwen3 directory, or a training workdir / checkpoint (its params, MEL factors as
@@ -157,7 +167,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     # Cached embedding gradients (mlembed_jax/grad_cache.py): 0 = off; k = the step's packs
     # go through the model in k sequential chunks, so activation memory is one chunk's
-    # (data.packs_per_step / k / devices packs per device) at one extra forward pass.
+    # (data.packs_per_step / k / devices packs per device) at one extra forward pass;
+    # -1 = as many chunks as packs per device (one pack per device at a time), off at one.
     t.grad_cache_chunks = 0
     # Steps whose loss or gradient norm is NaN/inf are skipped (params and optimizer state
     # unchanged). More than this many in a row stop the run (exit 1); -1 = never stop.
@@ -264,12 +275,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if bad_types:
         errs.append(f"data.task_types has {bad_types}; use retrieval, clustering, "
                     "classification")
-    if c.optim.schedule not in ("cosine", "constant_with_warmup"):
-        errs.append(f"optim.schedule={c.optim.schedule!r} must be 'cosine' or "
-                    "'constant_with_warmup'")
-    if not isinstance(c.train.grad_cache_chunks, int) or c.train.grad_cache_chunks < 0:
-        errs.append(f"train.grad_cache_chunks={c.train.grad_cache_chunks!r} must be 0 (off) or "
-                    "a positive number of chunks")
+    if c.optim.schedule not in LR_SCHEDULES:
+        errs.append(f"optim.schedule={c.optim.schedule!r} must be one of "
+                    f"{', '.join(LR_SCHEDULES)}")
+    if not isinstance(c.train.grad_cache_chunks, int) or c.train.grad_cache_chunks < -1:
+        errs.append(f"train.grad_cache_chunks={c.train.grad_cache_chunks!r} must be 0 (off), "
+                    "a positive number of chunks, or -1 (one pack per device at a time)")
     if not c.loss.temperature > 0:
         errs.append(f"loss.temperature={c.loss.temperature} must be > 0")
     t = c.train
@@ -287,6 +298,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not c.loss.teacher and c.loss.kd_weight != 0:
         errs.append(f"loss.kd_weight={c.loss.kd_weight} needs a teacher: set loss.teacher to "
                     "an HF model directory, or loss.kd_weight=0")
+    if c.loss.kd_exit_pairing not in KD_EXIT_PAIRINGS:
+        errs.append(f"loss.kd_exit_pairing={c.loss.kd_exit_pairing!r} must be 'position' or "
+                    "'layer'")
     if c.loss.in_batch_gradient not in ("full", "queries"):
         errs.append(f"loss.in_batch_gradient={c.loss.in_batch_gradient!r} must be 'full' or "
                     "'queries'")

@@ -25,6 +25,16 @@ import jax
 import jax.numpy as jnp
 
 
+def resolve_chunks(setting: int, packs: int, shards: int) -> int:
+    """train.grad_cache_chunks as a step runs it: 0 (off) or k chunks. -1 (auto): one pack
+    per device at a time, i.e. packs / shards chunks, or off when that is 1 (nothing to
+    save: the plain step is cheaper)."""
+    if setting != -1:
+        return int(setting)
+    per_device = packs // max(shards, 1)
+    return per_device if per_device > 1 else 0
+
+
 def _split(x: jax.Array, shards: int, chunks: int) -> jax.Array:
     """[P * u, ...] (pack-major, u units per pack) -> [chunks, P / chunks * u, ...]."""
     n = x.shape[0] // (shards * chunks)

@@ -16,8 +16,9 @@ similarity = cosine / temperature):
                    student's pooled embedding at exit e and the teacher's at its paired exit
 MRL weights: dims from largest to smallest get n = 1, 2, 3, ... and weight 1/(n sqrt(d/m)).
   total = (sum_e sum_m w_m (hard[e,m] + in_batch[e,m]) + kd_weight sum_e kd[e]) / num_exits
-in_batch_gradient "queries" stops the in-batch term's gradient into the positives (the
-reference recipe on several GPUs); "full" (default) lets it reach them (the paper's maths).
+in_batch_gradient "queries" (default) stops the in-batch term's gradient into the positives,
+as the reference does at every process count (its gather is not tracked by autograd); "full"
+is the loss's own gradient, reaching them too.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def config_kwargs(loss_cfg: Any, packs: int | None = None) -> dict:
         mrl_min_dim=int(loss_cfg.mrl_min_dim),
         kd_weight=float(loss_cfg.kd_weight),
         in_batch_block_size=int(loss_cfg.in_batch_block_size),
-        in_batch_gradient=str(loss_cfg.get("in_batch_gradient", "full")),
+        in_batch_gradient=str(loss_cfg.get("in_batch_gradient", "queries")),
     )
     if packs is not None:
         kw["packs"] = int(packs)
@@ -141,7 +142,7 @@ def nested_contrastive_loss(
     in_batch_block_size: int = 0,
     num_datasets: int | None = None,
     packs: int | None = None,
-    in_batch_gradient: str = "full",
+    in_batch_gradient: str = "queries",
 ) -> tuple[jax.Array, dict]:
     """The recipe's per-step loss.
 
@@ -173,9 +174,10 @@ def nested_contrastive_loss(
         global gather, where every device ends up holding every sample's query, positive and
         negatives ([E, S, N, d] at global S: too much memory at large global batches).
         Same result either way.
-      in_batch_gradient: "full" or "queries" (static): with "queries" the in-batch term
-        treats the positives as constants (its gradient reaches the queries only); the hard
-        term's gradient reaches positives either way.
+      in_batch_gradient: "queries" or "full" (static): with "queries" the in-batch term
+        treats the positives as constants (its gradient reaches the queries only: the
+        reference); "full" differentiates it in full. The hard term's gradient reaches the
+        positives either way.
 
     Returns:
       (total, metrics): total is an fp32 scalar. metrics (fp32 unless noted):

@@ -1,4 +1,5 @@
-"""The recipe's optimiser: AdamW (0.9, 0.98), wd 0.01, clip 1.0, warmup + cosine/constant.
+"""The recipe's optimiser: AdamW (0.9, 0.98), wd 0.01, clip 1.0, warmup + cosine/constant
+(`lr_schedule`).
 
 A separate learning rate for the MEL factors is possible (optim.mel_lr); every other
 parameter group shares optim.lr.
@@ -7,18 +8,27 @@ parameter group shares optim.lr.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
 def lr_schedule(optim_cfg, total_steps: int, peak_lr: float | None = None) -> optax.Schedule:
-    """Linear warmup to `peak_lr`, then cosine decay to min_lr (or constant) over the run."""
+    """lr at each step (0-based): linear warmup from 0 to `peak_lr` over optim.warmup_steps,
+    then per optim.schedule:
+      cosine: the reference's shape. Cosine decay from the peak to 0 at `total_steps`,
+        clamped from below at min_lr (so the last stretch of the run sits at min_lr);
+      cosine_to_min_lr: cosine decay from the peak to min_lr itself (optax's alpha);
+      constant_with_warmup: the peak.
+    """
     peak = optim_cfg.lr if peak_lr is None else peak_lr
     warmup = max(int(optim_cfg.warmup_steps), 0)
     floor = min(optim_cfg.min_lr, peak)
     warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+    decay_steps = max(total_steps - warmup, 1)
     if optim_cfg.schedule == "cosine":
-        decay_steps = max(total_steps - warmup, 1)
-        # alpha is the floor as a fraction of the peak: lr never falls below min_lr.
+        to_zero = optax.cosine_decay_schedule(peak, decay_steps, alpha=0.0)
+        after = lambda count: jnp.maximum(to_zero(count), floor)
+    elif optim_cfg.schedule == "cosine_to_min_lr":
         after = optax.cosine_decay_schedule(peak, decay_steps, alpha=floor / peak if peak else 0.0)
     else:
         after = optax.constant_schedule(peak)

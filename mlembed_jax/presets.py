@@ -60,11 +60,27 @@ def qwen3_config(size: str):
     return c
 
 
+# The reference's step: 8 samples per GPU x 8 GPUs.
+REFERENCE_GLOBAL_BATCH = 64
+
+
+def reference_batch(c):
+    """Pins the step at the reference's 64 samples on any device count that divides its
+    packs: data.packs_per_step = 64 / data.samples_per_pack (8 packs of 8), instead of one
+    pack per device. On fewer than 8 devices a device runs several packs, one at a time
+    through cached gradients (train.grad_cache_chunks=-1), so its memory stays one pack's.
+    Returns `c`."""
+    c.data.packs_per_step = REFERENCE_GLOBAL_BATCH // c.data.samples_per_pack
+    c.train.grad_cache_chunks = -1
+    return c
+
+
 def released_run(c):
     """The released run's settings: MEL at a fixed rank, r_max (512), without rank sampling
-    (model.mel_r_min = mel_r_max: the rank set is {r_max}). Returns `c`."""
+    (model.mel_r_min = mel_r_max: the rank set is {r_max}), at the reference's 64-sample
+    step (`reference_batch`). Returns `c`."""
     c.model.mel_r_min = c.model.mel_r_max
-    return c
+    return reference_batch(c)
 
 
 def stage1_workdir(size: str) -> str:
@@ -76,7 +92,9 @@ def paper_stage(c, stage: int, size: str):
     """The paper's two stages. 1: the retrieval datasets only (data.task_types), from the
     HF backbone given as train.init_from. 2: the full mix, from stage 1's trained weights
     (train.init_from = stage 1's workdir: its params, MEL factors as trained, with a fresh
-    optimizer and data order). Returns `c`."""
+    optimizer and data order). Both at the reference's 64-sample step (`reference_batch`).
+    Returns `c`."""
+    reference_batch(c)
     if stage == 1:
         c.data.task_types = ("retrieval",)
     elif stage == 2:

@@ -10,6 +10,7 @@ import shlex
 
 from mlembed_jax import storage
 from mlembed_jax.config import config_json
+from mlembed_jax.grad_cache import resolve_chunks
 
 
 def write_config(config, workdir: str) -> str:
@@ -39,6 +40,25 @@ def config_summary(config, workdir: str) -> str:
         f"train: {length}, seed {t.seed}; log every {t.log_every}, validate every "
         f"{t.eval_every}, checkpoint every {t.checkpoint_every} (keep {t.keep_checkpoints})",
     ])
+
+
+def batch_summary(config, packs: int, shards: int) -> str:
+    """One line: the step's global batch in samples, how it splits over the batch shards
+    (devices) and, when on, the cached-gradient chunks (train.grad_cache_chunks)."""
+    B = int(config.data.samples_per_pack)
+    set_by = (f"data.packs_per_step={packs}" if config.data.packs_per_step != -1
+              else "data.packs_per_step=-1: one pack per batch shard")
+
+    def n(k, what):
+        return f"{k} {what}" + ("" if k == 1 else "s")
+
+    line = (f"global batch: {packs * B} samples per step = {n(packs, 'pack')} x "
+            f"{n(B, 'sample')} ({set_by}); {n(packs // shards, 'pack')} on each of "
+            f"{n(shards, 'batch shard')}")
+    chunks = resolve_chunks(int(config.train.grad_cache_chunks), packs, shards)
+    if chunks:
+        line += f", one at a time ({n(chunks, 'cached-gradient chunk')})"
+    return line
 
 
 def _fmt(x) -> str:

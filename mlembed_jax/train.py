@@ -60,7 +60,12 @@ from mlembed_jax.model.kernel_check import resolve_attention  # noqa: E402
 from mlembed_jax.model.qwen3 import param_count  # noqa: E402
 from mlembed_jax.perf import flops as flops_lib  # noqa: E402
 from mlembed_jax.perf.hlo import memory_line  # noqa: E402
-from mlembed_jax.run_summary import config_summary, final_report, write_config  # noqa: E402
+from mlembed_jax.run_summary import (  # noqa: E402
+    batch_summary,
+    config_summary,
+    final_report,
+    write_config,
+)
 from mlembed_jax.train_step import build_step  # noqa: E402
 
 
@@ -118,6 +123,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> int:
          f"({jax.devices()[0].device_kind}), {jax.process_count()} process(es)")
 
     packs = sharding.packs_per_step(config.data, mesh, rules)
+    _log(batch_summary(config, packs, sharding.batch_shards(mesh, rules)))
     pack_range = sharding.process_pack_range(mesh, rules, packs)  # TPU pods: non-contiguous
     t0 = time.time()
     plan = make_data_plan(config, packs)  # every process the same, from the lengths alone

@@ -33,11 +33,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mlembed_jax.batch import BatchGeometry, geometry_from_config, globalize_slots, row_buckets
-from mlembed_jax.config import ConfigError
+from mlembed_jax.config import KD_EXIT_PAIRINGS, ConfigError
 from mlembed_jax.grad_cache import (
     cached_value_and_grad,
     chunk_batch,
     chunked_forward,
+    resolve_chunks,
     unchunk_texts,
 )
 from mlembed_jax.loss import (
@@ -52,6 +53,7 @@ from mlembed_jax.model.factorized_embed import sample_mel_rank
 from mlembed_jax.model.hf_import import encoder_config_from_hf, load_hf_params
 from mlembed_jax.model.qwen3 import EncoderConfig
 from mlembed_jax.optim import make_optimizer
+from mlembed_jax.recipe import recipe_exits
 from mlembed_jax.sharding import (
     activation_rules,
     batch_sharding,
@@ -334,37 +336,53 @@ def with_shardings(abstract, shardings):
 # The one builder.
 
 
-def teacher_exit_layers(student_exits, student_layers: int, teacher_layers: int):
-    """The teacher layer paired with each student exit (the KD rule).
+def teacher_exit_layers(student_exits, student_layers: int, teacher_layers: int,
+                        pairing: str = "position"):
+    """The teacher layer paired with each student exit (loss.kd_exit_pairing).
 
-    The student's last layer pairs with the teacher's last layer. Every other exit e pairs
-    with the teacher's layer e when the teacher has it, else with its last layer. A teacher
-    of the student's depth thus runs through exactly the student's exits, paired by index;
-    a deeper one is also read at the student's intermediate exits; a shallower one gives its
-    last layer to the exits it does not reach.
+    position (the reference): both exit lists deepest first, the student's i-th exit pairs
+    with the teacher's i-th, the teacher's list being the recipe's exits for its depth
+    (`recipe.recipe_exits`). A 28-layer student's (28, 24, 16, 8, 4, 2, 1) thus reads a
+    36-layer teacher at (36, 32, 24, 16, 8, 4, 2). A teacher with fewer exits than the
+    student (the reference stops there with an IndexError) gives its shallowest exit to the
+    student's exits past the end of its list.
+    layer: the student's last layer pairs with the teacher's last layer, every other exit e
+    with the teacher's layer e when it has one, else with its last layer.
+    Returns the teacher layers in the order of `student_exits`.
     """
-    return tuple(teacher_layers if e == student_layers else min(e, teacher_layers)
-                 for e in student_exits)
+    if pairing == "layer":
+        return tuple(teacher_layers if e == student_layers else min(e, teacher_layers)
+                     for e in student_exits)
+    if pairing != "position":
+        raise ValueError(f"pairing={pairing!r} must be one of {KD_EXIT_PAIRINGS}")
+    teacher_desc = sorted(recipe_exits(teacher_layers), reverse=True)
+    rank = {e: i for i, e in enumerate(sorted(student_exits, reverse=True))}
+    return tuple(teacher_desc[min(rank[e], len(teacher_desc) - 1)] for e in student_exits)
+
+
+def pair_teacher(enc: EncoderConfig, teacher: EncoderConfig, pairing: str = "position"):
+    """(teacher run at exactly the layers paired with the student's exits, pairs): pairs[i]
+    indexes, among the teacher's exits, the one student exit i pairs with."""
+    layers = teacher_exit_layers(enc.exits, enc.num_layers, teacher.num_layers, pairing)
+    exits = tuple(sorted(set(layers)))
+    return dataclasses.replace(teacher, exits=exits), tuple(exits.index(t) for t in layers)
 
 
 def teacher_config(config, enc: EncoderConfig):
     """(teacher EncoderConfig, pairs) from its HF config.json (no weights read), run in the
     student's compute dtype and attention kernel, at the layers `teacher_exit_layers` pairs
-    with the student's exits; pairs[i] indexes the teacher exit of student exit i.
-    (None, ()) without a teacher."""
+    with the student's exits (loss.kd_exit_pairing); pairs[i] indexes the teacher exit of
+    student exit i. (None, ()) without a teacher."""
     if not config.loss.teacher:
         return None, ()
     teacher = encoder_config_from_hf(config.loss.teacher, compute_dtype=enc.compute_dtype,
                                      param_dtype=enc.compute_dtype, attention=enc.attention,
                                      exits=())
-    layers = teacher_exit_layers(enc.exits, enc.num_layers, teacher.num_layers)
-    exits = tuple(sorted(set(layers)))
-    teacher = dataclasses.replace(teacher, exits=exits)
     if teacher.vocab_size < enc.vocab_size:
         raise ConfigError(f"teacher {config.loss.teacher!r} has vocab {teacher.vocab_size}, "
                           f"smaller than the student's {enc.vocab_size}; use a teacher with "
                           "the same tokenizer")
-    return teacher, tuple(exits.index(t) for t in layers)
+    return pair_teacher(enc, teacher, str(config.loss.get("kd_exit_pairing", "position")))
 
 
 @dataclasses.dataclass
@@ -465,7 +483,9 @@ def build_step(config, mesh: Mesh, *, total_steps: int, num_datasets: int | None
         raise ValueError(f"the row buckets' geometries differ in more than their rows: "
                          f"{geometries}")
     geometry = geometries[-1]
-    shards, chunks = batch_shards(mesh, rules), int(config.train.get("grad_cache_chunks", 0))
+    shards = batch_shards(mesh, rules)
+    chunks = resolve_chunks(int(config.train.get("grad_cache_chunks", 0)), geometry.packs,
+                            shards)
     if chunks and geometry.packs % (shards * chunks):
         raise ConfigError(
             f"train.grad_cache_chunks={chunks} needs packs per step divisible by chunks x "

@@ -77,6 +77,11 @@ def test_overrides_apply_and_unknown_fields_are_rejected():
      "loss.kd_weight=0.0: set loss.kd_weight > 0"),
     ({"loss.kd_weight": 1.0}, "loss.kd_weight=1.0 needs a teacher"),
     ({"loss.in_batch_gradient": "positives"}, "must be 'full' or 'queries'"),
+    ({"loss.kd_exit_pairing": "index"}, "loss.kd_exit_pairing='index' must be 'position' or "
+     "'layer'"),
+    ({"optim.schedule": "linear"}, "optim.schedule='linear' must be one of cosine, "
+     "cosine_to_min_lr, constant_with_warmup"),
+    ({"train.grad_cache_chunks": -2}, "train.grad_cache_chunks=-2 must be 0 \\(off\\)"),
 ])
 def test_validate_rejects_nonsense(overrides, message):
     with pytest.raises(ConfigError, match=message):

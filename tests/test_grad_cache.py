@@ -118,3 +118,9 @@ def test_chunks_must_divide_the_packs(batch_and_config):
         config.mesh.num_devices = 1
     with pytest.raises(ConfigError, match="data.packs_per_step to a multiple of 3"):
         build_step(config, make_mesh(config.mesh), total_steps=10, geometries=geometry)
+
+
+def test_auto_chunks_are_one_pack_per_device():
+    """train.grad_cache_chunks=-1: as many chunks as packs per batch shard, off at one."""
+    assert [grad_cache.resolve_chunks(-1, 8, d) for d in (1, 2, 4, 8)] == [8, 4, 2, 0]
+    assert grad_cache.resolve_chunks(0, 8, 1) == 0 and grad_cache.resolve_chunks(2, 8, 1) == 2

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -420,7 +422,7 @@ def test_config_fields():
     c = base_config()
     kw = L.config_kwargs(c.loss)
     assert kw == dict(temperature=0.05, mrl_min_dim=8, kd_weight=0.0, in_batch_block_size=0,
-                      in_batch_gradient="full")
+                      in_batch_gradient="queries")
     pooled, slots = _random_inputs(7, packs=2)
     total, _ = loss_jit(pooled, slots, **kw)
     assert np.isfinite(float(total))
@@ -506,10 +508,61 @@ def test_gradients_match_numpy_oracle(in_batch_gradient, with_teacher):
     pos_texts = s["positive_text"][s["sample_valid"] & s["in_batch"]]
     if in_batch_gradient == "queries":
         full = jax.jit(jax.grad(lambda x: L.nested_contrastive_loss(
-            x, s, temperature=0.05, mrl_min_dim=4, kd_weight=kd_weight,
+            x, s, temperature=0.05, mrl_min_dim=4, kd_weight=kd_weight, in_batch_gradient="full",
             teacher_pooled=None if teacher is None else teacher.astype(np.float32))[0]))(
                 x0.astype(np.float32))
         others = np.setdiff1d(np.arange(X), s["positive_text"][s["sample_valid"]])
         np.testing.assert_allclose(grad[:, others], full[:, others], rtol=1e-5, atol=1e-7)
         assert np.abs(np.asarray(grad)[:, pos_texts] - np.asarray(full)[:, pos_texts]).max() \
             > 1e-3
+
+
+def torch_reference_grad(x, s, tau, min_dim):
+    """d(total)/d(pooled) by torch autograd, the reference's way: the in-batch columns are the
+    positives as accelerate's gather returns them under DeepSpeed (no autograd graph, at any
+    process count, one included: `.detach()` here). One rank holding the whole batch."""
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    E, X, d = x.shape
+    valid = np.flatnonzero(s["sample_valid"])
+    rows = [i for i, v in enumerate(valid) if s["in_batch"][v]]
+    total = 0.0
+    for e in range(E):
+        for n, m in enumerate(mrl_dims(d, min_dim), start=1):
+            w = 1.0 / (n * math.sqrt(d / m))
+            q = F.normalize(xt[e, s["query_text"][valid], :m], dim=-1)
+            p = F.normalize(xt[e, s["positive_text"][valid], :m], dim=-1)
+            hard = []
+            for i, v in enumerate(valid):
+                negs = s["negative_text"][v][s["negative_valid"][v]]
+                cand = torch.cat([p[i:i + 1], F.normalize(xt[e, negs, :m], dim=-1)])
+                hard.append(F.cross_entropy((cand @ q[i] / tau)[None], torch.tensor([0])))
+            gathered = p.detach()
+            inb = F.cross_entropy(q[rows] @ gathered.T / tau, torch.tensor(rows))
+            total = total + w * (torch.stack(hard).mean() + inb)
+    (total / E).backward()
+    return xt.grad.numpy()
+
+
+def test_default_in_batch_gradient_is_the_references():
+    """The default config's loss has the reference's gradient (torch autograd, gathered
+    positives detached); `full` differs from it at the positives only."""
+    rng = np.random.default_rng(3)
+    b, geo = make_batch(rng, packs=2, texts=12, samples=3, negs=3)
+    s = {k: np.asarray(v) for k, v in globalize_slots(b, geo).items()}
+    assert 0 < (s["sample_valid"] & s["in_batch"]).sum() < s["sample_valid"].sum()
+    x = rng.normal(size=(2, geo.packs * geo.texts_per_pack, 16))  # MRL dims 16, 8
+    kw = L.config_kwargs(base_config().loss)
+
+    def grad(**over):
+        f = lambda v: L.nested_contrastive_loss(v, s, **{**kw, **over})[0]
+        return np.asarray(jax.jit(jax.grad(f))(x.astype(np.float32)))
+
+    want = torch_reference_grad(x, s, kw["temperature"], kw["mrl_min_dim"])
+    got = grad()
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=2e-5 * scale)
+    full = grad(in_batch_gradient="full")
+    pos = s["positive_text"][s["sample_valid"]]
+    others = np.setdiff1d(np.arange(x.shape[1]), pos)
+    np.testing.assert_allclose(full[:, others], want[:, others], atol=2e-5 * scale)
+    assert np.abs(full[:, pos] - want[:, pos]).max() > 0.05 * scale

@@ -35,6 +35,38 @@ def test_released_and_stage_configs():
     assert one.model == two.model  # stage 2 can take stage 1's params as they are
 
 
+@pytest.mark.parametrize("devices", [1, 2, 4, 8])
+def test_reference_presets_train_64_samples_per_step_on_any_device_count(devices):
+    """The released and stage presets pin the reference's step (8 per GPU x 8 GPUs = 64
+    samples) whatever the device count; a device holds one pack's activations at a time.
+    The mesh and the step's geometry only (build_step traces nothing, compiles nothing)."""
+    from mlembed_jax.batch import geometry_from_config
+    from mlembed_jax.run_summary import batch_summary
+    from mlembed_jax.sharding import batch_shards, make_mesh, packs_per_step
+    from mlembed_jax.train_step import build_step
+
+    for name in ("0.6b_released.py", "0.6b_stage1.py", "0.6b_stage2.py"):
+        c = load_config_file(os.path.join(CONFIGS, name), {"mesh.num_devices": devices})
+        mesh = make_mesh(c.mesh)
+        rules = c.mesh.logical_axis_rules
+        packs, shards = packs_per_step(c.data, mesh, rules), batch_shards(mesh, rules)
+        assert shards == devices
+        step = build_step(c, mesh, total_steps=10,
+                          geometries=geometry_from_config(c.data, packs, rows=20))
+        g = step.geometry
+        assert g.packs * g.samples_per_pack == 64, name
+        # One pack per device per forward: 8 / devices chunks, none at 8 devices.
+        chunks = step.setup.grad_cache_chunks
+        assert g.packs // (shards * max(chunks, 1)) == 1
+        assert chunks == (0 if devices == 8 else 8 // devices)
+        line = batch_summary(c, packs, shards)
+        assert line.startswith("global batch: 64 samples per step = 8 packs x 8 samples"), line
+    # The plain size config: one pack per device, so the step grows with the devices.
+    plain = load_config_file(os.path.join(CONFIGS, "0.6b.py"), {"mesh.num_devices": devices})
+    mesh = make_mesh(plain.mesh)
+    assert packs_per_step(plain.data, mesh, plain.mesh.logical_axis_rules) == devices
+
+
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("stage1"))
@@ -68,6 +100,9 @@ def test_stage2_starts_from_stage1_params_with_a_fresh_optimizer(stage1, tmp_pat
     out = capsys.readouterr().out
     assert f"initialised from training checkpoint {stage1} step 3" in out
     assert "data: 3 datasets" in out  # the full mix
+    # One pack of 8 on the one device (the demo's data.packs_per_step=-1).
+    assert ("global batch: 8 samples per step = 1 pack x 8 samples (data.packs_per_step=-1: "
+            "one pack per batch shard); 1 pack on each of 1 batch shard\n") in out
     assert final_params(work)[0] == 2  # its own step count: a fresh optimizer state
     lr = {m["step"]: m["train/lr"] for m in read_metrics(work) if "train/lr" in m}
     lr1 = {m["step"]: m["train/lr"] for m in read_metrics(stage1) if "train/lr" in m}

@@ -1,13 +1,14 @@
 """The train step's gradient flow: teacher frozen, MEL factors trained, per-group lr."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_fixtures import make_hf_qwen3
-from train_helpers import small_config
+from train_helpers import ROOT, small_config
 
 from mlembed_jax.data.pipeline import make_train_iterator
 from mlembed_jax.loss import config_kwargs
@@ -19,7 +20,9 @@ from mlembed_jax.train import run
 from mlembed_jax.train_step import (
     StepSetup,
     fresh_state,
+    pair_teacher,
     step_loss,
+    teacher_config,
     teacher_exit_layers,
     train_step,
 )
@@ -34,15 +37,14 @@ def parts():
     return config, enc, it.global_geometry, batches
 
 
-def _setup(config, enc, geometry, teacher=None, **optim):
+def _setup(config, enc, geometry, teacher=None, pairing="position", **optim):
     ocfg = config.optim.copy_and_resolve_references()
     with ocfg.unlocked():
         ocfg.update(optim)
     tx, schedule = make_optimizer(ocfg, 10)
     pairs = ()
     if teacher is not None:
-        layers = teacher_exit_layers(enc.exits, enc.num_layers, teacher.num_layers)
-        pairs = tuple(teacher.exits.index(t) for t in layers)
+        teacher, pairs = pair_teacher(enc, teacher, pairing)
     return StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule,
                      loss_kwargs={**config_kwargs(config.loss), "kd_weight": 1.0},
                      num_datasets=3, teacher=teacher, teacher_pairs=pairs)
@@ -163,25 +165,75 @@ def test_eval_accuracies_match_numpy_with_blocks_and_pack_lookups(parts):
     assert 0 < valid.sum() and 0 < want_hard  # the batch really has samples to score
 
 
+def test_teacher_exits_pair_by_position(parts, tmp_path):
+    """The reference's KD pairing (the default): student exit i with teacher_outputs[i], both
+    exit lists deepest first. A 0.6B student (28 layers) with a 4B teacher (36 layers)."""
+    from transformers import Qwen3Config
+
+    from mlembed_jax.config import load_config_file
+
+    student = (28, 24, 16, 8, 4, 2, 1)  # the recipe's exits for 28 layers, deepest first
+    teacher = (36, 32, 24, 16, 8, 4, 2, 1)  # ... and for 36
+    want = {s: teacher[i] for i, s in enumerate(student)}  # teacher_outputs[i]
+    got = teacher_exit_layers(sorted(student), 28, 36)
+    assert got == tuple(want[e] for e in sorted(student)) == (2, 4, 8, 16, 24, 32, 36)
+    by_layer = teacher_exit_layers(sorted(student), 28, 36, "layer")
+    assert sum(a != b for a, b in zip(got, by_layer)) == 6  # of the 7 exits
+    # The same through a run's config: the 0.6B config with a 4B-shaped teacher directory
+    # (its config.json, written by transformers).
+    Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, tie_word_embeddings=True).save_pretrained(tmp_path)
+    config = load_config_file(os.path.join(ROOT, "configs", "0.6b.py"),
+                              {"loss.teacher": str(tmp_path), "loss.kd_weight": 1.0})
+    assert config.loss.kd_exit_pairing == "position"
+    enc = EncoderConfig.from_config(config.model)
+    t, pairs = teacher_config(config, enc)
+    assert enc.exits == tuple(sorted(student))
+    assert tuple(t.exits[i] for i in pairs) == got and t.exits == (2, 4, 8, 16, 24, 32, 36)
+    with config.unlocked():
+        config.loss.kd_exit_pairing = "layer"
+    t, pairs = teacher_config(config, enc)
+    assert tuple(t.exits[i] for i in pairs) == by_layer == (1, 2, 4, 8, 16, 24, 36)
+
+
+def test_shallower_teacher_extension():
+    """The reference has no pairing for a teacher with fewer exits than the student
+    (IndexError); here the student's extra, shallowest exits take the teacher's shallowest."""
+    # Student 8 layers: (8, 4, 2, 1); teacher 3 layers: recipe exits (3, 2, 1).
+    assert teacher_exit_layers((1, 2, 4, 8), 8, 3) == (1, 1, 2, 3)
+    assert teacher_exit_layers((1, 2, 4, 8), 8, 3, "layer") == (1, 2, 3, 3)
+    # Student 28 layers, teacher 20: (20, 16, 8, 4, 2, 1) for 7 student exits.
+    assert teacher_exit_layers((1, 2, 4, 8, 16, 24, 28), 28, 20) == (1, 1, 2, 4, 8, 16, 20)
+
+
 def test_teacher_exits_pair_with_the_students(parts):
-    """The KD rule (README): same depth -> the student's exits, paired by index; a deeper
-    teacher -> intermediate exits at the same layer, last with last; a shallower one -> its
-    last layer for the exits it does not reach. And the step reads the teacher there."""
+    """Layer pairing (loss.kd_exit_pairing=layer): same depth -> the student's exits, paired
+    by index; a deeper teacher -> intermediate exits at the same layer, last with last. And
+    the step reads the teacher where either pairing says."""
     from mlembed_jax.model.encoder import encode
     from mlembed_jax.train_step import _teacher_pooled
 
+    assert teacher_exit_layers((1, 2, 4, 8, 16, 24, 28), 28, 28, "layer") == \
+        (1, 2, 4, 8, 16, 24, 28)
+    assert teacher_exit_layers((1, 2, 4, 8, 16, 24, 28), 28, 36, "layer") == \
+        (1, 2, 4, 8, 16, 24, 36)
+    # A teacher of the student's depth: the same exits either way.
     assert teacher_exit_layers((1, 2, 4, 8, 16, 24, 28), 28, 28) == (1, 2, 4, 8, 16, 24, 28)
-    assert teacher_exit_layers((1, 2, 4, 8, 16, 24, 28), 28, 36) == (1, 2, 4, 8, 16, 24, 36)
-    assert teacher_exit_layers((1, 2, 4, 8), 8, 3) == (1, 2, 3, 3)
     config, enc, geometry, batches = parts
-    deeper = dataclasses.replace(enc, mel=False, hidden_size=48, num_layers=3, exits=(1, 3))
-    setup = _setup(config, enc, geometry, deeper)
-    assert setup.teacher_pairs == (0, 1)  # student exits (1, 2) -> teacher layers (1, 3)
+    assert enc.exits == (1, 2)
+    deeper = dataclasses.replace(enc, mel=False, hidden_size=48, num_layers=3, exits=(1, 2, 3))
     params = init_params(deeper, jax.random.key(3))
     b = batches[0]
-    got = _teacher_pooled(setup, params, b)
-    assert got.shape[:2] == (2, b["pool_index"].size)
-    for i, layer in enumerate((1, 3)):
-        want = encode(params, deeper, b["tokens"], b["segment_ids"], b["positions"],
-                      b["pool_index"], num_layers=layer)["pooled"][-1]
-        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+    # Student exits (1, 2) read teacher layers (1, 3) by layer, (2, 3) by position.
+    for pairing, layers in (("layer", (1, 3)), ("position", (2, 3))):
+        setup = _setup(config, enc, geometry, deeper, pairing)
+        assert setup.teacher.exits == layers and setup.teacher_pairs == (0, 1)
+        got = _teacher_pooled(setup, params, b)
+        assert got.shape[:2] == (2, b["pool_index"].size)
+        for i, layer in enumerate(layers):
+            want = encode(params, deeper, b["tokens"], b["segment_ids"], b["positions"],
+                          b["pool_index"], num_layers=layer)["pooled"][-1]
+            np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+
