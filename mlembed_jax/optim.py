@@ -16,25 +16,27 @@ def lr_schedule(optim_cfg, total_steps: int, peak_lr: float | None = None) -> op
     """lr at each step (0-based): linear warmup from 0 to `peak_lr` over optim.warmup_steps,
     then per optim.schedule:
       cosine: the reference's shape. Cosine decay from the peak to 0 at `total_steps`,
-        clamped from below at min_lr (so the last stretch of the run sits at min_lr);
+        clamped from below at min_lr at every step but step 0 (so the last stretch of the
+        run sits at min_lr);
       cosine_to_min_lr: cosine decay from the peak to min_lr itself (optax's alpha);
-      constant_with_warmup: the peak.
+      constant_with_warmup: the peak (warmup clamped at min_lr as for cosine).
     """
     peak = optim_cfg.lr if peak_lr is None else peak_lr
     warmup = max(int(optim_cfg.warmup_steps), 0)
     floor = min(optim_cfg.min_lr, peak)
     warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
     decay_steps = max(total_steps - warmup, 1)
-    if optim_cfg.schedule == "cosine":
-        to_zero = optax.cosine_decay_schedule(peak, decay_steps, alpha=0.0)
-        after = lambda count: jnp.maximum(to_zero(count), floor)
-    elif optim_cfg.schedule == "cosine_to_min_lr":
+    if optim_cfg.schedule == "cosine_to_min_lr":
         after = optax.cosine_decay_schedule(peak, decay_steps, alpha=floor / peak if peak else 0.0)
+        return after if warmup == 0 else optax.join_schedules([warm, after], [warmup])
+    if optim_cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=0.0)
     else:
         after = optax.constant_schedule(peak)
-    if warmup == 0:
-        return after
-    return optax.join_schedules([warm, after], [warmup])
+    sched = after if warmup == 0 else optax.join_schedules([warm, after], [warmup])
+    # The reference raises the lr to min_lr after every optimizer step, so every step but
+    # the first (lr 0 in warmup) runs at min_lr or more, warmup included.
+    return lambda count: jnp.where(count == 0, sched(count), jnp.maximum(sched(count), floor))
 
 
 def _adamw(optim_cfg, schedule):

@@ -1,5 +1,6 @@
 """The learning-rate schedule against the reference's: transformers' cosine with warmup (which
-decays to 0), clamped from below at min_lr after warmup."""
+decays to 0), clamped from below at min_lr after every step (`utils.py`: optimizer.step(),
+lr_scheduler.step(), then `if lr < args.min_lr: lr = args.min_lr`), so only step 0 is not."""
 
 import math
 
@@ -19,25 +20,29 @@ def _optim(**fields):
 
 
 def reference_lrs(lr, min_lr, warmup, total):
-    """lr of steps 0..total-1 as the reference sets them: a torch optimizer driven by
-    transformers.get_cosine_schedule_with_warmup (cosine to 0), then every lr below min_lr
-    after warmup raised to min_lr."""
+    """lr of steps 0..total-1 as the reference's loop sets them: a torch optimizer driven by
+    transformers.get_cosine_schedule_with_warmup (cosine to 0); after each step the
+    scheduler steps, then an lr below min_lr is raised to it (the next scheduler step
+    recomputes the lr from the schedule, so the clamp does not accumulate)."""
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     sched = transformers.get_cosine_schedule_with_warmup(opt, warmup, total)
     out = []
-    for step in range(total):
-        got = opt.param_groups[0]["lr"]
-        out.append(max(got, min_lr) if step >= warmup else got)
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+        if opt.param_groups[0]["lr"] < min_lr:
+            opt.param_groups[0]["lr"] = min_lr
     return np.asarray(out)
 
 
-@pytest.mark.parametrize("warmup,total", [(100, 1000), (0, 50), (10, 11)])
-def test_cosine_is_the_reference_shape(warmup, total):
-    o = _optim(lr=1e-5, min_lr=1e-7, warmup_steps=warmup)
+# min_lr 1e-6 with warmup 100: warmup steps 1..9 (lr 1e-7..9e-7) are raised to min_lr too.
+@pytest.mark.parametrize("warmup,total,min_lr", [(100, 1000, 1e-7), (0, 50, 1e-7),
+                                                 (10, 11, 1e-7), (100, 300, 1e-6)])
+def test_cosine_is_the_reference_shape(warmup, total, min_lr):
+    o = _optim(lr=1e-5, min_lr=min_lr, warmup_steps=warmup)
     got = np.asarray([float(lr_schedule(o, total)(s)) for s in range(total)])
-    want = reference_lrs(1e-5, 1e-7, warmup, total)
+    want = reference_lrs(1e-5, min_lr, warmup, total)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-13)
     if total == 1000:
         # lr / 2 * (1 + cos(pi p)) falls below min_lr once cos(pi p) < -0.98, i.e. for
