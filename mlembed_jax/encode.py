@@ -5,7 +5,9 @@
                                                   # or a Hugging Face Qwen3 directory
     emb = model.encode(["hello", "bonjour"], rank=32, exit=2, dim=64)   # [2, 64] float32
 
-Every result is L2-normalised float32, one row per input, in input order.
+Every result is L2-normalised float32, one row per input, in input order, and finite: NaN
+or inf embeddings (a diverged checkpoint) raise NonFiniteEmbeddings, naming the checkpoint
+and the other checkpoints whose params are intact.
 
 The three knobs (each defaults to the full model):
   rank  MEL rank of the token embedding (training checkpoints with MEL only).
@@ -23,7 +25,8 @@ by embedding.embed_token_ids (data/packing.py `plan_batches` says how), one pack
 device at a time. Results come back in input order, so neither the batch size, the sorting
 nor the device count can change which row belongs to which input.
 
-CLI (one text per line, or JSONL with a text field; writes .npy or .parquet):
+CLI (one text per line, or JSONL with a text field; writes .npy or .parquet, checked before
+anything is read; empty texts get a warning and truncated texts a note, each with FILE:LINE):
     python -m mlembed_jax.encode --model=runs/demo --input=texts.jsonl --output=emb.parquet \
         [--field=text] [--id_field=_id] [--rank=32] [--exit=2] [--dim=64] [--prefix="query: "]
 """
@@ -61,7 +64,8 @@ from mlembed_jax.model.kernel_choice import AUTO, SPLASH_LANES, check_platform
 from mlembed_jax.model.qwen3 import EncoderConfig
 from mlembed_jax.recipe import TrainedPoints, resolve_point
 
-__all__ = ["DEFAULT_BATCH_TOKENS", "EncodeError", "Encoder", "load", "normalize", "main"]
+__all__ = ["DEFAULT_BATCH_TOKENS", "EncodeError", "Encoder", "NonFiniteEmbeddings", "load",
+           "normalize", "main"]
 
 
 class EncodeError(ValueError):

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 
+from mlembed_jax import storage
 from mlembed_jax.cli import missing_dirs, remove_empty, writable_file
 from mlembed_jax.embedding_store import EmbeddingStore
 from mlembed_jax.eval import retrieval as rev
@@ -64,10 +65,13 @@ def main(argv=None) -> int:
     out = {"model": os.path.abspath(a.model), "step": model.step,
            "point": {"rank": rank, "exit": exit, "dim": dim}, "results": results,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if a.output:
-        os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
-        with open(a.output, "w") as f:
-            json.dump(out, f, indent=1)
+    if a.output:  # complete or absent (a temporary file renamed over it)
+        try:
+            storage.write_text_atomic(json.dumps(out, indent=1), a.output)
+        except OSError as e:
+            print(f"error: cannot write --output {a.output!r}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 2
         print(f"wrote {a.output}")
     return 0
 

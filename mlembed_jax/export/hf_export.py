@@ -11,7 +11,10 @@ Output (DIR):
 
 Weights stream: one checkpoint leaf is restored at a time, cut into HF tensors and written a
 shard at a time, so host memory holds one leaf plus one shard, never the model twice. The
-directory is built under a temporary name and renamed when complete.
+directory is built under a temporary name and renamed when complete. Each tensor is checked
+after MEL folding and the cast to the export dtype: NaN/inf (a diverged run's weights
+overflow) is an ExportError naming the checkpoint and its intact alternatives, and the
+temporary directory is removed.
 """
 
 from __future__ import annotations
