@@ -7,7 +7,7 @@
 
 Every result is L2-normalised float32, one row per input, in input order, and finite: NaN
 or inf embeddings (a diverged checkpoint) raise NonFiniteEmbeddings, naming the checkpoint
-and the other checkpoints whose params are intact.
+and the other checkpoints of its run that embed the first failing text finitely.
 
 The three knobs (each defaults to the full model):
   rank  MEL rank of the token embedding (training checkpoints with MEL only).
@@ -75,7 +75,7 @@ class EncodeError(ValueError):
 
 class NonFiniteEmbeddings(EncodeError):
     """The model gave NaN/inf embeddings (diverged or overflowing weights); the message names
-    the checkpoint and the other checkpoints whose params are intact."""
+    the checkpoint and the other checkpoints that embed the first failing text finitely."""
 
 
 # --------------------------------------------------------------------------- the model
@@ -176,7 +176,7 @@ class Encoder:
         rank, exit, dim = self.check(rank, exit, dim, allow_untrained)
         pooled = self._pooled(ids, rank, (exit,), batch_tokens, progress, desc)
         with np.errstate(over="ignore", invalid="ignore"):  # _finite reports it instead
-            return self._finite(normalize(pooled[0], dim))
+            return self._finite(normalize(pooled[0], dim), ids, rank, exit)
 
     def encode_exits(self, ids: Sequence[Sequence[int]], exits: Sequence[int], *, rank=None,
                      batch_tokens: int = DEFAULT_BATCH_TOKENS, allow_untrained: bool = False,
@@ -189,19 +189,22 @@ class Encoder:
         wanted = sorted({e for _, e, _ in checked})
         pooled = self._pooled(ids, rank, tuple(wanted), batch_tokens, progress, "encode")
         with np.errstate(over="ignore", invalid="ignore"):  # _finite reports it instead
-            return {e: self._finite(normalize(pooled[i])) for i, e in enumerate(wanted)}
+            return {e: self._finite(normalize(pooled[i]), ids, rank, e)
+                    for i, e in enumerate(wanted)}
 
-    def _finite(self, emb: np.ndarray) -> np.ndarray:
+    def _finite(self, emb: np.ndarray, ids, rank, exit) -> np.ndarray:
         """emb, or NonFiniteEmbeddings when a row holds NaN/inf: a diverged checkpoint must
         not pass for a model. (A finite row that overflows its norm comes out as zeros,
         which normalize cannot tell from a zero vector; that is caught too.)"""
         bad = ~np.isfinite(emb).all(axis=-1) | ~np.any(emb != 0, axis=-1)
         if not bad.any():
             return emb
-        raise NonFiniteEmbeddings(self._nonfinite_message(int(bad.sum()), len(emb),
-                                                          int(np.flatnonzero(bad)[0])))
+        first = int(np.flatnonzero(bad)[0])
+        raise NonFiniteEmbeddings(self._nonfinite_message(int(bad.sum()), len(emb), first,
+                                                          ids[first], rank, exit))
 
-    def _nonfinite_message(self, n_bad: int, n: int, first: int) -> str:
+    def _nonfinite_message(self, n_bad: int, n: int, first: int, first_ids, rank, exit
+                           ) -> str:
         import jax.numpy as jnp
 
         largest = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(
@@ -211,8 +214,37 @@ class Encoder:
         if self.train_config is None:  # an HF directory: no other checkpoints to offer
             return f"model {self.source} {what}; use another model"
         ckpt_dir, step = checkpoint.resolve_checkpoint(self.source)
-        return (f"checkpoint {os.path.join(ckpt_dir, str(step))} (step {step}) {what}; "
-                + checkpoint.alternatives_hint(ckpt_dir, step, "--model"))
+        good, tried = self._finite_elsewhere(ckpt_dir, step, first_ids, rank, exit)
+        hint = (f"no other checkpoint in {ckpt_dir} embeds that text finitely ({tried} "
+                "checked)" if not good else
+                "other checkpoints that embed that text finitely: "
+                + ", ".join(os.path.join(ckpt_dir, str(s)) for s in good)
+                + "; pass one of them as --model")
+        return f"checkpoint {os.path.join(ckpt_dir, str(step))} (step {step}) {what}; {hint}"
+
+    def _finite_elsewhere(self, ckpt_dir: str, step: int, ids, rank, exit,
+                          want: int = 2, limit: int = 6) -> tuple[list[int], int]:
+        """(steps, how many were tried): the other checkpoints of the run, nearest first,
+        whose params are intact and embed `ids` finitely. Each costs a restore and one
+        forward pass, hence `want` and `limit`; error messages only."""
+        others = sorted((s for s in checkpoint.finished_steps(ckpt_dir) if s != step),
+                        key=lambda s: (abs(s - step), s > step))[:limit]
+        good = []
+        for s in others:
+            try:
+                params = checkpoint.ToolParams(os.path.join(ckpt_dir, str(s)), quiet=True,
+                                               name_intact=False).read_all()
+            except (checkpoint.CheckpointError, FileNotFoundError, KeyError):
+                continue
+            probe = Encoder(params=params, cfg=self.cfg, mesh=self.mesh)
+            with np.errstate(over="ignore", invalid="ignore"):
+                emb = normalize(probe._pooled([ids], rank, (exit,), DEFAULT_BATCH_TOKENS,
+                                              False, "check")[0])
+            if np.isfinite(emb).all() and np.any(emb != 0):
+                good.append(s)
+                if len(good) >= want:
+                    break
+        return good, len(others)
 
     def _pooled(self, ids, rank, exits, batch_tokens, progress, desc):
         if batch_tokens < 1:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from importlib.util import module_from_spec, spec_from_file_location
 
@@ -22,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fault_helpers import copy_run, read_only_dir
-from train_helpers import ROOT, final_params, small_config
+from train_helpers import ROOT, final_params, small_config, subprocess_env
 
 from mlembed_jax.train import run
 
@@ -77,10 +79,13 @@ def _one_error(capsys) -> str:
     return errors[0]
 
 
-def _names_the_alternatives(line: str, work: str, flag: str) -> None:
+def _names_the_alternatives(line: str, work: str, flag: str, good=(4, 2)) -> None:
+    """The embedding tools name the checkpoints that embed the failing text finitely (each
+    tried); the export those whose params are intact."""
     assert f"checkpoint {work}/{CKPTS}/6 (step 6)" in line, line
-    assert (f"other checkpoints with intact params: {work}/{CKPTS}/4, {work}/{CKPTS}/2; "
-            f"pass one of them as {flag}") in line, line
+    which = ("that embed that text finitely" if flag == "--model" else "with intact params")
+    listed = ", ".join(f"{work}/{CKPTS}/{s}" for s in good)
+    assert f"other checkpoints {which}: {listed}; pass one of them as {flag}" in line, line
 
 
 def _files(path) -> list[str]:
@@ -94,7 +99,7 @@ def test_encode_refuses_nan_embeddings_and_names_the_intact_checkpoints(runs, tm
                                                                          capsys):
     from mlembed_jax import encode
 
-    _, diverged, _ = runs
+    _, diverged, cfg = runs
     texts = tmp_path / "texts.txt"
     texts.write_text("hello\nbonjour\n")
     out = tmp_path / "out" / "e.npy"
@@ -103,6 +108,12 @@ def test_encode_refuses_nan_embeddings_and_names_the_intact_checkpoints(runs, tm
     assert "gives NaN/inf (or overflowing) embeddings for 2 of 2 texts" in line, line
     _names_the_alternatives(line, diverged, "--model")
     assert not (tmp_path / "out").exists()  # nor the directory made for it
+    # Diverged for two checkpoints, as rotation under a diverging run leaves it: step 4
+    # has intact (finite) params too, but only step 2 embeds finitely, and only it is named.
+    both = copy_run(diverged, str(tmp_path / "both"))
+    _rewrite_params(both, cfg, 4, lambda p: jax.tree_util.tree_map(lambda x: x * 1e30, p))
+    assert encode.main(["--model", both, "--input", str(texts), "--output", str(out)]) == 2
+    _names_the_alternatives(_one_error(capsys), both, "--model", good=(2,))
     # The alternative it names encodes finite embeddings.
     assert encode.main(["--model", f"{diverged}/{CKPTS}/4", "--input", str(texts),
                         "--output", str(out)]) == 0
@@ -188,6 +199,23 @@ def test_miner_refuses_nan_embeddings_and_caches_none(runs, tmp_path, capsys):
     _names_the_alternatives(_one_error(capsys), diverged, "--model")
     assert not (tmp_path / "mined").exists()
     assert not [f for f in _files(cache) if f.startswith("part-")]  # no NaN part cached
+
+
+def test_as_commands_the_whole_stderr_has_one_error_line(runs, tmp_path):
+    """Run as users run them, where absl, XLA and numpy write to the real stderr too."""
+    _, diverged, _ = runs
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello\n")
+    env = subprocess_env()
+    for argv in ([sys.executable, "-m", "mlembed_jax.encode", "--model", diverged,
+                  "--input", str(texts), "--output", str(tmp_path / "e.npy")],
+                 [sys.executable, os.path.join(ROOT, "tools", "export_hf.py"),
+                  "--checkpoint", diverged, "--out", str(tmp_path / "export")]):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+        assert done.returncode == 2 and len(errors) == 1, done.stderr
+        assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    assert os.listdir(tmp_path) == ["texts.txt"]
 
 
 # ----------------------------------------------------------------- bad arguments
