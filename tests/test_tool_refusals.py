@@ -218,6 +218,22 @@ def test_as_commands_the_whole_stderr_has_one_error_line(runs, tmp_path):
     assert os.listdir(tmp_path) == ["texts.txt"]
 
 
+def test_embedding_store_refuses_a_nan_part_written_before_the_check(runs, tmp_path):
+    """A store part holding NaN (as a diverged model wrote them before encode checked) is
+    never served: the error names the part to delete."""
+    from mlembed_jax import encode
+    from mlembed_jax.embedding_store import EmbeddingStore, StoreError
+
+    model = encode.load(runs[0])
+    ids = model.tokenize(["one", "two"])
+    EmbeddingStore(str(tmp_path), model).embed(ids)
+    [part] = [f for f in os.listdir(tmp_path) if f.startswith("part-")
+              and not f.endswith(".keys.npy")]
+    np.save(tmp_path / part, np.full((2, 64), np.nan, np.float32))
+    with pytest.raises(StoreError, match=f"{part} holds NaN/inf embeddings"):
+        EmbeddingStore(str(tmp_path), model).embed(ids)
+
+
 # ----------------------------------------------------------------- bad arguments
 
 def test_miner_with_an_unwritable_output_dir(runs, tmp_path, capsys):
