@@ -482,6 +482,7 @@ def run(model_path: str, inputs: Sequence[str], output_dir: str, settings: MineS
     # Writable before any work; what this makes is taken back if mining then fails.
     made = missing_dirs(output_dir)
     writable_dir(output_dir, "--output_dir")
+    existed = {p for p in out_paths.values() if os.path.lexists(p)}
     try:
         return _run(model_path, files, pairs, extra, specs, out_paths, output_dir, s,
                     corpus_files=corpus_files, rank=rank, exit=exit, dim=dim,
@@ -491,6 +492,12 @@ def run(model_path: str, inputs: Sequence[str], output_dir: str, settings: MineS
                     max_seq_length=max_seq_length, compute_dtype=compute_dtype,
                     summary_path=summary_path, progress=progress, log=log)
     except BaseException:
+        # A failed run leaves no file of its own: the outputs of the datasets mined before
+        # the failure are removed (files it replaced under --overwrite are gone already).
+        for p in out_paths.values():
+            for f in ([p] if p not in existed else []) + [f"{p}.tmp-{os.getpid()}"]:
+                if os.path.isfile(f):
+                    os.remove(f)
         remove_empty(made)
         raise
 

@@ -234,6 +234,22 @@ def test_embedding_store_refuses_a_nan_part_written_before_the_check(runs, tmp_p
         EmbeddingStore(str(tmp_path), model).embed(ids)
 
 
+def test_miner_failing_on_its_second_dataset_leaves_no_output(runs, tmp_path, capsys):
+    """The second dataset's output path is a directory (a real fault: the write fails
+    after the first dataset's file was written): one error line, and neither file stays."""
+    work, _, _ = runs
+    pairs = _pairs_file(tmp_path / "in")
+    shutil.copy(f"{pairs}/pairs.parquet", f"{pairs}/z_pairs.parquet")
+    out = tmp_path / "mined"
+    os.makedirs(out / "z_pairs.parquet")
+    assert _tool("mine_negatives").main(["--model", work, "--input", pairs, "--output_dir",
+                                         str(out), "--negatives", "1", "--depth", "2",
+                                         "--if_short", "repeat", "--overwrite",
+                                         "--quiet"]) == 2
+    assert "z_pairs.parquet" in _one_error(capsys)
+    assert _files(out) == []  # pairs.parquet (written first) and the temporary file removed
+
+
 # ----------------------------------------------------------------- bad arguments
 
 def test_miner_with_an_unwritable_output_dir(runs, tmp_path, capsys):
