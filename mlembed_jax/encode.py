@@ -75,7 +75,12 @@ class EncodeError(ValueError):
 
 class NonFiniteEmbeddings(EncodeError):
     """The model gave NaN/inf embeddings (diverged or overflowing weights); the message names
-    the checkpoint and the other checkpoints that embed the first failing text finitely."""
+    the checkpoint and the other checkpoints that embed the first failing text finitely.
+    `first`: that text's index in the input."""
+
+    def __init__(self, message: str, first: int):
+        super().__init__(message)
+        self.first = first
 
 
 # --------------------------------------------------------------------------- the model
@@ -201,7 +206,7 @@ class Encoder:
             return emb
         first = int(np.flatnonzero(bad)[0])
         raise NonFiniteEmbeddings(self._nonfinite_message(int(bad.sum()), len(emb), first,
-                                                          ids[first], rank, exit))
+                                                          ids[first], rank, exit), first)
 
     def _nonfinite_message(self, n_bad: int, n: int, first: int, first_ids, rank, exit
                            ) -> str:
@@ -529,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
                                progress=True)
         write_embeddings(a.output, emb, ids)
     except (ValueError, OSError) as e:  # EncodeError, CheckpointError, ConfigError, disk
+        if isinstance(e, NonFiniteEmbeddings):  # name the input line, not the index
+            e = str(e).replace(f"(first: text {e.first};", f"(first: {a.input}:"
+                               f"{lines[e.first]};", 1)
         remove_empty(made)  # the directories writable_file made for the output
         print(f"error: {e}", file=sys.stderr)
         return 2

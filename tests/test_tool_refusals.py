@@ -105,7 +105,8 @@ def test_encode_refuses_nan_embeddings_and_names_the_intact_checkpoints(runs, tm
     out = tmp_path / "out" / "e.npy"
     assert encode.main(["--model", diverged, "--input", str(texts), "--output", str(out)]) == 2
     line = _one_error(capsys)
-    assert "gives NaN/inf (or overflowing) embeddings for 2 of 2 texts" in line, line
+    assert (f"gives NaN/inf (or overflowing) embeddings for 2 of 2 texts (first: {texts}:1; "
+            "its largest |weight| is") in line, line
     _names_the_alternatives(line, diverged, "--model")
     assert not (tmp_path / "out").exists()  # nor the directory made for it
     # Diverged for two checkpoints, as rotation under a diverging run leaves it: step 4
