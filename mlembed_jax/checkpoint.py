@@ -682,3 +682,93 @@ def intact_steps(ckpt_dir: str, below: int) -> list[int]:
             continue
         out.append(step)
     return out
+
+
+# ------------------------------------------------------------------ the tools' params reader
+
+def data_item_problem(step_dir: str) -> str | None:
+    """What is wrong with the step's data-iterator item alone (None when it is complete)."""
+    try:
+        check_complete(step_dir)
+    except CheckpointDamaged as e:
+        why = str(e)
+        return why if "data" in why and "state/" not in why and "config/" not in why else None
+    return None
+
+
+class ToolParams(TrainedParams):
+    """TrainedParams for the tools, which need the params alone (encode, export, eval, mining).
+
+    A step whose only damage is its data-iterator item (the position training resumes from)
+    still loads, with a note, when it has fingerprints: every param read is then verified
+    against them, so what a tool gets is exactly what was saved. Training refuses such a step
+    (it cannot resume the data order), as does anything without fingerprints.
+    """
+
+    def __init__(self, path: str, *, quiet: bool = False, name_intact: bool = True):
+        ckpt_dir, step = resolve_checkpoint(path)
+        step_dir = os.path.join(ckpt_dir, str(step))
+        problem = data_item_problem(step_dir)
+        self.data_problem = None
+        if problem is None or not storage.isdir(os.path.join(step_dir, "integrity")):
+            super().__init__(path, quiet=quiet, name_intact=name_intact)
+            return
+        # As TrainedParams.__init__, without the data item's completeness check.
+        self._name_intact = name_intact
+        self.ckpt_dir, self.step, self.step_dir = ckpt_dir, step, step_dir
+        self.workdir = (os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints"
+                        else ckpt_dir)
+        self._state_dir = os.path.join(step_dir, "state")
+        try:
+            if not storage.isdir(self._state_dir):
+                raise CheckpointDamaged("its state/ item is missing")
+            self.config = ml_collections.ConfigDict(read_json_item(step_dir, "config"))
+            self.integrity = read_integrity(step_dir)
+            tree = _state_metadata(step_dir)
+        except CheckpointDamaged as e:
+            raise self._damaged(str(e)) from None
+        self.data_problem = problem
+        if not quiet:
+            print(f"note: checkpoint {step_dir}: {problem}, so training cannot resume from it; "
+                  "its params are verified against their fingerprints as they are read",
+                  file=sys.stderr)
+        flat = jax.tree_util.tree_flatten_with_path(
+            tree["params"], is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
+        self.leaves = {tuple(k.key for k in p): (tuple(m.shape), m.dtype) for p, m in flat}
+        self._handler = ocp.PyTreeCheckpointHandler()
+
+
+def load_params(path: str):
+    """`load_trained` for the tools: (config, host params, step) through ToolParams."""
+    source = ToolParams(path)
+    return source.config, source.read_all(), source.step
+
+
+def other_intact_steps(ckpt_dir: str, step: int, limit: int = 3) -> list[int]:
+    """Up to `limit` steps of `ckpt_dir` other than `step` whose params are finite and read
+    back as saved, nearest first (earlier steps before later ones at the same distance).
+    Each candidate is read in full, so only error messages call this, and `limit` bounds
+    the cost."""
+    out = []
+    others = sorted((s for s in finished_steps(ckpt_dir) if s != step),
+                    key=lambda s: (abs(s - step), s > step))
+    for s in others:
+        if len(out) >= limit:
+            break
+        try:
+            ToolParams(os.path.join(ckpt_dir, str(s)), quiet=True, name_intact=False).verify()
+        except (CheckpointDamaged, FileNotFoundError, KeyError):
+            continue
+        out.append(s)
+    return out
+
+
+def alternatives_hint(ckpt_dir: str, step: int, flag: str) -> str:
+    """'other checkpoints with intact params: DIR/4, DIR/2; pass one as --model' (or that
+    there is none): the end of a tool's error about checkpoint `step`."""
+    steps = other_intact_steps(ckpt_dir, step)
+    if not steps:
+        return f"no other checkpoint in {ckpt_dir} holds intact params"
+    return ("other checkpoints with intact params: "
+            + ", ".join(os.path.join(ckpt_dir, str(s)) for s in steps)
+            + f"; pass one of them as {flag}")

@@ -95,3 +95,26 @@ def writable_file(path: str, what: str) -> str:
     """`writable_dir` for the directory that will hold the file `path`."""
     writable_dir(os.path.dirname(storage.absolute(path)), f"{what} {path!r}: its directory")
     return path
+
+
+def missing_dirs(path: str) -> list[str]:
+    """The directories of the local `path` (itself included) that do not exist yet, deepest
+    first: what an output check will create, for `remove_empty` to take back after a
+    failure. [] for a URL (an object store has no directories)."""
+    if storage.is_url(path):
+        return []
+    path, out = os.path.abspath(path), []
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
+def remove_empty(dirs: list[str]) -> None:
+    """Removes each of `dirs` (deepest first) that is still empty, so that a command that
+    failed leaves no directory of its own behind."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty (then neither is any parent), or already gone
+            return

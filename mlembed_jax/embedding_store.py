@@ -84,6 +84,7 @@ class EmbeddingStore:
         self.point = {"rank": rank, "exit": exit, "dim": dim}
         self._parts: list[np.ndarray] = []  # [m, dim] each (memmaps on disk)
         self._part_keys: list[np.ndarray] = []
+        self._part_names: list[str] = []  # file names, for error messages
         if path is not None:
             self._open(path)
         self._reindex()
@@ -134,6 +135,7 @@ class EmbeddingStore:
                                  "re-encoded)")
             self._parts.append(emb)
             self._part_keys.append(keys)
+            self._part_names.append(os.path.basename(epath))
 
     def _reindex(self) -> None:
         """Sorted keys of every part, and the (part, row) of each."""
@@ -188,6 +190,12 @@ class EmbeddingStore:
             rows = row_of[sel]
             order = np.argsort(rows)  # memmaps read fastest in file order
             out[sel[order]] = self._parts[p][rows[order]]
+        if not np.isfinite(out).all():  # new parts are checked by the encoder; old ones here
+            bad = np.unique(part_of[~np.isfinite(out).all(axis=1)])
+            names = [self._part_names[p] for p in bad]
+            raise StoreError(f"{self.path}: {', '.join(names)} holds NaN/inf embeddings (written "
+                             "by a diverged model); delete those parts and their .keys.npy "
+                             "(their texts will be re-encoded)")
         return out
 
     def _add_part(self, keys: np.ndarray, emb: np.ndarray) -> None:
@@ -202,3 +210,4 @@ class EmbeddingStore:
                                  f"{e}") from None
         self._parts.append(emb)
         self._part_keys.append(keys)
+        self._part_names.append(os.path.basename(base + ".npy") if self.path else "memory")

@@ -5,7 +5,9 @@
                                                   # or a Hugging Face Qwen3 directory
     emb = model.encode(["hello", "bonjour"], rank=32, exit=2, dim=64)   # [2, 64] float32
 
-Every result is L2-normalised float32, one row per input, in input order.
+Every result is L2-normalised float32, one row per input, in input order, and finite: NaN
+or inf embeddings (a diverged checkpoint) raise NonFiniteEmbeddings, naming the checkpoint
+and the other checkpoints of its run that embed the first failing text finitely.
 
 The three knobs (each defaults to the full model):
   rank  MEL rank of the token embedding (training checkpoints with MEL only).
@@ -23,7 +25,8 @@ by embedding.embed_token_ids (data/packing.py `plan_batches` says how), one pack
 device at a time. Results come back in input order, so neither the batch size, the sorting
 nor the device count can change which row belongs to which input.
 
-CLI (one text per line, or JSONL with a text field; writes .npy or .parquet):
+CLI (one text per line, or JSONL with a text field; writes .npy or .parquet, checked before
+anything is read; empty texts get a warning and truncated texts a note, each with FILE:LINE):
     python -m mlembed_jax.encode --model=runs/demo --input=texts.jsonl --output=emb.parquet \
         [--field=text] [--id_field=_id] [--rank=32] [--exit=2] [--dim=64] [--prefix="query: "]
 """
@@ -43,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlembed_jax import checkpoint, storage
-from mlembed_jax.cli import writable_file
+from mlembed_jax.cli import missing_dirs, remove_empty, writable_file
 from mlembed_jax.data.jsonl import iter_jsonl
 from mlembed_jax.data.prepared import training_text
 from mlembed_jax.data.text_encoding import TokenizerError, encode_texts, load_tokenizer
@@ -61,12 +64,23 @@ from mlembed_jax.model.kernel_choice import AUTO, SPLASH_LANES, check_platform
 from mlembed_jax.model.qwen3 import EncoderConfig
 from mlembed_jax.recipe import TrainedPoints, resolve_point
 
-__all__ = ["DEFAULT_BATCH_TOKENS", "EncodeError", "Encoder", "load", "normalize", "main"]
+__all__ = ["DEFAULT_BATCH_TOKENS", "EncodeError", "Encoder", "NonFiniteEmbeddings", "load",
+           "normalize", "main"]
 
 
 class EncodeError(ValueError):
     """A request the model cannot serve (bad rank/exit/dim, bad input file, missing
     tokenizer); the message says what was asked, what is allowed and how to fix it."""
+
+
+class NonFiniteEmbeddings(EncodeError):
+    """The model gave NaN/inf embeddings (diverged or overflowing weights); the message names
+    the checkpoint and the other checkpoints that embed the first failing text finitely.
+    `first`: that text's index in the input."""
+
+    def __init__(self, message: str, first: int):
+        super().__init__(message)
+        self.first = first
 
 
 # --------------------------------------------------------------------------- the model
@@ -166,7 +180,8 @@ class Encoder:
         -> [n, dim] float32, L2-normalised, in input order."""
         rank, exit, dim = self.check(rank, exit, dim, allow_untrained)
         pooled = self._pooled(ids, rank, (exit,), batch_tokens, progress, desc)
-        return normalize(pooled[0], dim)
+        with np.errstate(over="ignore", invalid="ignore"):  # _finite reports it instead
+            return self._finite(normalize(pooled[0], dim), ids, rank, exit)
 
     def encode_exits(self, ids: Sequence[Sequence[int]], exits: Sequence[int], *, rank=None,
                      batch_tokens: int = DEFAULT_BATCH_TOKENS, allow_untrained: bool = False,
@@ -178,7 +193,63 @@ class Encoder:
         rank = checked[0][0]
         wanted = sorted({e for _, e, _ in checked})
         pooled = self._pooled(ids, rank, tuple(wanted), batch_tokens, progress, "encode")
-        return {e: normalize(pooled[i]) for i, e in enumerate(wanted)}
+        with np.errstate(over="ignore", invalid="ignore"):  # _finite reports it instead
+            return {e: self._finite(normalize(pooled[i]), ids, rank, e)
+                    for i, e in enumerate(wanted)}
+
+    def _finite(self, emb: np.ndarray, ids, rank, exit) -> np.ndarray:
+        """emb, or NonFiniteEmbeddings when a row holds NaN/inf: a diverged checkpoint must
+        not pass for a model. (A finite row that overflows its norm comes out as zeros,
+        which normalize cannot tell from a zero vector; that is caught too.)"""
+        bad = ~np.isfinite(emb).all(axis=-1) | ~np.any(emb != 0, axis=-1)
+        if not bad.any():
+            return emb
+        first = int(np.flatnonzero(bad)[0])
+        raise NonFiniteEmbeddings(self._nonfinite_message(int(bad.sum()), len(emb), first,
+                                                          ids[first], rank, exit), first)
+
+    def _nonfinite_message(self, n_bad: int, n: int, first: int, first_ids, rank, exit
+                           ) -> str:
+        import jax.numpy as jnp
+
+        largest = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(
+            self.params))
+        what = (f"gives NaN/inf (or overflowing) embeddings for {n_bad} of {n} texts (first: "
+                f"text {first}; its largest |weight| is {largest:.3g})")
+        if self.train_config is None:  # an HF directory: no other checkpoints to offer
+            return f"model {self.source} {what}; use another model"
+        ckpt_dir, step = checkpoint.resolve_checkpoint(self.source)
+        good, tried = self._finite_elsewhere(ckpt_dir, step, first_ids, rank, exit)
+        hint = (f"no other checkpoint in {ckpt_dir} embeds that text finitely ({tried} "
+                "checked)" if not good else
+                "other checkpoints that embed that text finitely: "
+                + ", ".join(os.path.join(ckpt_dir, str(s)) for s in good)
+                + "; pass one of them as --model")
+        return f"checkpoint {os.path.join(ckpt_dir, str(step))} (step {step}) {what}; {hint}"
+
+    def _finite_elsewhere(self, ckpt_dir: str, step: int, ids, rank, exit,
+                          want: int = 2, limit: int = 6) -> tuple[list[int], int]:
+        """(steps, how many were tried): the other checkpoints of the run, nearest first,
+        whose params are intact and embed `ids` finitely. Each costs a restore and one
+        forward pass, hence `want` and `limit`; error messages only."""
+        others = sorted((s for s in checkpoint.finished_steps(ckpt_dir) if s != step),
+                        key=lambda s: (abs(s - step), s > step))[:limit]
+        good = []
+        for s in others:
+            try:
+                params = checkpoint.ToolParams(os.path.join(ckpt_dir, str(s)), quiet=True,
+                                               name_intact=False).read_all()
+            except (checkpoint.CheckpointError, FileNotFoundError, KeyError):
+                continue
+            probe = Encoder(params=params, cfg=self.cfg, mesh=self.mesh)
+            with np.errstate(over="ignore", invalid="ignore"):
+                emb = normalize(probe._pooled([ids], rank, (exit,), DEFAULT_BATCH_TOKENS,
+                                              False, "check")[0])
+            if np.isfinite(emb).all() and np.any(emb != 0):
+                good.append(s)
+                if len(good) >= want:
+                    break
+        return good, len(others)
 
     def _pooled(self, ids, rank, exits, batch_tokens, progress, desc):
         if batch_tokens < 1:
@@ -247,7 +318,7 @@ def load(path: str, *, tokenizer_dir: str | None = None, max_seq_length: int | N
         max_len, prefixes, default_dim = _hf_sentence_settings(path)
         mrl_min, step = 8, None
     else:
-        config, params, step = checkpoint.load_trained(path)
+        config, params, step = checkpoint.load_params(path)
         cfg = dataclasses.replace(EncoderConfig.from_config(config.model), **overrides)
         tok_dir, max_len, prefixes = _training_tokenizer(config, tokenizer_dir, path)
         mrl_min = int(config.loss.mrl_min_dim) if "loss" in config else 8
@@ -323,13 +394,21 @@ def read_texts(path: str, field: str = "text", id_field: str | None = None
                ) -> tuple[list[str], list | None]:
     """Texts (and ids) from a file: .jsonl -> one JSON object (or string) per line, text in
     `field`; anything else -> one text per line. Errors name the file and the line."""
+    texts, ids, _ = read_texts_with_lines(path, field, id_field)
+    return texts, ids
+
+
+def read_texts_with_lines(path: str, field: str = "text", id_field: str | None = None
+                          ) -> tuple[list[str], list | None, list[int]]:
+    """`read_texts`, plus the line number of each text in the file (1-based)."""
     storage.check_location(path, "--input")
     if not storage.isfile(path):
         raise EncodeError(f"input file {path!r} does not exist")
     if not path.endswith(".jsonl"):
         texts = storage.read_text(path).splitlines()
-        return texts, ([str(i) for i in range(len(texts))] if id_field else None)
-    texts, ids = [], [] if id_field else None
+        return (texts, ([str(i) for i in range(len(texts))] if id_field else None),
+                list(range(1, len(texts) + 1)))
+    texts, ids, lines = [], [] if id_field else None, []
     for lineno, obj in iter_jsonl(path, EncodeError):
         if isinstance(obj, str):
             text, ident = obj, str(len(texts))
@@ -343,27 +422,68 @@ def read_texts(path: str, field: str = "text", id_field: str | None = None
             raise EncodeError(f"{path}:{lineno}: expected a JSON object or string, got "
                               f"{type(obj).__name__}")
         texts.append(text)
+        lines.append(lineno)
         if ids is not None:
             ids.append(ident)
-    return texts, ids
+    return texts, ids, lines
+
+
+OUTPUT_FORMATS = (".npy", ".parquet")
+
+
+def check_output(path: str) -> None:
+    """EncodeError unless `path` names a format write_embeddings writes (before any work)."""
+    if not path.endswith(OUTPUT_FORMATS):
+        raise EncodeError(f"--output {path!r} must end in .npy or .parquet (the formats "
+                          "encode writes)")
+
+
+def truncated_texts(model: Encoder, texts: Sequence[str], ids: Sequence[np.ndarray],
+                    prefix: str = "") -> list[int]:
+    """Indices of the texts that tokenisation cut to max_seq_length (EOS included).
+
+    ids: `model.tokenize(texts, prefix)`. Only texts that reached the limit are tokenised
+    again, one token further, to tell a cut text from one that fits exactly."""
+    full = [i for i, t in enumerate(ids) if len(t) >= model.max_seq_length]
+    if not full:
+        return []
+    longer = encode_texts(model.tokenizer, [prefix + texts[i] for i in full],
+                          model.max_seq_length + 1)
+    return [i for i, t in zip(full, longer) if len(t) > model.max_seq_length]
 
 
 def write_embeddings(path: str, emb: np.ndarray, ids: list | None = None) -> None:
     """[n, dim] float32 -> .npy (the array) or .parquet (columns id, embedding); local or a
-    URL."""
+    URL. Locally the file appears complete or not at all (a temporary file renamed over it,
+    removed if the write fails)."""
+    check_output(path)
     storage.makedirs(os.path.dirname(storage.absolute(path)))
-    if path.endswith(".npy"):
-        with storage.open(path, "wb") as f:
-            np.save(f, emb)
-    elif path.endswith(".parquet"):
-        n, d = emb.shape
-        flat = pa.array(emb.reshape(-1), pa.float32())
-        col = pa.FixedSizeListArray.from_arrays(flat, d)
-        ids = [str(i) for i in (ids if ids is not None else range(n))]
-        with storage.open(path, "wb") as f:
-            pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "embedding": col}), f)
-    else:
-        raise EncodeError(f"output {path!r} must end in .npy or .parquet")
+    tmp = path if storage.is_url(path) else f"{path}.tmp-{os.getpid()}"
+    try:
+        with storage.open(tmp, "wb") as f:
+            if path.endswith(".npy"):
+                np.save(f, emb)
+            else:
+                n, d = emb.shape
+                flat = pa.array(emb.reshape(-1), pa.float32())
+                col = pa.FixedSizeListArray.from_arrays(flat, d)
+                names = [str(i) for i in (ids if ids is not None else range(n))]
+                pq.write_table(pa.table({"id": pa.array(names, pa.string()),
+                                         "embedding": col}), f)
+            if not storage.is_url(path):
+                f.flush()
+                os.fsync(f.fileno())
+        if tmp != path:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp != path and os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _where(path: str, lines: list[int], indices: list[int]) -> str:
+    return f"{path}:{lines[indices[0]]}" + (f" and {len(indices) - 1} more"
+                                            if len(indices) > 1 else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,16 +508,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_seq_length", type=int, default=None)
     p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default=None)
     a = p.parse_args(argv)
+    made = missing_dirs(os.path.dirname(storage.absolute(a.output)))
     try:
+        check_output(a.output)
         writable_file(a.output, "--output")
-        texts, ids = read_texts(a.input, a.field, a.id_field)
+        texts, ids, lines = read_texts_with_lines(a.input, a.field, a.id_field)
         model = load(a.model, tokenizer_dir=a.tokenizer_dir, max_seq_length=a.max_seq_length,
                      compute_dtype=a.compute_dtype)
-        emb = model.encode(texts, rank=a.rank, exit=a.exit, dim=a.dim, prefix=a.prefix,
-                           batch_tokens=a.batch_tokens, allow_untrained=a.allow_untrained,
-                           progress=True)
+        rank, exit, dim = model.check(a.rank, a.exit, a.dim, a.allow_untrained)
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            print(f"warning: {len(empty)} of {len(texts)} texts are empty or blank "
+                  f"({_where(a.input, lines, empty)}); each is embedded as "
+                  f"{'the prefix and ' if a.prefix else ''}EOS alone, one row per line as "
+                  "always", file=sys.stderr)
+        token_ids = model.tokenize(texts, a.prefix)
+        cut = truncated_texts(model, texts, token_ids, a.prefix)
+        if cut:
+            print(f"note: {len(cut)} of {len(texts)} texts are longer than max_seq_length="
+                  f"{model.max_seq_length} tokens (EOS included) and were truncated to it, as "
+                  f"in training ({_where(a.input, lines, cut)}); raise --max_seq_length to "
+                  "keep more", file=sys.stderr)
+        emb = model.encode_ids(token_ids, rank=rank, exit=exit, dim=dim,
+                               batch_tokens=a.batch_tokens, allow_untrained=a.allow_untrained,
+                               progress=True)
         write_embeddings(a.output, emb, ids)
     except (ValueError, OSError) as e:  # EncodeError, CheckpointError, ConfigError, disk
+        if isinstance(e, NonFiniteEmbeddings):  # name the input line, not the index
+            e = str(e).replace(f"(first: text {e.first};", f"(first: {a.input}:"
+                               f"{lines[e.first]};", 1)
+        remove_empty(made)  # the directories writable_file made for the output
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {a.output}", file=sys.stderr)

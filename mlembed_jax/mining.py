@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from mlembed_jax import encode as encode_lib
+from mlembed_jax.cli import missing_dirs, remove_empty, writable_dir
 from mlembed_jax.data.manifest import DEFAULT_NEGATIVES, load_manifest
 from mlembed_jax.data.prepare import (
     atomic_write_bytes,
@@ -478,7 +479,32 @@ def run(model_path: str, inputs: Sequence[str], output_dir: str, settings: MineS
     for f in corpus_files:
         extra += read_corpus(f, corpus_field)
     pairs = {n: read_pairs(p) for n, p in files.items()}  # all checked before the model loads
+    # Writable before any work; what this makes is taken back if mining then fails.
+    made = missing_dirs(output_dir)
+    writable_dir(output_dir, "--output_dir")
+    existed = {p for p in out_paths.values() if os.path.lexists(p)}
+    try:
+        return _run(model_path, files, pairs, extra, specs, out_paths, output_dir, s,
+                    corpus_files=corpus_files, rank=rank, exit=exit, dim=dim,
+                    allow_untrained=allow_untrained, query_prefix=query_prefix,
+                    document_prefix=document_prefix, cache_dir=cache_dir,
+                    batch_tokens=batch_tokens, tokenizer_dir=tokenizer_dir,
+                    max_seq_length=max_seq_length, compute_dtype=compute_dtype,
+                    summary_path=summary_path, progress=progress, log=log)
+    except BaseException:
+        # A failed run leaves no file of its own: the outputs of the datasets mined before
+        # the failure are removed (files it replaced under --overwrite are gone already).
+        for p in out_paths.values():
+            for f in ([p] if p not in existed else []) + [f"{p}.tmp-{os.getpid()}"]:
+                if os.path.isfile(f):
+                    os.remove(f)
+        remove_empty(made)
+        raise
 
+
+def _run(model_path, files, pairs, extra, specs, out_paths, output_dir, s, *, corpus_files,
+         rank, exit, dim, allow_untrained, query_prefix, document_prefix, cache_dir, batch_tokens,
+         tokenizer_dir, max_seq_length, compute_dtype, summary_path, progress, log) -> dict:
     t0 = time.time()
     model = encode_lib.load(model_path, tokenizer_dir=tokenizer_dir,
                             max_seq_length=max_seq_length, compute_dtype=compute_dtype)

@@ -220,7 +220,7 @@ def test_a_gpu_trained_checkpoint_encodes_here_with_the_portable_kernel(
     work, _ = trained_names_run(tmp_path_factory.getbasetemp())
     texts = demo_texts(8)
     want = enc.load(work).encode(texts)
-    real = checkpoint.load_trained
+    real = checkpoint.load_params
 
     def as_if_trained_on_gpu(path):
         config, params, step = real(path)
@@ -228,7 +228,7 @@ def test_a_gpu_trained_checkpoint_encodes_here_with_the_portable_kernel(
             config.model.attention = "cudnn"
         return config, params, step
 
-    monkeypatch.setattr(checkpoint, "load_trained", as_if_trained_on_gpu)
+    monkeypatch.setattr(checkpoint, "load_params", as_if_trained_on_gpu)
     capsys.readouterr()
     got = enc.load(work)
     assert got.cfg.attention == "dense"
@@ -249,7 +249,7 @@ def test_a_tpu_trained_checkpoint_and_auto_encode_here(tmp_path_factory, monkeyp
     work, _ = trained_names_run(tmp_path_factory.getbasetemp())
     texts = demo_texts(8)
     want = enc.load(work).encode(texts)
-    real = checkpoint.load_trained
+    real = checkpoint.load_params
 
     def as_if_trained_on_tpu(path):
         config, params, step = real(path)
@@ -257,7 +257,7 @@ def test_a_tpu_trained_checkpoint_and_auto_encode_here(tmp_path_factory, monkeyp
             config.model.attention = "splash"
         return config, params, step
 
-    monkeypatch.setattr(checkpoint, "load_trained", as_if_trained_on_tpu)
+    monkeypatch.setattr(checkpoint, "load_params", as_if_trained_on_tpu)
     capsys.readouterr()
     got = enc.load(work)
     assert got.cfg.attention == "dense"

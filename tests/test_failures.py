@@ -164,17 +164,20 @@ def test_tools_refuse_a_damaged_checkpoint_and_name_the_intact_ones(trained_run,
     DAMAGES[damage](f"{work}/checkpoints/6")
     named = (f"checkpoint {work}/checkpoints/6 (step 6) is damaged: ",
              f"intact earlier checkpoints: {work}/checkpoints/4, {work}/checkpoints/2")
-    with pytest.raises(CheckpointDamaged) as e:
-        export_checkpoint(work, str(tmp_path / "export"))
-    assert all(s in str(e.value) for s in named), e.value
-    assert not os.path.exists(tmp_path / "export")
-    with pytest.raises(CheckpointDamaged) as e:
-        encode.load(work)
-    assert all(s in str(e.value) for s in named), e.value
-    capsys.readouterr()
-    assert eval_retrieval.main(["--model", work, "--heldout", "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint ") and "\n" not in err, err
+    # A step missing only its data file still has verified params: the tools take it
+    # (tests/test_tool_refusals.py); training's restore below does not.
+    if damage != "missing_data_json":
+        with pytest.raises(CheckpointDamaged) as e:
+            export_checkpoint(work, str(tmp_path / "export"))
+        assert all(s in str(e.value) for s in named), e.value
+        assert not os.path.exists(tmp_path / "export")
+        with pytest.raises(CheckpointDamaged) as e:
+            encode.load(work)
+        assert all(s in str(e.value) for s in named), e.value
+        capsys.readouterr()
+        assert eval_retrieval.main(["--model", work, "--heldout", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: checkpoint ") and "\n" not in err, err
 
     # Training's restore falls back to step 4 and sets step 6 aside.
     # The state's shapes do not depend on the batch: any row bucket will do here.

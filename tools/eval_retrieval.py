@@ -23,7 +23,8 @@ import os
 import sys
 import time
 
-from mlembed_jax.cli import writable_file
+from mlembed_jax import storage
+from mlembed_jax.cli import missing_dirs, remove_empty, writable_file
 from mlembed_jax.embedding_store import EmbeddingStore
 from mlembed_jax.eval import retrieval as rev
 from mlembed_jax.eval.cli import add_model_args, load_model_and_sets
@@ -40,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache_dir", default="", help="embedding store: reuse and add to the "
                     "embeddings of earlier runs of this model at this point")
     a = ap.parse_args(argv)
+    made = missing_dirs(os.path.dirname(os.path.abspath(a.output))) if a.output else []
     try:
         if a.output:
             writable_file(a.output, "--output")
@@ -57,15 +59,19 @@ def main(argv=None) -> int:
                   f"MRR@10 {m['mrr@10']:.4f}  ({m['num_queries']} queries, {m['num_docs']} "
                   f"docs; rank {rank}, exit {exit}, dim {dim})")
     except (ValueError, OSError) as e:  # RetrievalDataError, EncodeError, CheckpointError
+        remove_empty(made)  # NaN embeddings (NonFiniteEmbeddings) end here too: no output
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = {"model": os.path.abspath(a.model), "step": model.step,
            "point": {"rank": rank, "exit": exit, "dim": dim}, "results": results,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if a.output:
-        os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
-        with open(a.output, "w") as f:
-            json.dump(out, f, indent=1)
+    if a.output:  # complete or absent (a temporary file renamed over it)
+        try:
+            storage.write_text_atomic(json.dumps(out, indent=1), a.output)
+        except OSError as e:
+            print(f"error: cannot write --output {a.output!r}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 2
         print(f"wrote {a.output}")
     return 0
 

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from mlembed_jax.cli import writable_dir
+from mlembed_jax.cli import missing_dirs, remove_empty, writable_dir
 from mlembed_jax.encode import normalize
 from mlembed_jax.eval import retrieval as rev
 from mlembed_jax.eval.cli import add_model_args, load_model_and_sets
@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", type=_int_list, default=None, help="default: trained MRL dims")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
+    made = missing_dirs(a.out_dir)
     try:
         writable_dir(a.out_dir, "--out_dir")
         model, sets = load_model_and_sets(a)
@@ -177,7 +178,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         rows = run_grid(model, sets, ranks, exits, dims, allow_untrained=a.allow_untrained,
                         batch_tokens=a.batch_tokens, progress=not a.quiet)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # EncodeError (NaN embeddings too), CheckpointError
+        remove_empty(made)
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = ", ".join(s.name for s in sets)

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
             batch_tokens=a.batch_tokens, tokenizer_dir=a.tokenizer_dir,
             max_seq_length=a.max_seq_length, compute_dtype=a.compute_dtype,
             summary_path=a.summary, overwrite=a.overwrite, progress=not a.quiet)
-    except (ValueError, FileNotFoundError) as e:  # MiningError, EncodeError, DataError, ...
+    except (ValueError, OSError) as e:  # MiningError, EncodeError, DataError, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

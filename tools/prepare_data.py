@@ -31,11 +31,12 @@ def main(argv=None):
     from mlembed_jax.cli import writable_dir
     from mlembed_jax.config import ConfigError
     from mlembed_jax.data.manifest import ManifestError
-    from mlembed_jax.data.prepare import DataError, prepare_data
+    from mlembed_jax.data.prepare import DataError, check_max_seq_length, prepare_data
     from mlembed_jax.data.text_encoding import TokenizerError
     from mlembed_jax.storage import StorageError
 
     try:
+        check_max_seq_length(args.max_seq_length)  # before --output_dir is created
         writable_dir(args.output_dir, "--output_dir")
         prepare_data(args.input_dir, args.manifest, args.tokenizer, args.output_dir,
                      max_seq_length=args.max_seq_length, workers=args.workers,

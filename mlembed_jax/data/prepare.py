@@ -392,12 +392,21 @@ def assemble_corpus(out_dir: str, names: list[str]) -> int:
     return corpus.num_rows
 
 
+def check_max_seq_length(max_seq_length: int) -> None:
+    """DataError unless every text can keep at least one token before its EOS."""
+    if max_seq_length < 2:
+        raise DataError(f"--max_seq_length {max_seq_length} is too small: each text keeps "
+                        "max_seq_length - 1 tokens and then EOS, so it must be at least 2 "
+                        "(the recipe uses 1024)")
+
+
 def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_dir: str,
                  max_seq_length: int = 1024, workers: int | None = None,
                  verbose: bool = True, max_rows_per_dataset: int = MAX_ROWS_PER_DATASET,
                  sample_seed: int = 0) -> PrepareResult:
     """Prepares every dataset of the manifest found in input_dir; skips finished ones.
     max_rows_per_dataset: the cap (a seeded sample by sample_seed; <= 0 keeps every row)."""
+    check_max_seq_length(max_seq_length)
     specs = manifest_lib.load_manifest(manifest_path)
     storage.check_location(input_dir, "--input_dir")
     if not storage.isdir(input_dir):

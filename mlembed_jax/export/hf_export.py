@@ -11,7 +11,10 @@ Output (DIR):
 
 Weights stream: one checkpoint leaf is restored at a time, cut into HF tensors and written a
 shard at a time, so host memory holds one leaf plus one shard, never the model twice. The
-directory is built under a temporary name and renamed when complete.
+directory is built under a temporary name and renamed when complete. Each tensor is checked
+after MEL folding and the cast to the export dtype: NaN/inf (a diverged run's weights
+overflow) is an ExportError naming the checkpoint and its intact alternatives, and the
+temporary directory is removed.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from mlembed_jax import storage
-from mlembed_jax.checkpoint import TrainedParams
+from mlembed_jax.checkpoint import ToolParams, TrainedParams, alternatives_hint
 from mlembed_jax.export.errors import ExportError, ExportWarning
 from mlembed_jax.export.model_card import final_metrics, render
 from mlembed_jax.export.sentence_transformers_files import (
@@ -89,9 +92,25 @@ def fold_mel(u: np.ndarray, v: np.ndarray, rank: int, dtype=np.float32,
     """
     v = np.asarray(v[:rank], np.float32)
     out = np.empty((u.shape[0], v.shape[1]), dtype)
-    for s in range(0, u.shape[0], rows_per_chunk):
-        out[s:s + rows_per_chunk] = np.asarray(u[s:s + rows_per_chunk, :rank], np.float32) @ v
+    with np.errstate(over="ignore", invalid="ignore"):  # the export checks for inf instead
+        for s in range(0, u.shape[0], rows_per_chunk):
+            out[s:s + rows_per_chunk] = np.asarray(u[s:s + rows_per_chunk, :rank],
+                                                   np.float32) @ v
     return out
+
+
+def _check_finite(name: str, x: np.ndarray, reader: TrainedParams, how: str) -> None:
+    """ExportError when the tensor about to be written holds NaN/inf: weights that overflow
+    the export dtype (or the MEL product) must not leave as a model."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    n = int(finite.size - np.count_nonzero(finite))
+    raise ExportError(
+        f"checkpoint {reader.step_dir} (step {reader.step}): {name} holds {n} of {x.size} "
+        f"values that are inf or NaN {how} (its weights are too large: the run diverged); "
+        "nothing was written; " + alternatives_hint(reader.ckpt_dir, reader.step,
+                                                    "--checkpoint"))
 
 
 def hf_config(enc: EncoderConfig, layers: int, dtype: str, special: dict,
@@ -156,22 +175,30 @@ def _embedding(reader: TrainedParams, enc: EncoderConfig, cut: Cut, dtype) -> np
     if enc.mel:
         u, v = reader.read(("embed_tokens", "U")), reader.read(("embed_tokens", "V"))
         return fold_mel(u, v, cut.rank, dtype)
-    return np.asarray(reader.read(("embed_tokens", "embedding")), dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # _hf_tensors checks for inf
+        return np.asarray(reader.read(("embed_tokens", "embedding")), dtype)
 
 
 def _hf_tensors(reader: TrainedParams, enc: EncoderConfig, cut: Cut, dtype):
-    """Yields (HF name, array in HF layout and `dtype`) in `_tensor_order`."""
+    """Yields (HF name, array in HF layout and `dtype`) in `_tensor_order`; ExportError for
+    one holding NaN/inf."""
     cfg = enc.truncated(cut.layers)
+    cast = f"after casting to {np.dtype(dtype).name}"
     leaf_path, leaf = None, None
     for name, rule, layer in _tensor_order(cut.layers):
         if rule.hf == "embed_tokens.weight":
             x = _embedding(reader, enc, cut, dtype)
+            how = (f"after folding the MEL factors (U @ V) and casting to {np.dtype(dtype).name}"
+                   if enc.mel else cast)
         else:
             if rule.ours != leaf_path:
                 leaf = None  # release the previous leaf before restoring the next
                 leaf, leaf_path = reader.read(rule.ours), rule.ours
             x = hf_names.to_hf(rule, leaf if layer is None else leaf[layer])
-            x = np.array(x, dtype, order="C")  # a copy: a view would pin the whole leaf
+            with np.errstate(over="ignore", invalid="ignore"):  # checked below
+                x = np.array(x, dtype, order="C")  # a copy: a view would pin the whole leaf
+            how = cast
+        _check_finite(name, x, reader, how)
         if x.shape != hf_names.hf_shape(rule, cfg):
             raise ExportError(f"internal: {name} came out {x.shape}, expected "
                               f"{hf_names.hf_shape(rule, cfg)}")
@@ -219,8 +246,11 @@ def _write_weights(out_dir, reader, enc, cut, dtype, max_shard_bytes) -> list[st
 
 def _write_factors(out_dir, reader, cut, dtype) -> None:
     """mel_factors.safetensors: the rank-R MEL factors, for the memory-saving embedding."""
-    u = np.asarray(reader.read(("embed_tokens", "U"))[:, :cut.rank], dtype, order="C")
-    v = np.asarray(reader.read(("embed_tokens", "V"))[:cut.rank], dtype, order="C")
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below
+        u = np.asarray(reader.read(("embed_tokens", "U"))[:, :cut.rank], dtype, order="C")
+        v = np.asarray(reader.read(("embed_tokens", "V"))[:cut.rank], dtype, order="C")
+    for name, x in (("embed_tokens.U", u), ("embed_tokens.V", v)):
+        _check_finite(name, x, reader, f"after casting to {np.dtype(dtype).name}")
     write_safetensors(os.path.join(out_dir, FACTORS_FILE),
                       {"embed_tokens.U": u, "embed_tokens.V": v},
                       {"format": "pt", "rank": cut.rank})
@@ -262,7 +292,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, rank: int | None = None,
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} must be one of {tuple(DTYPES)}")
     try:
-        reader = TrainedParams(checkpoint)
+        reader = ToolParams(checkpoint)
     except FileNotFoundError as e:
         raise ExportError(f"--checkpoint: {e}") from None
     config = reader.config
