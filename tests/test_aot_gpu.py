@@ -2,6 +2,7 @@
 (JAX's CUDA plugin describes the GPUs from XLA's specs; no GPU, no driver), its memory
 against the HBM a JAX process gets, the over-budget exit, and what crosses nodes."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -109,3 +110,65 @@ def test_over_the_memory_fraction_exits_nonzero_with_numbers_and_knobs():
     assert re.search(r"RESULT: does NOT fit: [\d.]+ GB per GPU \(arguments", out)
     assert "model.remat=full" in out or "grad_cache_chunks" in out
     assert "train.grad_cache_chunks" in out
+
+
+def readme_cpu_planning_total(config="0.6B", target="1x H100") -> float:
+    """The total per chip of the README's XLA:CPU planning row for `config` on `target`
+    ("### Memory and FLOPs per configuration"), in bytes."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        for line in f:
+            cells = [c.strip() for c in line.split("|")]
+            if (len(cells) > 7 and cells[1] == config and cells[2].startswith(target)
+                    and cells[3].startswith("XLA:CPU planning")):
+                return float(re.search(r"\*\*([\d.]+) GB\*\*", line).group(1)) * 1e9
+    raise AssertionError(f"no XLA:CPU planning row for {config} on {target} in README.md")
+
+
+@needs_plugin
+def test_06b_step_compiles_for_an_h100_with_the_kernel_auto_picks_and_fits(tmp_path):
+    # The 0.6B config as it is (attention=auto), with remat=full as the XLA:CPU planning row
+    # was compiled, so the two memory figures are of the same program but for the kernel.
+    hlo_out = tmp_path / "step.hlo"
+    r = run_tool("--topology=h100:1", f"--hlo_out={hlo_out}",
+                 config=os.path.join(ROOT, "configs", "0.6b.py"), **{"model.remat": "full"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    # auto on a Hopper GPU: tokamax's Mosaic GPU kernel when tokamax is installed, else cuDNN
+    # (mlembed_jax/model/kernel_choice.py); either way a custom call XLA:GPU compiled in.
+    kernel = re.search(r"^attention: (\w+) \(auto", out, re.M).group(1)
+    hlo = hlo_out.read_text()
+    if importlib.util.find_spec("tokamax") is not None:
+        assert kernel == "tokamax_mosaic"
+        assert 'custom_call_target="mosaic_gpu' in hlo
+    else:
+        assert kernel == "cudnn"
+        assert 'custom_call_target="__cudnn$fmha' in hlo
+    assert "RESULT: fits" in out and "FITS in 75% of HBM" in out
+    total = gb(out, "total")
+    assert gb(out, "arguments") > 6e9  # 519M f32 parameters + AdamW moments: 6.23 GB
+    # Below what XLA:CPU planned for the same step (README row, --gpu_planner=cpu).
+    assert total < readme_cpu_planning_total(), (total, readme_cpu_planning_total())
+
+
+@needs_plugin
+def test_benchmark_preflight_compiles_deviceless_and_fails_on_a_misfit(tmp_path):
+    # tools/gpu_benchmark.sh --preflight: the CPU smoke configuration, first program only.
+    def preflight(out, **env):
+        base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+        base.update(MLEMBED_BENCH_SMOKE="1", OUT=str(out), PYTHON=sys.executable,
+                    MLEMBED_PREFLIGHT_LIMIT="1", PYTHONPATH=ROOT, **env)
+        r = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_benchmark.sh"),
+                            "--preflight", "--gpu=h200"], cwd=ROOT, env=base,
+                           capture_output=True, text=True, timeout=600)
+        return r, (out / "all.txt").read_text()
+
+    r, log = preflight(tmp_path / "ok")
+    assert r.returncode == 0, log + r.stderr[-2000:]
+    assert "1 programs for h200, XLA:GPU on the CPU" in log
+    assert "[exit 0] --config=configs/tiny.py --config.model.attention=tokamax_xla" in log
+    assert "RESULT: fits" in log and "NVIDIA H200 141GB HBM3e" in log
+    assert "== preflight passed" in log
+    # A budget nothing fits in: the program is over it, so the preflight fails.
+    r, log = preflight(tmp_path / "over", XLA_PYTHON_CLIENT_MEM_FRACTION="0.0000001")
+    assert r.returncode == 1, log + r.stderr[-2000:]
+    assert "[exit 1]" in log and "RESULT: does NOT fit" in log and "== preflight FAILED" in log

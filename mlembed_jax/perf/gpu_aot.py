@@ -113,9 +113,10 @@ def knobs(step, memory: hlo.Memory, budget: Budget, state_bytes: int) -> list[st
     n = int(np.prod(list(mesh.values())))
     out = []
     if state_bytes > 0.8 * budget.bytes:
-        out.append(f"the train state alone is {state_bytes / 1e9:.2f} GB per GPU: shard it over "
-                   f"more GPUs (mesh.fsdp={mesh['fsdp']} now; a larger --topology, "
-                   "mesh.fsdp=-1 shards over all of a node's GPUs)")
+        out.append(f"the train state alone is {state_bytes / 1e9:.2f} GB per GPU, which remat "
+                   f"and chunks do not shrink: shard it over more GPUs (mesh.fsdp="
+                   f"{mesh['fsdp']} now; a larger --topology, mesh.fsdp=-1 shards over all "
+                   "of a node's GPUs)")
     elif mesh["fsdp"] < n:
         out.append(f"mesh.fsdp={mesh['fsdp']} of {n} GPUs: set mesh.fsdp=-1 to shard the "
                    "parameters and optimizer state over all of them")
@@ -139,14 +140,20 @@ def knobs(step, memory: hlo.Memory, budget: Budget, state_bytes: int) -> list[st
 def fit_lines(memory: hlo.Memory, target: Target, p) -> bool:
     """Prints the fit against each budget; returns whether the step fits the main one."""
     main, shown = budgets(target.hbm_bytes)
-    near = memory.total > 0.95 * target.hbm_bytes
+    if memory.total > target.hbm_bytes:
+        note = "more than the whole HBM, even after XLA:GPU's rematerialisation"
+    elif memory.total > 0.95 * target.hbm_bytes:
+        note = ("close to the whole HBM: XLA:GPU rematerialises until the step fits it, so the "
+                "step as written may need more")
+    else:
+        note = None
     for b in shown:
         ok = memory.total <= b.bytes
         p(f"  {'FITS' if ok else 'DOES NOT FIT'} in {b.fraction:.0%} of HBM = "
           f"{b.bytes / 1e9:.2f} GB ({b.source})" + (" <- this run's budget" if b is main and
                                                     len(shown) > 1 else ""))
-    if near:
-        p("  (XLA:GPU rematerialised to fit the whole HBM: the step as written needs more)")
+    if note:
+        p(f"  ({note})")
     return memory.total <= main.bytes
 
 
