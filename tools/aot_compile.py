@@ -81,6 +81,11 @@ def main(argv, config):
     try:
         compiled = built.lowered.compile()
     except Exception as e:  # XLA reports running out of HBM as a compile error
+        if target.platform == "gpu" and "ptxas" in str(e):
+            print("error: XLA:GPU needs ptxas to assemble its kernels and found none; install "
+                  "it with `pip install nvidia-cuda-nvcc-cu12` (in the gpu-aot extra) or put a "
+                  "CUDA toolkit's bin/ on PATH", file=sys.stderr)
+            return 3
         if aot.is_out_of_memory(e):
             print(f"RESULT: does NOT fit on {target.spec}: XLA ran out of memory compiling the "
                   f"step:\n{str(e)[:2000]}")
