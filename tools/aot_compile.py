@@ -12,6 +12,8 @@ r"""Compile the real train step ahead of time for a TPU pod or a GPU cluster, an
       XLA:GPU's own buffer assignment, checked against the HBM a JAX process preallocates:
       XLA_PYTHON_CLIENT_MEM_FRACTION if set, else JAX's 75%. Several nodes put the data axis
       across them (mesh.dcn_data) and the report adds what crosses the node boundary.
+      XLA_FLAGS apply: `source launch/xla_gpu_flags.sh` first to compile with training's.
+      GEMMs are not autotuned (no speed figures), and XLA gives no cost analysis here.
   cpu:8                                             N fake CPU devices, compiled by XLA:CPU.
   --gpu_planner=cpu: GPUs as fake CPU devices compiled by XLA:CPU with dense attention (the
       planning figures of earlier releases; far above XLA:GPU's). Kept for one release.

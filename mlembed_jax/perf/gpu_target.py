@@ -7,9 +7,10 @@ capability, shared memory, core count, HBM size). JAX's CUDA plugin turns one in
 devices (`jax.experimental.topologies.get_topology_desc(platform="cuda", ...)`), and
 `jit(...).lower(...).compile()` then runs XLA:GPU's whole pipeline on this machine's CPU.
 
-The memory budget is ours: XLA:GPU never reports running out of memory, it rematerialises
-until the program fits the whole HBM. A JAX process preallocates only
-XLA_PYTHON_CLIENT_MEM_FRACTION of it (0.75 by default), so that fraction is the limit.
+The memory budget is ours: XLA:GPU never reports running out of memory. It rematerialises
+toward a limit of its own and compiles the program anyway when it cannot get there. A JAX
+process preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of the HBM (0.75 by default), so that
+fraction is the limit.
 """
 
 from __future__ import annotations
