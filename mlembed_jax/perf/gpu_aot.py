@@ -107,20 +107,21 @@ def budgets(hbm: float, environ=None) -> tuple[Budget, list[Budget]]:
     return main, shown
 
 
-def knobs(step, memory: hlo.Memory, budget: Budget, state_bytes: int) -> list[str]:
+def knobs(step, memory: hlo.Memory, budget: Budget, state_bytes: int,
+          nodes: int = 1) -> list[str]:
     """What would bring an over-budget step under `budget`, most direct first."""
     enc, setup = step.setup.enc, step.setup
     mesh = dict(step.mesh.shape)
-    n = int(np.prod(list(mesh.values())))
+    per_node = int(np.prod(list(mesh.values()))) // nodes
     out = []
     if state_bytes > 0.8 * budget.bytes:
         out.append(f"the train state alone is {state_bytes / 1e9:.2f} GB per GPU, which remat "
                    f"and chunks do not shrink: shard it over more GPUs (mesh.fsdp="
                    f"{mesh['fsdp']} now; a larger --topology, mesh.fsdp=-1 shards over all "
                    "of a node's GPUs)")
-    elif mesh["fsdp"] < n:
-        out.append(f"mesh.fsdp={mesh['fsdp']} of {n} GPUs: set mesh.fsdp=-1 to shard the "
-                   "parameters and optimizer state over all of them")
+    elif mesh["fsdp"] * mesh["tensor"] < per_node:
+        out.append(f"mesh.fsdp={mesh['fsdp']}: set mesh.fsdp=-1 and mesh.data=1 to shard the "
+                   f"parameters and optimizer state over all {per_node} GPUs of a node")
     if enc.remat != "full":
         out.append(f"model.remat=full (now {enc.remat}): recompute each layer in the backward "
                    "pass, the least activation memory")
@@ -169,7 +170,7 @@ def result_line(memory: hlo.Memory, target: Target, fits: bool, step, state_byte
       f"{memory.argument / 1e9:.2f} + temporaries {memory.temp / 1e9:.2f} GB) > "
       f"{main.bytes / 1e9:.2f} GB = {main.fraction:.0%} of an {gpu}'s "
       f"{target.hbm_bytes / 1e9:.2f} GB ({main.source}; XLA:GPU). What would help:")
-    for k in knobs(step, memory, main, state_bytes):
+    for k in knobs(step, memory, main, state_bytes, target.nodes):
         p(f"  - {k}")
 
 
