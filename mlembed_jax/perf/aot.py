@@ -2,7 +2,8 @@
 
 `tools/aot_compile.py` is the command line; this module does the work:
   * the target's devices: TPU chips described by libtpu (no TPU attached; one slice or
-    several joined by DCN) or this process's fake CPU devices (perf/aot_target.py sets the
+    several joined by DCN), NVIDIA GPUs described by JAX's CUDA plugin (perf/gpu_aot.py,
+    one node or several) or this process's fake CPU devices (perf/aot_target.py sets the
     environment up first);
   * the step: the attention kernel a run there would choose, then `train_step.build_step`,
     the very builder `mlembed_jax.train` runs, lowered on ShapeDtypeStructs (no weights, no
@@ -14,9 +15,9 @@
     collectives in the compiled HLO and, across slices, those that cross DCN (perf/hlo.py).
 
 Nothing here touches a device: TPU programs are compiled for the described chips only, and
-the CPU path only compiles. Memory figures for TPU come from XLA:TPU itself; on fake CPU
-devices they come from XLA:CPU and are only indicative of a GPU (other fusion, other
-layouts, no cuDNN/Triton kernels).
+the CPU path only compiles. Memory figures for TPU come from XLA:TPU itself, for GPUs from
+XLA:GPU; on fake CPU devices they come from XLA:CPU and are only indicative of a GPU (other
+fusion, other layouts, no cuDNN/Triton kernels).
 """
 
 from __future__ import annotations
