@@ -141,7 +141,10 @@ def build_lowered(config, devices, num_datasets: int = 1) -> Built:
     its largest row bucket (`mix_geometries`). A KD teacher (loss.teacher) is read from its
     HF config.json only."""
     mesh = make_mesh(config.mesh, devices)
-    config, kernel = resolve_attention(config, mesh.devices.flat, check=False)
+    if mesh.devices.flat[0].platform == "gpu":  # kernels checked by compiling them there
+        config, kernel = gpu_aot.resolve_attention(config, mesh.devices.flat)
+    else:
+        config, kernel = resolve_attention(config, mesh.devices.flat, check=False)
     geometries, buckets_from = mix_geometries(
         config, packs_per_step(config.data, mesh, config.mesh.logical_axis_rules))
     step = build_step(config, mesh, total_steps=max(int(config.train.max_steps), 1000),

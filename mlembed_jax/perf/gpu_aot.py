@@ -19,10 +19,12 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
 
-from mlembed_jax.config import apply_overrides
+from mlembed_jax.config import ConfigError, apply_overrides
+from mlembed_jax.model.kernel_choice import AUTO, choose, remat_for
 from mlembed_jax.perf import gpu_target, hlo
 from mlembed_jax.perf.aot_target import AotError, Target
 
@@ -63,6 +65,63 @@ def tracing_for(devices):
 
             stack.enter_context(_import_tokamax().config.cross_compile(True))
         yield
+
+
+def compile_problem(name: str, model_cfg, seq_len: int, device) -> str | None:
+    """None if attention kernel `name` (forward and gradients, two rows of seq_len with the
+    model's heads, head_dim and compute dtype) compiles for the described GPU `device`, else
+    why not (one line). The AOT stand-in for a run's start-up check: compiled, not run."""
+    from mlembed_jax.model import attention  # its kernels import tokamax lazily
+
+    sh = jax.sharding.SingleDeviceSharding(device)
+    dt = jnp.dtype(str(model_cfg.compute_dtype))
+    heads = (int(model_cfg.num_heads), int(model_cfg.num_kv_heads), int(model_cfg.num_kv_heads))
+    qkv = [jax.ShapeDtypeStruct((2, seq_len, h, int(model_cfg.head_dim)), dt, sharding=sh)
+           for h in heads]
+    seg = jax.ShapeDtypeStruct((2, seq_len), jnp.int32, sharding=sh)
+    fn = attention.get_attention(name)
+    loss = lambda q, k, v, s: jnp.sum(fn(q, k, v, s).astype(jnp.float32))
+    try:
+        with tracing_for([device]):
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*qkv, seg).compile()
+    except Exception as e:  # noqa: BLE001 - any failure to lower or compile is the finding
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    return None
+
+
+def resolve_attention(config, devices):
+    """kernel_check.resolve_attention for described GPUs: model.attention "auto" takes the
+    first candidate that compiles for this GPU (`compile_problem`, where a run would run its
+    start-up check), an explicit kernel must compile (AotError naming the fix), and
+    model.remat "auto" follows the kernel. Returns (resolved config, kernel_choice.Choice)."""
+    m, device = config.model, list(devices)[0]
+    seq_len = int(config.data.seq_len)
+    gpu = device.device_kind
+    check = lambda name: compile_problem(name, m, seq_len, device)
+    try:
+        choice = choose(m.attention, "gpu", seq_len, compute_capability=device.compute_capability,
+                        probe=check)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if m.attention == AUTO:
+        choice = dataclasses.replace(choice, reason=choice.reason.replace(
+            "matched dense on this run's devices", f"compiles for the {gpu} (not run: compile "
+            "only)").replace("FAILED its start-up check against dense", f"does not compile "
+                             f"for the {gpu}"),
+            passed_over=tuple((n, w.replace("FAILED its start-up check against dense",
+                                            f"does not compile for the {gpu}"))
+                              for n, w in choice.passed_over))
+    elif choice.kernel != "dense":  # choose() checks an explicit kernel's platform only
+        problem = check(choice.kernel)
+        if problem:
+            raise AotError(f"model.attention={choice.kernel!r} does not compile for the {gpu}: "
+                           f"{problem}; pick another kernel (model.attention=auto takes the "
+                           "first that compiles)")
+    resolved = apply_overrides(config.copy_and_resolve_references(), {
+        "model.attention": choice.kernel, "model.remat": remat_for(m.remat, choice.kernel)})
+    if config.is_locked:
+        resolved.lock()
+    return resolved, choice
 
 
 def node_config(config, target: Target):
