@@ -105,6 +105,25 @@ def test_two_nodes_report_what_crosses_and_over_budget_exits_nonzero_with_knobs(
     assert "model.remat=full (now none)" in out and "train.grad_cache_chunks=K" in out
 
 
+
+@needs_plugin
+def test_auto_passes_over_kernels_that_do_not_compile_for_the_gpu():
+    # The small config computes in float32, which neither flash kernel takes (tokamax's
+    # Mosaic kernel and cuDNN refuse it while compiling): auto says so and takes dense, as a
+    # run's start-up check would; asked for by name, the kernel is a one-line error.
+    r = run_tool("--topology=h100:1", **SMALL, **{"model.attention": "auto"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    line = re.search(r"^attention: .*$", r.stdout, re.M).group(0)
+    assert line.startswith("attention: dense (auto:"), line
+    assert "passed over cudnn: does not compile for the NVIDIA H100 80GB HBM3" in line
+    if importlib.util.find_spec("tokamax") is not None:
+        assert "passed over tokamax_mosaic: does not compile for the NVIDIA H100" in line
+    r = run_tool("--topology=h100:1", **SMALL, **{"model.attention": "cudnn"})
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: model.attention='cudnn' does not compile for the NVIDIA "
+                          "H100 80GB HBM3: ") and "pick another kernel" in err, r.stderr[-2000:]
+
 def readme_cpu_planning_total(config="0.6B", target="1x H100") -> float:
     """The total per chip of the README's XLA:CPU planning row for `config` on `target`
     ("### Memory and FLOPs per configuration"), in bytes."""
