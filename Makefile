@@ -1,7 +1,8 @@
 # Two commands for a newcomer (see README): `make demo` and `make test`.
 # Both create ./.venv on first use, then run: the demo installs only the runtime (CPU JAX
 # and what training, encode and export need, ~1.3 GB); the tests add CPU torch,
-# sentence-transformers, tokamax, pytest and ruff (and libtpu, below).
+# sentence-transformers, tokamax, pytest, ruff, jax's CUDA plugin and cuDNN (compiling for
+# GPUs needs no GPU) and libtpu (below).
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -17,7 +18,8 @@ $(BIN)/.installed: pyproject.toml
 $(BIN)/.installed-test: $(BIN)/.installed
 	# torch 2.13.0 is the CPU build; installed first so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	# gpu-aot: XLA:GPU compiles for H100/H200/B200 on this CPU (tests/test_aot_gpu.py; ~1.6 GB installed).
+	$(BIN)/pip install -q -e '.[test,gpu-aot]'
 	touch $@
 
 # libtpu lets tools/aot_compile.py (and tests/test_aot.py) describe TPU pods and compile for

@@ -1,5 +1,6 @@
 """tools/aot_compile.py: the real train step compiled ahead of time for a TPU topology (via
-libtpu, no TPU) and for GPU-cluster planning on fake CPU devices; the fit/no-fit exit code;
+libtpu, no TPU) and for the old GPU planning on fake CPU devices (--gpu_planner=cpu; XLA:GPU
+itself: tests/test_aot_gpu.py); the fit/no-fit exit code;
 and the pack-local loss lookups that keep global in-batch negatives sharded at scale."""
 
 import os
@@ -78,7 +79,8 @@ def test_absurd_batch_does_not_fit_and_exits_nonzero():
 def test_gpu_planning_on_fake_cpu_devices():
     # Same step, same mesh, 8 fake CPU devices. A tiny HBM fraction makes it "not fit", which
     # checks the tool's own ceiling (XLA:CPU never runs out of memory while compiling).
-    r = run_tool("h100:8", **{"mesh.fsdp": 8, "mesh.data": 1}, max_fraction=1e-6)
+    r = run_tool("h100:8", **{"mesh.fsdp": 8, "mesh.data": 1}, max_fraction=1e-6,
+                 flags=["--gpu_planner=cpu"])
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert "8 fake CPU devices" in out and "ONLY INDICATIVE" in out
@@ -95,14 +97,20 @@ def test_bad_topology_is_a_usage_error():
     r = subprocess.run([sys.executable, TOOL, f"--config={DEMO}", "--topology=cpu:8",
                         "--config.model.foo=1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: unknown config field 'model.foo'"
-    with pytest.raises(aot_target.AotError, match="device count"):
+    with pytest.raises(aot_target.AotError, match="nodes x GPUs"):
         aot_target.parse_target("h100:eight")
+    with pytest.raises(aot_target.AotError, match="device count"):
+        aot_target.parse_target("h100:2x8", gpu_planner="cpu")
     t = aot_target.parse_target("v5p:4x4x4")
     assert (t.platform, t.num_devices, t.hbm_bytes) == ("tpu", 64, 95e9)
     t = aot_target.parse_target("v5p:4x4x4", num_slices=2)
     assert (t.num_devices, t.num_slices) == (128, 2)
-    with pytest.raises(aot_target.AotError, match="mesh.dcn_data"):
+    with pytest.raises(aot_target.AotError, match="h100:2x8"):
         aot_target.parse_target("h100:16", num_slices=2)
+    t = aot_target.parse_target("h100:2x8")
+    assert (t.platform, t.num_devices, t.nodes, t.hbm_bytes) == ("gpu", 16, 2, 84942979072)
+    t = aot_target.parse_target("h100:8", gpu_planner="cpu")
+    assert (t.platform, t.num_devices, t.hbm_bytes) == ("cpu", 8, 80e9)
 
 
 def test_a_libtpu_other_than_jaxs_pin_is_named_with_the_fix(tmp_path):

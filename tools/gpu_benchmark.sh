@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# The GPU measurement behind the README's Performance table, as one script for a
-# lent H100/H200 (the `device` tool, 15 minutes in all). On the development machine, first:
+# The GPU measurement behind the README's Performance table, as one script for an H100/H200
+# machine (about 9 minutes after a preflight of up to 4). On a machine with network access,
+# first:
 #   tools/fetch_gpu_wheels.sh
-# then one device call:  command="bash tools/gpu_benchmark.sh", carry=[".whl"], timeout_s=560
+# then copy the checkout with .whl/ to the GPU machine and run:  bash tools/gpu_benchmark.sh
+#
+#   bash tools/gpu_benchmark.sh --preflight [--gpu=h100]   (or MLEMBED_BENCH_PREFLIGHT=1)
+# only compiles, on the CPU with XLA:GPU and no GPU (tools/aot_compile.py, the gpu-aot
+# extra), every train-step program the stages below time (both kernels, the plain variant,
+# stage 5's variants), so a kernel or config mistake shows up before any GPU time is spent.
+# A GPU run does this first (stage 0) and stops if a program does not compile or fit.
 #
 # Stages, each with its own time limit (capped so that 1.7B always gets its turn within the
 # budget), appending to $OUT/all.txt as it goes (a cut-off run
 # still returns what it measured):
+#   0. preflight: the programs below compiled deviceless for this GPU, half the cores'
+#      worth at a time (MLEMBED_PREFLIGHT_BUDGET=240 s; what the limit cuts off is listed as
+#      unchecked, a program that fails to compile or fit stops the run).
 #   1. the GPU kernel tests (cuDNN, tokamax mosaic/triton vs the dense reference, no text
 #      sees another);                                                         ~1 min
 #   2. tools/bench_attention.py: every GPU kernel on one step of the mix;   ~1 min
@@ -18,14 +28,23 @@
 #      cached gradients cost at the same batch).
 # The full-step kernel is tokamax_mosaic where stage 1 and 2 pass for it, else cudnn.
 # MLEMBED_BENCH_SMOKE=1 runs the same stages on CPU with tiny shapes and portable kernels
-# (tests/test_benchmark.py), so a mistake here is caught before a GPU session is spent.
+# (tests/test_benchmark.py), so a mistake here is caught before a GPU is used.
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 LOG="$OUT/all.txt"
 SMOKE=${MLEMBED_BENCH_SMOKE:-0}
+PREFLIGHT_ONLY=${MLEMBED_BENCH_PREFLIGHT:-0}
+GPU=${MLEMBED_BENCH_GPU:-}  # h100, h200, b200: the spec the preflight compiles for
+for arg in "$@"; do
+  case "$arg" in
+    --preflight) PREFLIGHT_ONLY=1 ;;
+    --gpu=*) GPU=${arg#--gpu=} ;;
+    *) echo "error: unknown argument $arg; use --preflight and --gpu=h100|h200|b200" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
-BUDGET=${MLEMBED_BENCH_BUDGET:-540}  # seconds of script time; the device call gets 560
+BUDGET=${MLEMBED_BENCH_BUDGET:-540}  # seconds of script time after the preflight
 say() { echo "$*" | tee -a "$LOG"; }
 
 limit() {  # wanted seconds, seconds to keep for the stages after it -> this stage's limit
@@ -60,6 +79,8 @@ else
   SHAPE=()
   ATTN_SHAPE=(--steps=20)
   STEPS=(--steps=10 --warmup=3)
+fi
+if [ "$SMOKE" != 1 ] && [ "$PREFLIGHT_ONLY" != 1 ]; then
   if ! ls .whl/tokamax-*.whl >/dev/null 2>&1; then
     say "error: no .whl/tokamax-*.whl here. On the dev machine run"
     say "  tools/fetch_gpu_wheels.sh"
@@ -72,7 +93,90 @@ else
   export PYTHONPATH="$SITE:$PWD"
   source launch/xla_gpu_flags.sh  # training's XLA flags (launch/slurm_gpu.sbatch), before JAX starts
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+  if [ -z "$GPU" ]; then
+    case "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" in
+      *H200*) GPU=h200 ;; *B200*) GPU=b200 ;; *H100*PCIe*) GPU=h100_pcie ;; *) GPU=h100 ;;
+    esac
+  fi
 fi
+GPU=${GPU:-h100}
+
+# 0. Preflight: every train-step program the stages time, compiled by XLA:GPU on the CPU
+# for $GPU (tools/aot_compile.py; no GPU used). The kernel of stages 3-5 is chosen at run
+# time, so both candidates are compiled.
+preflight_programs() {  # one line per program: tools/aot_compile.py arguments
+  local cfg k other plain
+  for cfg in "$CFG_SMALL" "$CFG_BIG"; do
+    plain=$("$PY" -c "
+import sys
+from mlembed_jax.config import load_config_file
+c = load_config_file(sys.argv[1], {})
+print(f'--config.model.mel=False --config.model.exits=({c.model.num_layers},) '
+      f'--config.loss.mrl_min_dim={c.model.hidden_size}')" "$cfg") || return 2
+    for k in "$FAST" "$SAFE"; do
+      echo "--config=$cfg --config.model.attention=$k --config.model.remat=attention ${SHAPE[*]}"
+      [ "$cfg" = "$CFG_SMALL" ] && echo "--config=$cfg --config.model.attention=$k --config.model.remat=attention $plain ${SHAPE[*]}"
+    done
+  done
+  for k in "$FAST" "$SAFE"; do
+    for v in "--config.model.remat=full" "--config.model.remat=dots_attention" \
+        "--config.model.param_dtype=bfloat16 --config.model.remat=dots_attention" \
+        "--config.model.param_dtype=bfloat16 --config.model.remat=attention" \
+        "--config.model.remat=full --config.train.grad_cache_chunks=1"; do
+      echo "--config=$CFG_SMALL --config.model.attention=$k $v ${SHAPE[*]}"
+    done
+  done
+}
+
+preflight() {  # [seconds]: compiles them, JOBS at a time, within the time limit (0: none);
+  # returns non-zero if one fails or does not fit (ones the limit cut off are only listed)
+  local seconds=${1:-0}
+  local jobs=${MLEMBED_PREFLIGHT_JOBS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}
+  local list="$OUT/preflight_programs.txt"
+  # The CPU smoke run (tests) compiles the first MLEMBED_PREFLIGHT_LIMIT programs only.
+  local limit=${MLEMBED_PREFLIGHT_LIMIT:-0}
+  [ "$SMOKE" = 1 ] && [ "$limit" = 0 ] && limit=2
+  preflight_programs | awk -v n="$limit" '!seen[$0]++ && (n == 0 || ++k <= n)' > "$list" \
+    || { say "preflight: could not list programs"; return 2; }
+  say "== preflight ($(date -u +%H:%M:%S) UTC): $(wc -l < "$list") programs for $GPU, XLA:GPU on the CPU, $jobs at a time"
+  # shellcheck disable=SC2016
+  nl -ba -w1 -s' ' "$list" | timeout "$seconds" xargs -P "$jobs" -L 1 bash -c '
+    i=$1; shift
+    JAX_PLATFORMS=cpu "$0" tools/aot_compile.py --topology="$GPU:1" "$@" >"$OUT/preflight_$i.txt" 2>"$OUT/preflight_$i.err"
+    echo "exit $?" >>"$OUT/preflight_$i.txt"' "$PY"
+  local bad=0 cut=0 i=0 line
+  while IFS= read -r line; do
+    i=$((i + 1))
+    local res rc
+    rc=$(tail -1 "$OUT/preflight_$i.txt" 2>/dev/null)
+    if [[ "$rc" != "exit "* ]]; then
+      say "  [not compiled: time limit] $line"
+      cut=$((cut + 1))
+      continue
+    fi
+    res=$(grep -m1 "^RESULT" "$OUT/preflight_$i.txt" || tail -1 "$OUT/preflight_$i.err")
+    say "  [$rc] $line"
+    say "        ${res:-no output}"
+    [ "$rc" = "exit 0" ] || bad=1
+  done < "$list"
+  [ "$cut" -gt 0 ] && say "  WARNING: $cut program(s) not compiled within the ${seconds}s limit (unchecked)"
+  return $bad
+}
+
+export GPU OUT
+if [ "$PREFLIGHT_ONLY" = 1 ]; then
+  preflight
+  rc=$?
+  say "== preflight $([ $rc = 0 ] && echo passed || echo FAILED) in ${SECONDS}s"
+  exit $rc
+fi
+if ! "$PY" -c "import jax_plugins.xla_cuda12" 2>/dev/null; then
+  say "== preflight skipped: jax's CUDA plugin is not installed (pip install -e '.[gpu-aot]')"
+elif ! preflight "${MLEMBED_PREFLIGHT_BUDGET:-240}"; then
+  say "error: a program above does not compile or fit for $GPU; fix it before spending GPU time"
+  exit 1
+fi
+BUDGET=$((BUDGET + SECONDS))  # the stages' budget starts after the preflight
 say "XLA_FLAGS=${XLA_FLAGS:-}"
 "$PY" -c "
 import jax, jaxlib, flax, optax, torch, transformers

@@ -2,7 +2,8 @@
 
 `tools/aot_compile.py` is the command line; this module does the work:
   * the target's devices: TPU chips described by libtpu (no TPU attached; one slice or
-    several joined by DCN) or this process's fake CPU devices (perf/aot_target.py sets the
+    several joined by DCN), NVIDIA GPUs described by JAX's CUDA plugin (perf/gpu_aot.py,
+    one node or several) or this process's fake CPU devices (perf/aot_target.py sets the
     environment up first);
   * the step: the attention kernel a run there would choose, then `train_step.build_step`,
     the very builder `mlembed_jax.train` runs, lowered on ShapeDtypeStructs (no weights, no
@@ -14,9 +15,9 @@
     collectives in the compiled HLO and, across slices, those that cross DCN (perf/hlo.py).
 
 Nothing here touches a device: TPU programs are compiled for the described chips only, and
-the CPU path only compiles. Memory figures for TPU come from XLA:TPU itself; on fake CPU
-devices they come from XLA:CPU and are only indicative of a GPU (other fusion, other
-layouts, no cuDNN/Triton kernels).
+the CPU path only compiles. Memory figures for TPU come from XLA:TPU itself, for GPUs from
+XLA:GPU; on fake CPU devices they come from XLA:CPU and are only indicative of a GPU (other
+fusion, other layouts, no cuDNN/Triton kernels).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mlembed_jax.model.kernel_check import resolve_attention
 from mlembed_jax.model.kernel_choice import Choice
 from mlembed_jax.model.qwen3 import param_count
 from mlembed_jax.perf import flops as flops_lib
-from mlembed_jax.perf import hlo
+from mlembed_jax.perf import gpu_aot, hlo
 from mlembed_jax.perf.aot_target import AotError, Target, check_libtpu, libtpu_version
 from mlembed_jax.perf.benchmark_mix import MIX_NEGATIVES, mix_buckets, mix_steps, sample_lengths
 from mlembed_jax.sharding import make_mesh, num_slices, pack_ranges, packs_per_step
@@ -65,7 +66,10 @@ def _quiet_stderr(fn):
 
 
 def target_devices(target: Target) -> list:
-    """The target's devices: described TPU chips (no runtime) or this process's CPU devices."""
+    """The target's devices: described TPU chips or GPUs (no runtime), or this process's CPU
+    devices."""
+    if target.platform == "gpu":
+        return gpu_aot.devices(target)
     if target.platform == "cpu":
         devices = jax.devices("cpu")
         if len(devices) != target.num_devices:
@@ -137,13 +141,16 @@ def build_lowered(config, devices, num_datasets: int = 1) -> Built:
     its largest row bucket (`mix_geometries`). A KD teacher (loss.teacher) is read from its
     HF config.json only."""
     mesh = make_mesh(config.mesh, devices)
-    config, kernel = resolve_attention(config, mesh.devices.flat, check=False)
+    if mesh.devices.flat[0].platform == "gpu":  # kernels checked by compiling them there
+        config, kernel = gpu_aot.resolve_attention(config, mesh.devices.flat)
+    else:
+        config, kernel = resolve_attention(config, mesh.devices.flat, check=False)
     geometries, buckets_from = mix_geometries(
         config, packs_per_step(config.data, mesh, config.mesh.logical_axis_rules))
     step = build_step(config, mesh, total_steps=max(int(config.train.max_steps), 1000),
                       num_datasets=num_datasets, geometries=geometries)
     t0 = time.time()
-    with step.rules_context():
+    with step.rules_context(), gpu_aot.tracing_for(mesh.devices.flat):
         lowered = step.train.lower(step.abstract_state, step.abstract_batch(),
                                    step.abstract_teacher())
     return Built(step, lowered, time.time() - t0, kernel, buckets_from)
@@ -217,6 +224,9 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
         p(f"target: {slices}TPU {target.chip} topology {target.shape} = {n_dev} chips{dcn}, "
           f"{_gb(target.hbm_bytes)} HBM per chip (compiled by XLA:TPU from libtpu; no TPU "
           "attached)")
+    elif target.platform == "gpu":
+        p(gpu_aot.target_line(target))
+        p(gpu_aot.flags_line())
     else:
         hbm = f", compared with {_gb(target.hbm_bytes)} per {target.chip.upper()}" \
             if target.hbm_bytes else ""
@@ -279,13 +289,17 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
         p(f"  temporaries  {_gb(m.temp):>10}  (activations, gradients, optimizer update)")
         p(f"  program      {_gb(m.code):>10}")
         line = f"  total        {_gb(m.total):>10}"
-        if target.hbm_bytes:
+        if target.platform == "gpu":
+            p(line + f"  of {_gb(target.hbm_bytes)} HBM ({100 * m.total / target.hbm_bytes:.0f}%)")
+            fits = gpu_aot.fit_lines(m, target, p)
+        elif target.hbm_bytes:
             limit = max_fraction * target.hbm_bytes
             fits = m.total <= limit
             line += (f"  of {_gb(target.hbm_bytes)} HBM ({100 * m.total / target.hbm_bytes:.0f}%)"
                      f"; limit {100 * max_fraction:.0f}% = {_gb(limit)}: "
                      + ("FITS" if fits else "DOES NOT FIT"))
-        p(line)
+        if target.platform != "gpu":
+            p(line)
     p()
     hf = hand_flops(c, g)
     p("FLOPs per step (hand count, perf/flops.py: 6 N tokens + causal attention):")
@@ -325,8 +339,12 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
             p("  (each slice runs its own copy of this program: these stay inside a slice)")
     if hlo_text is not None and target.num_slices > 1:
         dcn_report(hlo.dcn_transfers(hlo_text), enc.num_layers, p)
+    if hlo_text is not None and target.nodes > 1:
+        gpu_aot.node_report(hlo_text, step.mesh, enc.num_layers, p)
     p()
-    if m is not None and target.hbm_bytes:
+    if m is not None and target.platform == "gpu":
+        gpu_aot.result_line(m, target, fits, step, state_b, p)
+    elif m is not None and target.hbm_bytes:
         p(f"RESULT: {'fits' if fits else 'does NOT fit'}: {_gb(m.total)} per chip "
           f"of {_gb(target.hbm_bytes)}" + (" (indicative only: XLA:CPU)" if
                                             target.indicative else ""))

@@ -3,12 +3,16 @@ must run before JAX starts a backend (tools/aot_compile.py calls `prepare_enviro
 first, then imports perf/aot.py).
 
 A target is a TPU topology described by libtpu (`v5p:4x4x4`, `v6e:8x8`, ...) with no TPU
-attached, or N fake CPU devices standing in for a GPU cluster (`h100:8`, `h200:16`).
+attached; NVIDIA GPUs described by JAX's CUDA plugin from XLA's specs (`h100:8`, `h200:1`,
+`h100:2x8` = 2 nodes of 8; perf/gpu_target.py), compiled by XLA:GPU with no GPU attached;
+or N fake CPU devices (`cpu:8`, and with --gpu_planner=cpu the old XLA:CPU stand-in for a
+GPU cluster).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import sys
@@ -19,6 +23,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from mlembed_jax.model.kernel_choice import INTERPRET_ENV
+from mlembed_jax.perf import gpu_target
 from mlembed_jax.perf.flops import CHIPS, CHIPS_BY_NAME
 
 
@@ -30,32 +35,56 @@ class LibtpuMissing(AotError):
     """libtpu is not installed, so TPU topologies cannot be described here."""
 
 
+class GpuPluginMissing(AotError):
+    """JAX's CUDA plugin is not installed, so GPUs cannot be described here."""
+
+
+CUDA_PLUGIN_MISSING = (
+    "JAX's CUDA plugin is not installed, so XLA:GPU cannot compile here. Install it with "
+    "`pip install 'mlembed_jax[gpu-aot]'` (jax[cuda12-local] and cuDNN; no GPU or driver "
+    "needed), or use --gpu_planner=cpu for the old XLA:CPU planning figures")
+
+
+def cuda_plugin_installed() -> bool:
+    """Whether jax's CUDA 12 PJRT plugin is importable (it describes GPUs without one)."""
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What to compile for. platform: 'tpu' (libtpu topology) or 'cpu' (fake devices)."""
+    """What to compile for. platform: 'tpu' (libtpu topology), 'gpu' (XLA:GPU, described
+    devices) or 'cpu' (fake devices)."""
 
-    spec: str  # as given: "v5p:4x4x4", "h100:8"
+    spec: str  # as given: "v5p:4x4x4", "h100:8", "h100:2x8"
     platform: str
     chip: str  # "v5p", "h100", ...
-    shape: str  # "4x4x4" (TPU) or the device count (GPU planning)
-    num_devices: int  # all slices together
+    shape: str  # "4x4x4" (TPU), "2x8" (GPU nodes x GPUs) or the device count (CPU)
+    num_devices: int  # all slices / nodes together
     hbm_bytes: float | None
     peak_flops: float | None
     num_slices: int = 1  # TPU slices joined by DCN (--num_slices)
+    nodes: int = 1  # GPU nodes (the data axis goes across them)
 
     @property
     def indicative(self) -> bool:
         return self.platform == "cpu"
 
 
-def parse_target(spec: str, num_slices: int = 1) -> Target:
-    """'v5p:4x4x4' -> a 64-chip TPU target; 'h100:8' -> 8 fake CPU devices sized as H100s.
-    num_slices: that many TPU slices of the shape, joined by DCN (TPU only)."""
+GPU_PLANNERS = ("xla_gpu", "cpu")
+
+
+def parse_target(spec: str, num_slices: int = 1, gpu_planner: str = "xla_gpu") -> Target:
+    """'v5p:4x4x4' -> a 64-chip TPU target; 'h100:8' -> 8 H100s compiled by XLA:GPU;
+    'h100:2x8' -> 2 nodes of 8; 'cpu:8' -> 8 fake CPU devices. num_slices: that many TPU
+    slices of the shape, joined by DCN (TPU only). gpu_planner='cpu': GPUs as fake CPU
+    devices compiled by XLA:CPU (the planning figures of earlier releases)."""
     if num_slices < 1:
         raise AotError(f"--num_slices={num_slices} must be at least 1")
+    if gpu_planner not in GPU_PLANNERS:
+        raise AotError(f"--gpu_planner={gpu_planner!r}: choose one of {list(GPU_PLANNERS)}")
     if ":" not in spec:
         raise AotError(f"--topology={spec!r}: expected CHIP:SHAPE, e.g. v5p:4x4x4, v6e:8x8, "
-                       "or GPU:COUNT for cluster planning, e.g. h100:8")
+                       "h100:8 (GPUs), h100:2x8 (nodes x GPUs) or cpu:8")
     chip, shape = spec.lower().split(":", 1)
     known = CHIPS_BY_NAME.get(chip)
     if known is not None and known.platform == "tpu":
@@ -68,17 +97,30 @@ def parse_target(spec: str, num_slices: int = 1) -> Target:
         return Target(spec, "tpu", chip, shape, n * num_slices, known.hbm_bytes,
                       known.peak_flops, num_slices)
     if num_slices != 1:
-        raise AotError(f"--num_slices is for TPU topologies; for GPU nodes give the total "
-                       f"count ({spec}) and --config.mesh.dcn_data=NODES")
-    if known is not None or chip == "cpu":  # GPUs, or "cpu": a plain shape check, no HBM limit
+        raise AotError(f"--num_slices is for TPU topologies; for GPU nodes give NODESxGPUS, "
+                       f"e.g. --topology={chip}:2x8")
+    if chip == "cpu" or (gpu_planner == "cpu" and known is not None):
         if not shape.isdigit() or int(shape) < 1:
-            raise AotError(f"--topology={spec!r}: GPU planning takes a device count, e.g. h100:8")
+            raise AotError(f"--topology={spec!r}: fake CPU devices take a device count, "
+                           "e.g. cpu:8")
         hbm, peak = (known.hbm_bytes, known.peak_flops) if known else (None, None)
         return Target(spec, "cpu", chip, shape, int(shape), hbm, peak)
+    if chip in gpu_target.GPU_SPECS:
+        m = re.fullmatch(r"(?:(\d+)x)?(\d+)", shape)
+        if not m or int(m.group(2)) < 1 or (m.group(1) is not None and int(m.group(1)) < 1):
+            raise AotError(f"--topology={spec!r}: GPUs take a count (h100:8) or nodes x GPUs "
+                           "per node (h100:2x8)")
+        nodes, per_node = int(m.group(1) or 1), int(m.group(2))
+        family = CHIPS_BY_NAME.get(chip.split("_")[0])
+        return Target(spec, "gpu", chip, f"{nodes}x{per_node}", nodes * per_node,
+                      float(gpu_target.load(chip).hbm_bytes),
+                      family.peak_flops if family else None, nodes=nodes)
+    if known is not None:  # a GPU in flops.CHIPS that XLA ships no spec for
+        raise AotError(f"--topology={spec!r}: no XLA:GPU description of {chip!r}; known GPUs: "
+                       f"{gpu_target.known_gpus()} (or --gpu_planner=cpu: fake CPU devices)")
     tpus = sorted(c.name for c in CHIPS if c.platform == "tpu")
-    gpus = sorted(c.name for c in CHIPS if c.platform == "gpu") + ["cpu"]
-    raise AotError(f"--topology={spec!r}: unknown chip {chip!r}; TPU: {tpus}, GPU planning "
-                   f"on fake CPU devices: {gpus}")
+    raise AotError(f"--topology={spec!r}: unknown chip {chip!r}; TPU: {tpus}; GPU (XLA:GPU): "
+                   f"{gpu_target.known_gpus()}; fake CPU devices: cpu")
 
 
 def find_libtpu() -> str | None:
@@ -144,6 +186,12 @@ def prepare_environment(target: Target) -> None:
         except Exception as e:  # a backend already exists; say so rather than hide it
             warnings.warn(f"could not switch JAX to the CPU backend ({e}); the compile may "
                           "use a local accelerator")
+    if target.platform == "gpu":
+        if not cuda_plugin_installed():
+            raise GpuPluginMissing(CUDA_PLUGIN_MISSING)
+        # A GPU program gets the real kernels, never Pallas' CPU interpreter.
+        os.environ.pop(INTERPRET_ENV, None)
+        return
     if target.platform == "cpu":
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                        os.environ.get("XLA_FLAGS", ""))
