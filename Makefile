@@ -1,13 +1,13 @@
 # Two commands for a newcomer (see README): `make demo` and `make test`.
 # Both create ./.venv on first use, then run: the demo installs only the runtime (CPU JAX
 # and what training, encode and export need, ~1.3 GB); the tests add CPU torch,
-# sentence-transformers, tokamax, pytest, ruff, jax's CUDA plugin and cuDNN (compiling for
-# GPUs needs no GPU) and libtpu (below).
+# sentence-transformers, tokamax, pytest and ruff, and off the import path (below) libtpu
+# and jax's CUDA plugin with cuDNN (compiling for TPUs and GPUs needs neither).
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test test-all libtpu
+.PHONY: setup demo test test-all libtpu gpu-aot
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,8 +18,7 @@ $(BIN)/.installed: pyproject.toml
 $(BIN)/.installed-test: $(BIN)/.installed
 	# torch 2.13.0 is the CPU build; installed first so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	# gpu-aot: XLA:GPU compiles for H100/H200/B200 on this CPU (tests/test_aot_gpu.py; ~1.6 GB installed).
-	$(BIN)/pip install -q -e '.[test,gpu-aot]'
+	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 # libtpu lets tools/aot_compile.py (and tests/test_aot.py) describe TPU pods and compile for
@@ -35,7 +34,23 @@ $(LIBTPU): $(BIN)/.installed
 
 libtpu: $(LIBTPU)
 
-setup: $(BIN)/.installed-test $(LIBTPU)
+# gpu-aot: jax's CUDA plugin (the release of the installed jaxlib), cuDNN and ptxas let
+# tools/aot_compile.py (and tests/test_aot_gpu.py) compile for H100/H200/B200 with XLA:GPU on
+# a machine without a GPU (~1.6 GB installed). They go to $(VENV)/gpu-aot, off the import
+# path: an importable CUDA plugin makes every JAX process on a GPU-less machine print driver
+# warnings. aot_compile adds the folder for GPU targets only.
+GPUAOT = $(VENV)/gpu-aot/.installed
+
+$(GPUAOT): $(BIN)/.installed
+	ver=$$($(BIN)/python -c "import jaxlib; print(jaxlib.__version__)"); \
+	$(BIN)/pip install -q --upgrade --target $(VENV)/gpu-aot "jax-cuda12-plugin==$$ver" \
+	  "nvidia-cudnn-cu12>=9.8" "nvidia-cuda-nvcc-cu12>=12.6.85" \
+	  && touch $@ \
+	  || echo "warning: could not install jax's CUDA plugin; tests/test_aot_gpu.py will skip"
+
+gpu-aot: $(GPUAOT)
+
+setup: $(BIN)/.installed-test $(LIBTPU) $(GPUAOT)
 
 demo: $(BIN)/.installed
 	$(BIN)/python -m mlembed_jax.train --config=configs/demo.py --workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)

@@ -16,8 +16,8 @@ from mlembed_jax.perf import aot_target, gpu_aot, gpu_target
 TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
 needs_plugin = pytest.mark.skipif(
     not aot_target.cuda_plugin_installed(),
-    reason="jax's CUDA plugin is not installed (`pip install -e '.[gpu-aot]'`, which `make "
-    "test` does: jax[cuda12-local] and cuDNN), so no GPU can be described here")
+    reason="jax's CUDA plugin is not installed (`make gpu-aot`, which `make test` runs, puts "
+    "it in .venv/gpu-aot), so no GPU can be described here")
 
 
 def run_tool(*args, config=DEMO, env=None, **overrides):

@@ -8,7 +8,7 @@ r"""Compile the real train step ahead of time for a TPU pod or a GPU cluster, an
       on this machine (no TPU needed; `make libtpu` installs it). Memory is XLA:TPU's own.
   h100:8, h200:8, b200:8, h100_pcie:1, h100:1        NVIDIA GPUs, described by JAX's CUDA
   h100:2x8 (nodes x GPUs per node)                  plugin from XLA's specs and compiled by
-      XLA:GPU on this CPU (no GPU needed; `pip install 'mlembed_jax[gpu-aot]'`). Memory is
+      XLA:GPU on this CPU (no GPU needed; `make gpu-aot`). Memory is
       XLA:GPU's own buffer assignment, checked against the HBM a JAX process preallocates:
       XLA_PYTHON_CLIENT_MEM_FRACTION if set, else JAX's 75%. Several nodes put the data axis
       across them (mesh.dcn_data) and the report adds what crosses the node boundary.

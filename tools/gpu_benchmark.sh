@@ -170,8 +170,8 @@ if [ "$PREFLIGHT_ONLY" = 1 ]; then
   say "== preflight $([ $rc = 0 ] && echo passed || echo FAILED) in ${SECONDS}s"
   exit $rc
 fi
-if ! "$PY" -c "import jax_plugins.xla_cuda12" 2>/dev/null; then
-  say "== preflight skipped: jax's CUDA plugin is not installed (pip install -e '.[gpu-aot]')"
+if ! "$PY" -c "from mlembed_jax.perf.aot_target import cuda_plugin_installed as f; raise SystemExit(not f())" 2>/dev/null; then
+  say "== preflight skipped: jax's CUDA plugin is not installed (make gpu-aot, or pip install -e '.[gpu-aot]')"
 elif ! preflight "${MLEMBED_PREFLIGHT_BUDGET:-240}"; then
   say "error: a program above does not compile or fit for $GPU; fix it before spending GPU time"
   exit 1

@@ -41,13 +41,37 @@ class GpuPluginMissing(AotError):
 
 CUDA_PLUGIN_MISSING = (
     "JAX's CUDA plugin is not installed, so XLA:GPU cannot compile here. Install it with "
-    "`pip install 'mlembed_jax[gpu-aot]'` (jax[cuda12-local] and cuDNN; no GPU or driver "
-    "needed), or use --gpu_planner=cpu for the old XLA:CPU planning figures")
+    "`make gpu-aot` (into the venv, off the import path) or `pip install "
+    "'mlembed_jax[gpu-aot]'` (jax[cuda12-local] and cuDNN; no GPU or driver needed), or use "
+    "--gpu_planner=cpu for the old XLA:CPU planning figures")
+
+
+def gpu_aot_dir() -> str | None:
+    """The copy of the CUDA plugin and cuDNN that `make gpu-aot` puts under <venv>/gpu-aot.
+    It stays off sys.path: on a machine without a GPU, an importable plugin makes every JAX
+    process print CUDA driver warnings (and a plugin error without JAX_PLATFORMS=cpu)."""
+    side = os.path.join(sys.prefix, "gpu-aot")
+    return side if os.path.isdir(os.path.join(side, "jax_plugins", "xla_cuda12")) else None
 
 
 def cuda_plugin_installed() -> bool:
-    """Whether jax's CUDA 12 PJRT plugin is importable (it describes GPUs without one)."""
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    """Whether jax's CUDA 12 PJRT plugin is importable or in <venv>/gpu-aot (it describes
+    GPUs without one)."""
+    return (importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+            or gpu_aot_dir() is not None)
+
+
+def use_cuda_plugin() -> None:
+    """Puts <venv>/gpu-aot on sys.path when the plugin is not importable already. JAX looks
+    for plugins when it first makes a backend, so this must run before that."""
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is not None:
+        return
+    side = gpu_aot_dir()
+    if side is None:
+        raise GpuPluginMissing(CUDA_PLUGIN_MISSING)
+    if side not in sys.path:
+        sys.path.insert(0, side)
+        importlib.invalidate_caches()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,8 +211,7 @@ def prepare_environment(target: Target) -> None:
             warnings.warn(f"could not switch JAX to the CPU backend ({e}); the compile may "
                           "use a local accelerator")
     if target.platform == "gpu":
-        if not cuda_plugin_installed():
-            raise GpuPluginMissing(CUDA_PLUGIN_MISSING)
+        use_cuda_plugin()
         # A GPU program gets the real kernels, never Pallas' CPU interpreter.
         os.environ.pop(INTERPRET_ENV, None)
         return
