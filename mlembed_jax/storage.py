@@ -230,11 +230,16 @@ def write_bytes_atomic(data: bytes, path: str) -> None:
             f.write(data)
         return
     tmp = f"{path}.tmp-{os.getpid()}"
-    with builtins.open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with builtins.open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk must not keep a half-written file
+            os.remove(tmp)
+        raise
 
 
 def write_text_atomic(text: str, path: str) -> None:
