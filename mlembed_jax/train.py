@@ -6,11 +6,13 @@
 Reads top to bottom: distributed init, config, mesh, data, state (resume, HF or random),
 compile, loop (log / validate / checkpoint), final save. Restarting with the same workdir
 resumes from its newest intact checkpoint (a damaged one is set aside, saying why); a
-resume whose config changes what the run trains needs --allow_config_change.
+resume whose config changes what the run trains needs --allow_config_change; a workdir whose
+every checkpoint was damaged needs a new --workdir or --restart_from_scratch.
 
-Exit codes: 0 done; 2 bad input (config, data, checkpoint), one `error:` line; 1 stopped by a
-fault: more than train.max_nonfinite_steps NaN/inf steps in a row, or a checkpoint save that
-failed or would not fit the disk; 143 SIGTERM, after saving a checkpoint.
+Exit codes: 0 done; 2 bad input (config, data, checkpoint, a full disk at start), one
+`error:` line; 1 stopped by a fault: more than train.max_nonfinite_steps NaN/inf steps in a
+row, divergence (train.divergence_factor), or a checkpoint save that failed or would not fit
+the disk; 143 SIGTERM, after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -333,7 +335,7 @@ def _loop(config, workdir, mesh, train_iter, preempt, resume_flags, ckpt, step_f
     bar.close()
     ckpt.wait()
     writer.close()
-    if exit_code == 0:
+    if exit_code == 0 and primary:  # it writes WORKDIR/texts.txt
         _log(final_report(workdir, step, time.time() - t_start, last["val"], last["eval"],
                           nonfinite_total, train_iter.inner.summary()))
     return exit_code
