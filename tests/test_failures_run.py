@@ -61,6 +61,19 @@ def test_diverging_lr_keeps_the_good_checkpoints_and_the_workdir_still_encodes(t
     assert emb.shape[0] == 7 and np.isfinite(emb).all()
 
 
+def test_diverging_lr_from_scratch_saves_nothing(tmp_path, capsys):
+    """lr 1e6 from random weights: the first check (step 1, log_every=1) sees the norm jump
+    and the run stops before its first save, leaving no checkpoint to resume or encode."""
+    cfg = small_config(**{"train.max_steps": 6, "train.checkpoint_every": 2,
+                          "mesh.num_devices": 1, "optim.lr": 1e6, "optim.warmup_steps": 0})
+    work = str(tmp_path / "run")
+    assert run(cfg, work) == 1
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and errors[0].startswith("error: step 1: the run diverged"), errors
+    assert "No checkpoint is left" in errors[0]
+    assert Checkpointer(work).steps() == []
+
+
 def test_rotation_keeps_the_newest_sound_checkpoint(tmp_path, capsys):
     """keep_checkpoints=1, a checkpoint every 2 steps, steps 7-9 NaN (a streak over
     max_nonfinite_steps=2). Checkpoints 6 and 8 never see a finite loss computed with their
