@@ -404,7 +404,8 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - the synchronous part: mkdir, host copies
             self._remove_partial()
             raise CheckpointSaveError(f"saving checkpoint {step} failed: {_reason(e)}; "
-                                      f"{self.newest()} stays the newest checkpoint") from None
+                                      f"{self.newest()} stays the newest checkpoint, which a "
+                                      "rerun with the same --workdir resumes from") from None
         if saved:
             self._pending = step
             self.track(step)
@@ -436,7 +437,8 @@ class Checkpointer:
             where = f"checkpoint {step}" if step is not None else "a checkpoint"
             raise CheckpointSaveError(f"saving {where} failed: {_reason(e)}; the partial save "
                                       f"was removed and {self.newest()} stays the newest "
-                                      "checkpoint") from None
+                                      "checkpoint, which a rerun with the same --workdir "
+                                      "resumes from") from None
 
     def close(self):
         """Waits for the save in flight (CheckpointSaveError if it failed) and closes."""

@@ -126,6 +126,8 @@ def test_failed_background_save_is_one_line_and_keeps_the_previous_checkpoint(tm
     errors = _errors(out.stderr)
     assert len(errors) == 1 and errors[0].startswith("error: saving checkpoint 4 failed: "), \
         out.stderr[-3000:]
+    assert errors[0].endswith(f"step 2 ({work}/checkpoints/2) stays the newest checkpoint, "
+                              "which a rerun with the same --workdir resumes from"), errors
     assert "Traceback" not in out.stderr and "Logging error" not in out.stderr, out.stderr
     # Polled every step: reported at the first step after the write gave up, and at the
     # latest by the next save (step 6), which waits for the one in flight.
