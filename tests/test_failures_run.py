@@ -191,3 +191,24 @@ def test_divergence_rule_against_hand_computed_medians():
     assert rule(float("inf")).startswith("the parameter norm is inf")
     off = _DivergenceRule(ConfigDict({"divergence_factor": 0.0, "divergence_window": 3}), 2.0)
     assert off(1e30) is None and off(float("nan")) is not None  # off: only non-finite stops
+
+
+def test_orbax_log_on_a_full_disk_neither_prints_nor_replaces_the_runs_error(tmp_path, capfd):
+    """Orbax's log file on a full tmpfs: each record refused (ENOSPC) would print a '---
+    Logging error ---' traceback with logging's default handler; here nothing is printed,
+    and the run's own exception is what leaves the block."""
+    import logging
+
+    from mlembed_jax.checkpoint import orbax_log
+
+    with full_tmpfs(str(tmp_path / "disk"), size_kib=64) as disk:
+        with pytest.raises(KeyError, match="the run's own"):
+            with orbax_log(f"{disk}/orbax.log"):
+                for i in range(3):
+                    logging.getLogger("absl").handle(logging.LogRecord(
+                        "absl", logging.ERROR, "/site-packages/orbax/checkpoint/x.py", 1,
+                        "background save failed " + "x" * 5000, None, None))
+                raise KeyError("the run's own")
+        assert os.path.exists(f"{disk}/orbax.log")  # it was tried, on the full disk
+    err = capfd.readouterr().err
+    assert "Logging error" not in err and "Traceback" not in err, err
