@@ -11,7 +11,10 @@ cannot be verified.
 Saves are asynchronous. A state holding NaN/inf is never saved; a save that would not fit
 the free disk space is refused; a background save that fails is reported by `poll()` (called
 every step) and its temporary directory removed, so the previous checkpoint stays the
-newest. Restores go through an abstract target carrying the *current* mesh's shardings, so a
+newest. Rotation (an Orbax preservation policy) keeps the newest `keep` checkpoints and the
+newest one a later finite loss has shown sound (WORKDIR/sound_checkpoints.json); a run
+stopped by a fault moves those never shown sound to WORKDIR/unsound_checkpoints. Restores go
+through an abstract target carrying the *current* mesh's shardings, so a
 run resumes on another mesh or device count, then check the fingerprints; a checkpoint that
 does not read back as saved is `CheckpointDamaged`, and `restore_latest` sets it aside and
 falls back to the next older one. A checkpoint of another model shape is caught by comparing
@@ -21,12 +24,14 @@ the saved config first, with one clear error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 
 import grain.python as grain
@@ -54,6 +59,8 @@ __all__ = ["CheckpointDamaged", "CheckpointError", "CheckpointSaveError", "Check
 
 ITEMS = ("state", "data", "config", "integrity")
 DAMAGED_DIR = "damaged_checkpoints"  # under the workdir: checkpoints set aside, never deleted
+UNSOUND_DIR = "unsound_checkpoints"  # under the workdir: saved, then never shown sound
+SOUND_FILE = "sound_checkpoints.json"  # under the workdir: steps a later finite loss confirmed
 _TMP_MARK = ".orbax-checkpoint-tmp"
 _COMMIT_MARK = "commit_success.txt"
 _DATA_FILE = re.compile(r"^process_(\d+)-of-(\d+)\.json$")
@@ -74,8 +81,15 @@ def _reason(e: BaseException) -> str:
     return f"{text[:100]} ... {text[-130:]}"
 
 
-def _gb(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def human_bytes(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the figure >= 1: 3.4 MB reads '3.2 MiB'
+    (not '0.00 GiB')."""
+    value, unit = float(n), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{int(n)} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def _agree(flag: bool) -> bool:
@@ -87,7 +101,7 @@ def _agree(flag: bool) -> bool:
 
 class _OrbaxLogFilter(logging.Filter):
     """Keeps Orbax's own records (a failed background save logs ~600 lines of tracebacks)
-    off the console; `orbax_log` writes them to a file instead."""
+    off the console; `orbax_log` writes them to a file instead (or drops them)."""
 
     def filter(self, record):
         return "/orbax/" not in record.pathname.replace(os.sep, "/")
@@ -102,6 +116,26 @@ def _closed_loop_noise(exc_type, exc, tb) -> bool:
         tb = tb.tb_next
     return tb is not None and tb.tb_frame.f_code.co_filename.endswith(
         os.path.join("asyncio", "base_events.py"))
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file whose own write errors are dropped: it may sit on a disk that fills up, and
+    logging's default prints a '--- Logging error ---' traceback for every record."""
+
+    def handleError(self, record):  # noqa: N802 - logging's name
+        del record
+
+
+def orbax_log_path(workdir: str) -> str | None:
+    """Where Orbax's log goes: TMPDIR/mlembed-orbax-<pid>.log, never onto the disk that holds
+    the checkpoints (a full disk there would fail the log too). None (not written) when the
+    temporary directory is on that disk."""
+    tmp = tempfile.gettempdir()
+    if not storage.is_url(workdir):
+        with contextlib.suppress(OSError):
+            if os.stat(tmp).st_dev == os.stat(workdir).st_dev:
+                return None
+    return os.path.join(tmp, f"mlembed-orbax-{os.getpid()}.log")
 
 
 @contextlib.contextmanager
@@ -123,7 +157,7 @@ def orbax_log(path: str | None):
         h.addFilter(quiet)
     file_handler = None
     if path:
-        file_handler = logging.FileHandler(path, delay=True)
+        file_handler = _QuietFileHandler(path, delay=True)
         file_handler.setLevel(logging.WARNING)
         file_handler.addFilter(lambda r: not quiet.filter(r))
         absl_logger.addHandler(file_handler)
@@ -252,20 +286,89 @@ class DataStateBox:
         return None
 
 
+@dataclasses.dataclass
+class _NewestSound:
+    """Orbax preservation policy: keeps the newest checkpoint a later step has shown sound
+    (Checkpointer.confirm), whatever LatestN beside it drops."""
+
+    sound: set
+
+    def should_preserve(self, checkpoints, *, context):
+        del context
+        sound = [c.step for c in checkpoints if c.step in self.sound]
+        return [bool(sound) and c.step == max(sound) for c in checkpoints]
+
+
 class Checkpointer:
-    """Wraps an orbax CheckpointManager at `workdir/checkpoints` (see the module docstring)."""
+    """Wraps an orbax CheckpointManager at `workdir/checkpoints` (see the module docstring).
+
+    Rotation keeps the newest `keep` checkpoints and, beside them, the newest *sound* one: a
+    checkpoint is sound once a later step computed a finite loss with its params (`confirm`).
+    Until then it is unverified; a run stopped by a fault before confirming it sets it
+    aside (`set_aside_unverified`), so a resume never starts from it."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         self.workdir = storage.absolute(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
+        self._sound_path = os.path.join(self.workdir, SOUND_FILE)
+        self.sound: set[int] = set(self._read_sound())
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [ocp.checkpoint_managers.LatestN(n=keep), _NewestSound(self.sound)])
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+            options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                                  cleanup_tmp_directories=True,
                                                  enable_async_checkpointing=async_save),
             item_names=ITEMS,
         )
         self._pending: int | None = None  # the step of the background save in flight
+        self.unverified: list[int] = []  # saved (or resumed from), no finite loss after yet
+
+    # ------------------------------------------------------------------------- soundness
+    def _read_sound(self) -> list[int]:
+        if not storage.exists(self._sound_path):
+            return []
+        try:
+            steps = json.loads(storage.read_text(self._sound_path))["sound"]
+            return [int(s) for s in steps]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self._sound_path} is unreadable ({_reason(e)}); it lists "
+                                  "the checkpoints known sound: delete it to treat none as "
+                                  "known") from None
+
+    def track(self, step: int) -> None:
+        """A checkpoint this run saved or resumed from: unverified until `confirm`."""
+        if step not in self.sound and step not in self.unverified:
+            self.unverified.append(step)
+
+    def confirm(self, finite_step: int) -> None:
+        """Step `finite_step` had a finite loss: every unverified checkpoint before it is
+        sound (the steps between were skipped, so that loss was computed with its params)."""
+        done = [s for s in self.unverified if s < finite_step]
+        if not done:
+            return
+        self.unverified = [s for s in self.unverified if s >= finite_step]
+        self.sound.update(done)
+        on_disk = set(finished_steps(self.directory)) | set(done)
+        self.sound.intersection_update(on_disk)  # forget rotated-out steps
+        if jax.process_index() == 0:
+            try:
+                storage.write_text_atomic(json.dumps({"sound": sorted(self.sound)}),
+                                          self._sound_path)
+            except (OSError, storage.StorageError) as e:
+                raise CheckpointSaveError(f"recording checkpoint {max(done)} as sound failed: "
+                                          f"{_reason(e)}") from None
+
+    def set_aside_unverified(self) -> list[tuple[int, str]]:
+        """Moves every unverified checkpoint to WORKDIR/unsound_checkpoints (kept, out of the
+        rotation and of a resume's reach); returns [(step, new path)]."""
+        self.wait()
+        moved = []
+        for step in self.unverified:
+            if step in finished_steps(self.directory):
+                moved.append((step, self._set_aside(step, UNSOUND_DIR)))
+        self.unverified = []
+        return moved
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -304,9 +407,11 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - the synchronous part: mkdir, host copies
             self._remove_partial()
             raise CheckpointSaveError(f"saving checkpoint {step} failed: {_reason(e)}; "
-                                      f"{self.newest()} stays the newest checkpoint") from None
+                                      f"{self.newest()} stays the newest checkpoint, which a "
+                                      "rerun with the same --workdir resumes from") from None
         if saved:
             self._pending = step
+            self.track(step)
         return saved
 
     def poll(self) -> None:
@@ -335,7 +440,8 @@ class Checkpointer:
             where = f"checkpoint {step}" if step is not None else "a checkpoint"
             raise CheckpointSaveError(f"saving {where} failed: {_reason(e)}; the partial save "
                                       f"was removed and {self.newest()} stays the newest "
-                                      "checkpoint") from None
+                                      "checkpoint, which a rerun with the same --workdir "
+                                      "resumes from") from None
 
     def close(self):
         """Waits for the save in flight (CheckpointSaveError if it failed) and closes."""
@@ -361,8 +467,8 @@ class Checkpointer:
         if not ok:
             raise CheckpointSaveError(
                 f"not enough free space for checkpoint {step} in {self.directory}: it needs "
-                f"about {_gb(need)}, {_gb(free)} are free; free some space or move --workdir, "
-                f"then rerun to resume from {self.newest()}")
+                f"about {human_bytes(need)}, {human_bytes(free)} are free; free some space or "
+                f"move --workdir, then rerun to resume from {self.newest()}")
 
     def _remove_partial(self) -> None:
         """Deletes the temporary directories of unfinished saves (never a finished step)."""
@@ -408,10 +514,33 @@ class Checkpointer:
             raise CheckpointDamaged(why)
         return out["state"], out["data"], integrity
 
-    def restore_latest(self, abstract_state, config, make_data_box, log):
+    def restore_latest(self, abstract_state, config, make_data_box, log,
+                       restart_from_scratch: bool = False):
         """The newest checkpoint that reads back as saved: (step, state, data_box, integrity),
         or None when there is none. Each damaged newer one is reported through `log` and
-        moved to WORKDIR/damaged_checkpoints (kept for inspection, out of the rotation)."""
+        moved to WORKDIR/damaged_checkpoints (kept for inspection, out of the rotation).
+
+        A workdir whose every checkpoint was found damaged stays refused (CheckpointError)
+        until `restart_from_scratch`, which sets its metrics.jsonl aside beside them and
+        returns None (a fresh start)."""
+        damaged = os.path.join(self.workdir, DAMAGED_DIR)
+        orphaned = not self.steps() and storage.isdir(damaged) and storage.listdir(damaged)
+        if restart_from_scratch and not orphaned:
+            raise ConfigError(
+                "--restart_from_scratch is for a workdir whose every checkpoint was damaged; "
+                f"{self.directory} " + ("holds checkpoints: rerun without it to resume, or use "
+                                        "a new --workdir" if self.steps() else
+                                        "has none: rerun without it"))
+        if orphaned and restart_from_scratch:
+            metrics = os.path.join(self.workdir, "metrics.jsonl")
+            if jax.process_index() == 0 and storage.exists(metrics):
+                storage.move(metrics, os.path.join(
+                    damaged, f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+            log(f"restarting from scratch; the damaged checkpoints and the old metrics.jsonl "
+                f"stay in {damaged}")
+            return None
+        if orphaned:
+            raise CheckpointError(self._no_intact(damaged))
         skipped = []
         for step in reversed(self.steps()):
             try:
@@ -430,14 +559,17 @@ class Checkpointer:
                 continue
             return step, state, box, integrity
         if skipped:
-            raise CheckpointError(
-                f"no intact checkpoint in {self.directory}: every one was damaged (moved to "
-                f"{os.path.join(self.workdir, DAMAGED_DIR)}); to start afresh, use a new "
-                "--workdir")
+            raise CheckpointError(self._no_intact(damaged))
         return None
 
-    def _set_aside(self, step: int) -> str:
-        dest = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    def _no_intact(self, damaged: str) -> str:
+        return (f"no intact checkpoint in {self.directory}: every one was damaged (moved to "
+                f"{damaged}); to start afresh use a new --workdir, or pass "
+                "--restart_from_scratch to train this one from step 0 (the damaged "
+                "checkpoints stay where they are)")
+
+    def _set_aside(self, step: int, under: str = DAMAGED_DIR) -> str:
+        dest = os.path.join(self.workdir, under, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         if jax.process_index() == 0:
             storage.makedirs(os.path.dirname(dest))
             storage.move(self.step_dir(step), dest)
@@ -497,7 +629,8 @@ def init_params_from(path: str, enc, config) -> tuple[dict, str]:
 # --allow_config_change.
 RESUME_FREE = ("mesh.", "model.remat", "model.attention", "data.prefetch", "train.log_every",
                "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-               "train.max_nonfinite_steps", "eval.")
+               "train.max_nonfinite_steps", "train.divergence_factor",
+               "train.divergence_window", "eval.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

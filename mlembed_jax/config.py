@@ -173,6 +173,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Steps whose loss or gradient norm is NaN/inf are skipped (params and optimizer state
     # unchanged). More than this many in a row stop the run (exit 1); -1 = never stop.
     t.max_nonfinite_steps = 5
+    # Divergence: the run stops (exit 1, nothing saved) when the global parameter norm, read
+    # at each log and checkpoint step, exceeds this factor times the median of the last
+    # divergence_window readings, or is not finite. A healthy AdamW run moves the norm by
+    # well under 1% a step; a diverging one (lr x weight_decay >= 1 flips and grows every
+    # weight) jumps by orders of magnitude while the loss can stay finite. 0 = off.
+    t.divergence_factor = 10.0
+    t.divergence_window = 20
     # TEST/DEBUG ONLY: steps (1-based, as logged) whose loss is made NaN inside the jitted
     # step, to exercise the skip above. Leave empty in real runs.
     t.debug_nan_steps = ()
@@ -287,6 +294,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not isinstance(t.max_nonfinite_steps, int) or t.max_nonfinite_steps < -1:
         errs.append(f"train.max_nonfinite_steps={t.max_nonfinite_steps!r} must be an integer "
                     ">= 0, or -1 (never stop)")
+    if not isinstance(t.max_steps, int) or t.max_steps == 0 or t.max_steps < -1:
+        errs.append(f"train.max_steps={t.max_steps!r} must be >= 1, or -1 (train.epochs "
+                    "decide)")
+    if not t.divergence_factor == 0 and not t.divergence_factor > 1:
+        errs.append(f"train.divergence_factor={t.divergence_factor!r} must be > 1, or 0 (off)")
+    if not isinstance(t.divergence_window, int) or t.divergence_window < 1:
+        errs.append(f"train.divergence_window={t.divergence_window!r} must be >= 1")
     if not all(isinstance(s, int) and s >= 1 for s in t.debug_nan_steps):
         errs.append(f"train.debug_nan_steps={t.debug_nan_steps!r} must list steps >= 1")
     if c.loss.mrl_min_dim > m.hidden_size:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 
 from mlembed_jax import storage
 from mlembed_jax.config import config_json
@@ -14,9 +15,14 @@ from mlembed_jax.grad_cache import resolve_chunks
 
 
 def write_config(config, workdir: str) -> str:
-    """WORKDIR/run_config.json (written atomically); returns its path."""
+    """WORKDIR/run_config.json (written atomically); returns its path. StorageError (one
+    line) when it cannot be written, e.g. on a full disk."""
     path = os.path.join(workdir, "run_config.json")
-    storage.write_text_atomic(json.dumps(config_json(config), indent=1), path)
+    try:
+        storage.write_text_atomic(json.dumps(config_json(config), indent=1), path)
+    except OSError as e:
+        raise storage.StorageError(f"cannot write {path}: {e.strerror or e}; free some space "
+                                   "on that disk or choose another --workdir") from None
     return path
 
 
@@ -33,7 +39,7 @@ def config_summary(config, workdir: str) -> str:
         f"{m.compute_dtype}, attention {m.attention}, remat {m.remat}; init "
         f"{t.init_from or 'random'}",
         f"data: {d.prepared_dir} (manifest {d.manifest or 'as prepared'}); packs of "
-        f"{d.rows_per_pack} rows x {d.seq_len} tokens, {d.samples_per_pack} samples each",
+        f"{_rows(d.rows_per_pack)} x {d.seq_len} tokens, {d.samples_per_pack} samples each",
         f"optim: AdamW lr {o.lr:g} -> {o.min_lr:g} ({o.schedule}, {o.warmup_steps} warmup "
         f"steps), wd {o.weight_decay:g}, clip {o.grad_clip:g}; loss: temperature "
         f"{ls.temperature:g}, MRL dims down to {ls.mrl_min_dim}{kd}",
@@ -59,6 +65,28 @@ def batch_summary(config, packs: int, shards: int) -> str:
     if chunks:
         line += f", one at a time ({n(chunks, 'cached-gradient chunk')})"
     return line
+
+
+def _rows(rows) -> str:
+    if rows in ((), None, 0):  # derived from the data's lengths when the plan is made
+        return "N rows (the row buckets in the data plan line below)"
+    return f"{rows} rows"
+
+
+def python_command() -> str:
+    """How to call this Python from the current directory in a fresh shell: `python` when a
+    virtualenv is active (or none is used), else this interpreter's path (`.venv/bin/python`
+    after `make demo`)."""
+    in_venv = sys.prefix != sys.base_prefix
+    if not in_venv or os.environ.get("VIRTUAL_ENV") == sys.prefix:
+        return "python"
+    exe = sys.executable
+    rel = os.path.relpath(exe)
+    return rel if not rel.startswith("..") else exe
+
+
+# Written into the run directory so the printed encode command runs as is.
+EXAMPLE_TEXTS = ("Deutschland\nAllemagne\nGermany\n日本\nJapon\nMonday\nlundi\n")
 
 
 def _fmt(x) -> str:
@@ -87,11 +115,17 @@ def final_report(workdir: str, step: int, seconds: float, val: dict, retrieval: 
                      f"{get('ndcg@10')}, Recall@100 {get('recall@100')}, MRR@10 {get('mrr@10')}")
     if nonfinite_total:
         lines.append(f"skipped steps (NaN/inf loss or gradient): {nonfinite_total}")
+    texts = os.path.join(workdir, "texts.txt")
+    if not storage.exists(texts):
+        storage.write_text_atomic(EXAMPLE_TEXTS, texts)
+    py = shlex.quote(python_command())
+    emb = "emb.npy" if storage.is_url(workdir) else os.path.join(workdir, "emb.npy")
     lines += [
-        "next:",
-        f"  python -m mlembed_jax.encode --model={run} --input=texts.txt --output=emb.npy",
-        f"  python tools/export_hf.py --checkpoint {run} --out exports/{shlex.quote(name)}",
-        f"  python tools/matryoshka_report.py --model={run} --heldout "
+        f"next (from {shlex.quote(os.getcwd())}; {texts} holds example texts, one per line):",
+        f"  {py} -m mlembed_jax.encode --model={run} --input={shlex.quote(texts)} "
+        f"--output={shlex.quote(emb)}",
+        f"  {py} tools/export_hf.py --checkpoint {run} --out exports/{shlex.quote(name)}",
+        f"  {py} tools/matryoshka_report.py --model={run} --heldout "
         f"--out_dir={shlex.quote(report)}",
     ]
     return "\n".join(lines)

@@ -30,9 +30,22 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 # plain buckets do not need.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+import sys  # noqa: E402
+
+import fsspec  # noqa: E402
 import fsspec.config  # noqa: E402
 import fsspec.core  # noqa: E402
 from etils import epath  # noqa: E402
+
+# gcsfs picks its class once, at its import: a process that imported it before this module
+# (a user's script) has the zonal-bucket class, which waits ~60 s per bucket on "Could not
+# determine bucket type" against an emulator. Unless asked for, put the plain one back.
+if "gcsfs" in sys.modules and os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"].lower() not in (
+        "true", "1"):
+    import gcsfs.core  # noqa: E402
+
+    for _protocol in ("gs", "gcs"):
+        fsspec.register_implementation(_protocol, gcsfs.core.GCSFileSystem, clobber=True)
 
 # gcsfs caches directory listings per process; other processes (the other hosts of a run, a
 # training run seen from a tool) add checkpoints behind its back, so list afresh every time.
@@ -230,11 +243,16 @@ def write_bytes_atomic(data: bytes, path: str) -> None:
             f.write(data)
         return
     tmp = f"{path}.tmp-{os.getpid()}"
-    with builtins.open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with builtins.open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk must not keep a half-written file
+            os.remove(tmp)
+        raise
 
 
 def write_text_atomic(text: str, path: str) -> None:

@@ -6,20 +6,21 @@
 Reads top to bottom: distributed init, config, mesh, data, state (resume, HF or random),
 compile, loop (log / validate / checkpoint), final save. Restarting with the same workdir
 resumes from its newest intact checkpoint (a damaged one is set aside, saying why); a
-resume whose config changes what the run trains needs --allow_config_change.
+resume whose config changes what the run trains needs --allow_config_change; a workdir whose
+every checkpoint was damaged needs a new --workdir or --restart_from_scratch.
 
-Exit codes: 0 done; 2 bad input (config, data, checkpoint), one `error:` line; 1 stopped by a
-fault: more than train.max_nonfinite_steps NaN/inf steps in a row, or a checkpoint save that
-failed or would not fit the disk; 143 SIGTERM, after saving a checkpoint.
+Exit codes: 0 done; 2 bad input (config, data, checkpoint, a full disk at start), one
+`error:` line; 1 stopped by a fault: more than train.max_nonfinite_steps NaN/inf steps in a
+row, divergence (train.divergence_factor), or a checkpoint save that failed or would not fit
+the disk; 143 SIGTERM, after saving a checkpoint.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import os
 import signal
 import sys
-import tempfile
 import time
 
 from mlembed_jax import distributed, sharding, storage
@@ -30,6 +31,7 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
@@ -44,6 +46,7 @@ from mlembed_jax.checkpoint import (  # noqa: E402
     check_resume_changes,
     init_params_from,
     orbax_log,
+    orbax_log_path,
     resume_changes,
 )
 from mlembed_jax.cli import run_absl_main, writable_dir  # noqa: E402
@@ -106,7 +109,8 @@ class _Stop(Exception):
         self.code = code
 
 
-def run(config, workdir: str, allow_config_change: bool = False) -> int:
+def run(config, workdir: str, allow_config_change: bool = False,
+        restart_from_scratch: bool = False) -> int:
     """Trains until the configured step count or SIGTERM. Returns the process exit code:
     0 done, 143 SIGTERM (saved), 1 stopped by a fault (non-finite steps over the budget,
     a failed save). Bad input raises ConfigError / DataError / CheckpointError."""
@@ -117,7 +121,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> int:
 
     mesh = sharding.make_mesh(config.mesh)
     config, kernel = resolve_attention(config, mesh.devices.flat)
-    _log(f"attention: {kernel.line()}; remat {config.model.remat}")
+    _log(f"attention: {_attention_line(kernel)}; remat {config.model.remat}")
     rules = config.mesh.logical_axis_rules
     _log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} devices "
          f"({jax.devices()[0].device_kind}), {jax.process_count()} process(es)")
@@ -130,9 +134,9 @@ def run(config, workdir: str, allow_config_change: bool = False) -> int:
     _log(f"data plan ({time.time() - t0:.1f}s): {plan.describe()}")
     train_iter = make_train_iterator(config, packs, pack_range=pack_range, plan=plan)
     try:
-        with orbax_log(_orbax_log_path(workdir) if jax.process_index() == 0 else None):
+        with orbax_log(orbax_log_path(workdir) if jax.process_index() == 0 else None):
             return _train(config, workdir, mesh, train_iter, pack_range, preempt,
-                          allow_config_change)
+                          (allow_config_change, restart_from_scratch))
     except _Stop as e:
         _log(f"error: {e}", err=True)
         return e.code
@@ -140,20 +144,27 @@ def run(config, workdir: str, allow_config_change: bool = False) -> int:
         train_iter.close()  # the prefetch thread ends with the run, however it ends
 
 
-def _orbax_log_path(workdir: str) -> str:
-    """WORKDIR/orbax.log; for a URL workdir a local file (a log is appended line by line,
-    which an object store cannot do), named on stdout."""
-    if not storage.is_url(workdir):
-        return os.path.join(workdir, "orbax.log")
-    path = os.path.join(tempfile.gettempdir(), f"mlembed-orbax-{os.getpid()}.log")
-    _log(f"orbax log: {path} (the workdir is a URL)")
-    return path
+def _attention_line(kernel) -> str:
+    """'dense (set by model.attention)' rather than the chooser's terse '(asked for: ...)'."""
+    if kernel.requested == "auto":
+        return kernel.line()
+    return f"{kernel.kernel} (set by model.attention={kernel.requested!r})"
 
 
-def _restore_or_init(config, ckpt, step_fns, train_iter, enc, allow_config_change):
+def _geometry_line(g) -> str:
+    """The step's batch shape in words (batch.BatchGeometry)."""
+    return (f"{g.packs} pack(s) of {g.rows_per_pack} rows x {g.seq_len} tokens, up to "
+            f"{g.texts_per_pack} texts and {g.samples_per_pack} samples per pack, "
+            f"{g.max_negatives} negatives per sample at most")
+
+
+def _restore_or_init(config, ckpt, step_fns, train_iter, enc, flags_):
     """(state, nonfinite_total): the newest intact checkpoint, train.init_from (an HF
-    directory or another run's checkpoint) or random."""
-    found = ckpt.restore_latest(step_fns.abstract_state, config, DataStateBox, _log)
+    directory or another run's checkpoint) or random. flags_: (--allow_config_change,
+    --restart_from_scratch)."""
+    allow_config_change, restart_from_scratch = flags_
+    found = ckpt.restore_latest(step_fns.abstract_state, config, DataStateBox, _log,
+                                restart_from_scratch)
     if found is not None:
         step, state, data_box, integrity = found
         note = check_resume_changes(resume_changes(ckpt.saved_config(step), config),
@@ -161,6 +172,7 @@ def _restore_or_init(config, ckpt, step_fns, train_iter, enc, allow_config_chang
         if note:
             _log(note)
         train_iter.set_state(data_box.state)
+        ckpt.track(step)  # its first step's loss shows whether it is sound
         _log(f"resumed from {ckpt.step_dir(step)}")
         if integrity is None:
             _log(f"note: checkpoint {step} has no fingerprints (saved by an older mlembed_jax): "
@@ -177,14 +189,14 @@ def _restore_or_init(config, ckpt, step_fns, train_iter, enc, allow_config_chang
 
 
 def _train(config, workdir, mesh, train_iter, pack_range, preempt,
-           allow_config_change) -> int:
+           resume_flags) -> int:
     plan = train_iter.plan
     val_batches = make_validation_iterator(config, plan.packs, pack_range=pack_range, plan=plan)
     names = list(train_iter.dataset_names)
     total_steps = (config.train.max_steps if config.train.max_steps > 0
                    else config.train.epochs * train_iter.steps_per_epoch)
     _log(f"data: {len(names)} datasets, {train_iter.steps_per_epoch} steps per epoch, "
-         f"{total_steps} steps; largest batch geometry {plan.geometry()}")
+         f"{total_steps} steps; largest batch: {_geometry_line(plan.geometry())}")
     _log("data: " + "; ".join(train_iter.negatives_summary()))
 
     step_fns = build_step(config, mesh, total_steps=total_steps, num_datasets=len(names),
@@ -198,7 +210,7 @@ def _train(config, workdir, mesh, train_iter, pack_range, preempt,
 
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     try:
-        return _loop(config, workdir, mesh, train_iter, preempt, allow_config_change, ckpt,
+        return _loop(config, workdir, mesh, train_iter, preempt, resume_flags, ckpt,
                      step_fns, teacher_params, val_batches, names, total_steps)
     except CheckpointSaveError as e:
         raise _Stop(str(e), 1) from None
@@ -207,7 +219,7 @@ def _train(config, workdir, mesh, train_iter, pack_range, preempt,
             ckpt.close()
 
 
-def _loop(config, workdir, mesh, train_iter, preempt, allow_config_change, ckpt, step_fns,
+def _loop(config, workdir, mesh, train_iter, preempt, resume_flags, ckpt, step_fns,
           teacher_params, val_batches, names, total_steps) -> int:
     """Restore (or init), compile, then step / log / validate / save until the end."""
     primary = jax.process_index() == 0
@@ -215,7 +227,7 @@ def _loop(config, workdir, mesh, train_iter, preempt, allow_config_change, ckpt,
     rules, enc, plan = config.mesh.logical_axis_rules, step_fns.setup.enc, train_iter.plan
     t_start = time.time()
     state, nonfinite_total = _restore_or_init(config, ckpt, step_fns, train_iter, enc,
-                                              allow_config_change)
+                                              resume_flags)
     if primary:
         write_config(config, workdir)  # once the config is accepted (a resume may refuse it)
     # One compiled step per row bucket, all before the first step (a step of another shape
@@ -254,6 +266,7 @@ def _loop(config, workdir, mesh, train_iter, preempt, allow_config_change, ckpt,
     t_last = time.time()
     step = start
     streak, budget = 0, int(config.train.max_nonfinite_steps)
+    diverged = _DivergenceRule(config.train, float(jax.device_get(_param_norm(state.params))))
     exit_code = 0
     every = config.train
     with step_fns.rules_context(), bar:  # the bar ends its line before any error line
@@ -276,17 +289,20 @@ def _loop(config, workdir, mesh, train_iter, preempt, allow_config_change, ckpt,
             saving = step % every.checkpoint_every == 0 or step == total_steps or stopping
 
             if step % every.log_every == 0 or step == total_steps or saving:
-                host = jax.device_get(pending)  # the only host sync of the interval
+                host, norm = jax.device_get((pending, _param_norm(state.params)))  # the sync
                 if not single:
                     ckpt.poll_all()  # all processes agree on a failed save at log steps
                 dt = max(time.time() - t_last, 1e-9)
                 values = _interval_values(host, interval_stats, names, interval_tokens,
                                           interval_flops, dt, device_kind, jax.process_count(),
                                           len(mesh.local_devices))
-                for m in host:
+                for i, m in enumerate(host):
                     streak = streak + 1 if m["nonfinite"] else 0
+                    if not m["nonfinite"]:  # a loss computed with the previous steps' params
+                        ckpt.confirm(step - len(host) + 1 + i)
                 nonfinite_total += int(values["train/nonfinite_steps"])
                 values["train/nonfinite_total"] = float(nonfinite_total)
+                values["train/param_norm"] = float(norm)
                 writer.write(step, values)
                 bar.set_postfix(loss=f"{values['train/total']:.4f}",
                                 lr=f"{values['train/lr']:.2e}",
@@ -297,9 +313,14 @@ def _loop(config, workdir, mesh, train_iter, preempt, allow_config_change, ckpt,
                     raise _Stop(
                         f"step {step}: {streak} steps in a row had a NaN/inf loss or gradient "
                         f"norm and were skipped (train.max_nonfinite_steps={budget}); stopping "
-                        f"without saving (newest checkpoint: {ckpt.newest()}). Lower optim.lr or "
-                        "check the data; rerunning with the same --workdir resumes from that "
-                        "checkpoint.", 1)
+                        f"without saving. Lower optim.lr or check the data. "
+                        f"{_after_fault(ckpt)}", 1)
+                why = diverged(float(norm))
+                if why:
+                    raise _Stop(f"step {step}: {why}; stopping without saving. Lower optim.lr "
+                                "(AdamW also shrinks every weight by lr x weight_decay a step: "
+                                f"at 1 or more it flips and grows them). {_after_fault(ckpt)}",
+                                1)
             bar.update(1)
 
             if every.eval_every > 0 and (step % every.eval_every == 0 or step == total_steps):
@@ -320,10 +341,54 @@ def _loop(config, workdir, mesh, train_iter, preempt, allow_config_change, ckpt,
     bar.close()
     ckpt.wait()
     writer.close()
-    if exit_code == 0:
+    if exit_code == 0 and primary:  # it writes WORKDIR/texts.txt
         _log(final_report(workdir, step, time.time() - t_start, last["val"], last["eval"],
                           nonfinite_total, train_iter.inner.summary()))
     return exit_code
+
+
+@jax.jit
+def _param_norm(params):
+    """The global L2 norm of the params (a scalar on device; read at log steps)."""
+    return optax.tree_utils.tree_norm(params)
+
+
+class _DivergenceRule:
+    """train.divergence_factor: a parameter norm more than that factor above the median of
+    the last train.divergence_window readings (or not finite) is divergence. The norm, not
+    the loss: per-batch losses differ several-fold between datasets in a healthy run, while
+    the norm moves smoothly, and it catches what the NaN guard cannot (weights growing huge
+    while the loss stays finite and the clipped gradient norm reads 0). The median over a
+    window, not the last reading, so one spike does not become the reference."""
+
+    def __init__(self, train_cfg, start_norm: float):
+        self.factor = float(train_cfg.divergence_factor)
+        self.window = collections.deque([start_norm], maxlen=int(train_cfg.divergence_window))
+
+    def __call__(self, norm: float) -> str | None:
+        """None if `norm` is in line, else why it is not; a norm in line joins the window."""
+        ref = float(np.median(self.window))
+        if not np.isfinite(norm):
+            return f"the parameter norm is {norm} (train.divergence_factor)"
+        if self.factor > 0 and np.isfinite(ref) and norm > self.factor * ref:
+            return (f"the run diverged: the parameter norm {norm:.4g} is {norm / ref:.3g} times "
+                    f"the median of its last {len(self.window)} readings ({ref:.4g}; "
+                    f"train.divergence_factor={self.factor:g})")
+        self.window.append(norm)
+        return None
+
+
+def _after_fault(ckpt) -> str:
+    """What a fault stop leaves: unverified checkpoints set aside (no later step had a
+    finite loss with their params), the newest checkpoint on disk, and where a rerun starts."""
+    moved = ckpt.set_aside_unverified()  # waits for the save in flight first
+    text = "".join(f"Checkpoint {step} was never shown sound (no finite loss after it) and "
+                   f"was moved to {dest}. " for step, dest in moved)
+    newest = ckpt.newest()
+    if newest == "no checkpoint":
+        return text + "No checkpoint is left: a rerun with the same --workdir starts afresh."
+    return (text + f"Newest checkpoint on disk: {newest}; rerunning with the same --workdir "
+            "resumes from it.")
 
 
 def _interval_values(host_metrics, stats, names, tokens, flops, dt, device_kind, processes,
@@ -417,7 +482,8 @@ def main(argv, config):
         if not FLAGS.workdir:
             raise ConfigError("--workdir is required: the run directory (checkpoints, "
                               "metrics, TensorBoard); rerunning with it resumes")
-        code = run(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+        code = run(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change,
+                   restart_from_scratch=FLAGS.restart_from_scratch)
     except (ConfigError, DataError, ManifestError, TokenizerError, CheckpointError,
             storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -429,4 +495,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, TensorBoard")
     flags.DEFINE_bool("allow_config_change", False, "resume although fields that change what "
                       "the run trains (optim.*, loss.*, data.*, ...) differ from the checkpoint's")
+    flags.DEFINE_bool("restart_from_scratch", False, "train from step 0 in a workdir whose every "
+                      "checkpoint was found damaged (they stay in WORKDIR/damaged_checkpoints)")
     run_absl_main(main)

@@ -107,3 +107,23 @@ def save_old_format(workdir: str, step: int, state, data_state: dict, config) ->
 def copy_run(src: str, dst: str) -> str:
     shutil.copytree(src, dst)
     return dst
+
+
+@contextlib.contextmanager
+def full_tmpfs(path: str, size_kib: int = 256, leave_bytes: int = 0):
+    """A real tmpfs of `size_kib` mounted at `path`, filled by one file until `leave_bytes`
+    remain free: writes past that fail with ENOSPC, as on a full disk. Skips the test where
+    mounting is not permitted (not root, no CAP_SYS_ADMIN)."""
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", path],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        free = shutil.disk_usage(path).free - leave_bytes
+        with open(os.path.join(path, "filler"), "wb") as f:
+            with contextlib.suppress(OSError):
+                f.write(b"\0" * max(free, 0))
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True)

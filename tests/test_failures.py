@@ -105,12 +105,22 @@ def test_nan_steps_are_skipped_exactly_and_a_streak_stops_the_run(tmp_path, caps
     assert f"resumed from {work}/checkpoints/2" in out
     assert "note: checkpoint 2 has no fingerprints" in out
     assert "error: step 9: 3 steps in a row had a NaN/inf loss" in err
-    assert Checkpointer(work).steps() == [2, 4, 6, 8]  # nothing saved after the streak
+    # Steps 7-9 were all NaN: no finite loss was ever computed with the params of checkpoints
+    # 6 and 8 (8 = 6 plus two skipped steps), so both are set aside as never shown sound and
+    # a rerun resumes from 4 (step 6 had a finite loss with 4's params).
+    assert Checkpointer(work).steps() == [2, 4]
+    unsound = {int(n.split("-")[0]): f"{work}/unsound_checkpoints/{n}"
+               for n in os.listdir(f"{work}/unsound_checkpoints")}
+    assert sorted(unsound) == [6, 8]
+    assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+    assert err.count("was never shown sound") == 2 and \
+        f"Newest checkpoint on disk: step 4 ({work}/checkpoints/4)" in err, err
 
-    # Step 8's checkpoint holds bit for bit the oracle's state: every param, both Adam
-    # moments, Adam's count (not advanced by skipped steps), the step and the RNG.
-    assert read_integrity(f"{work}/checkpoints/8").tensors == expected
-    step, params = final_params(work)
+    # Step 8's checkpoint, set aside, holds bit for bit the oracle's state: every param, both
+    # Adam moments, Adam's count (not advanced by skipped steps), the step and the RNG.
+    assert read_integrity(unsound[8]).tensors == expected
+    kept = copy_run(unsound[8], str(tmp_path / "kept" / "checkpoints" / "8"))
+    step, params = final_params(os.path.dirname(os.path.dirname(kept)))
     assert step == 8
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(oracle.params)):
         np.testing.assert_array_equal(a, b)
@@ -121,7 +131,7 @@ def test_nan_steps_are_skipped_exactly_and_a_streak_stops_the_run(tmp_path, caps
     assert rows[9]["train/nonfinite_total"] == 5
     assert rows[3]["train/total"] is None and rows[4]["train/total"] is not None
 
-    _assert_export_matches(_export_fp32(work, str(tmp_path / "export")), oracle.params)
+    _assert_export_matches(_export_fp32(kept, str(tmp_path / "export")), oracle.params)
     # The old-layout checkpoint itself still loads, saying it cannot be verified.
     TrainedParams(f"{work}/checkpoints/2")
     assert "no fingerprints" in capsys.readouterr().err
@@ -233,7 +243,7 @@ def test_resume_with_a_changed_lr_needs_the_override(trained_run, tmp_path):
 def test_kill_during_save_then_full_disk_then_resume(tmp_path):
     """kill -9 while an async save is in flight; a rerun under a file-size limit (the
     full-disk fault) fails its first save, stops with one error line, removes the partial
-    save and keeps the previous checkpoint, even with keep_checkpoints=1; a plain rerun then
+    save and keeps the previous checkpoints, even with keep_checkpoints=1; a plain rerun then
     resumes from that checkpoint, replays the killed run's steps exactly and logs one row
     per step."""
     work = tmp_path / "run"
@@ -263,7 +273,9 @@ def test_kill_during_save_then_full_disk_then_resume(tmp_path):
     assert len(errors) == 1 and errors[0].startswith(f"error: saving checkpoint {newest + 1} "
                                                      "failed: "), full.stderr[-3000:]
     assert "Traceback" not in full.stderr, full.stderr
-    assert sorted(os.listdir(ckpts)) == [str(newest)]  # no temp dir, the good one kept
+    # No temp dir; the newest and, beside it, the newest one shown sound (a finite loss
+    # after it) kept, though keep_checkpoints=1.
+    assert sorted(os.listdir(ckpts), key=int) == [str(newest - 1), str(newest)]
     stopped = max(train_losses(work))
     assert stopped <= newest + 2, "a failed save is reported at the latest one step later"
 
@@ -275,7 +287,7 @@ def test_kill_during_save_then_full_disk_then_resume(tmp_path):
     assert rows == list(range(1, 25))
     final = train_losses(work)
     assert all(final[s] == logged[s] for s in logged), "replayed steps must match the killed run"
-    assert sorted(os.listdir(ckpts)) == ["24"]
+    assert sorted(os.listdir(ckpts)) == ["23", "24"]  # 24 itself not yet shown sound
     _, params, _ = load_trained(str(work))
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
 
