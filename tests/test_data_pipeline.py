@@ -199,7 +199,7 @@ def test_resume_in_fresh_process(prepared, tmp_path, where):
 
 
 def test_old_carry_over_state_is_refused_with_the_way_out(prepared):
-    from mlembed_jax.data.prepare import DataError
+    from mlembed_jax.data.parquet_io import DataError
 
     out, _ = prepared
     it = make_train_iterator(data_config(out), packs=2)
@@ -214,7 +214,7 @@ def test_state_from_before_the_reference_rules_resumes_only_with_the_old_rules(p
     """A checkpoint's iterator state without "rules" was planned by the only rules there
     were (floor, batches_left, per_sample); resuming it with other rules would change its
     epoch's order, so it is refused with the flags that continue it exactly."""
-    from mlembed_jax.data.prepare import DataError
+    from mlembed_jax.data.parquet_io import DataError
 
     out, _ = prepared
     old_rules = {"holdout": "floor", "mixing": "batches_left", "negatives_draw": "per_sample"}

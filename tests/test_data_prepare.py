@@ -13,8 +13,9 @@ from test_data_helpers import SMALL, TOKENIZER, data_config, make_inputs
 
 from mlembed_jax.data import DEMO_MANIFEST, DEMO_PREPARED
 from mlembed_jax.data import manifest as manifest_lib
+from mlembed_jax.data.parquet_io import DataError
 from mlembed_jax.data.pipeline import make_train_iterator
-from mlembed_jax.data.prepare import DataError, TokenizerPool, prepare_data
+from mlembed_jax.data.prepare import TokenizerPool, prepare_data
 from mlembed_jax.data.prepared import load_prepared
 from mlembed_jax.data.text_encoding import TokenizerError, load_tokenizer
 

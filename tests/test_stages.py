@@ -125,7 +125,7 @@ def test_init_from_errors(stage1, tmp_path):
 
 def test_task_types_that_match_nothing_are_a_clear_error():
     from mlembed_jax.data import DEMO_PREPARED
-    from mlembed_jax.data.prepare import DataError
+    from mlembed_jax.data.parquet_io import DataError
     from mlembed_jax.data.prepared import load_prepared
 
     data = load_prepared(DEMO_PREPARED, 64, task_types=("clustering",))
