@@ -48,6 +48,7 @@ def test_benchmark_variant_rows_report_bad_fields_without_stopping(capsys):
                           "model.remat='bogus' must be one of"), row
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # stage 2 of the GPU script's smoke runs the same tool
 def test_attention_bench_cpu_smoke():
     args = [sys.executable, os.path.join(ROOT, "tools", "bench_attention.py"), "--seq_len=128",
@@ -84,6 +85,7 @@ def test_attention_bench_flags_a_kernel_that_crosses_texts(monkeypatch):
     assert bench_attention.bench_kernel("dense", q, k, v, seg, 1)[3] is False
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # ~3 min; run it (make test-all) before spending a GPU session
 def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     """tools/gpu_benchmark.sh runs once per GPU session, so its every stage runs here first

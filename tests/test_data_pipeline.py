@@ -170,6 +170,7 @@ for i in range(4):
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("where", ["mid", "epoch_end"])
 def test_resume_in_fresh_process(prepared, tmp_path, where):
     """The next batches after a restored state, in a fresh process, are exactly the

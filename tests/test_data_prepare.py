@@ -264,6 +264,7 @@ def test_classification_keeps_only_negative_1(tmp_path):
             res.datasets["cls3"]["input_negative_columns"]) == (1, 3)
 
 
+@pytest.mark.integration
 def test_manifest_for_the_released_file_names(tmp_path):
     """tools/make_manifest.py on a folder of files named like the released data."""
     import subprocess

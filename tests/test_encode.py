@@ -191,6 +191,7 @@ def test_cli_writes_npy_and_parquet_in_input_order(hf_dir, tmp_path, capsys):
     assert "exit=7 is not one of the model's MLL exits (1, 2, 3)" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # test_export checks the export against the JAX forward too
 def test_exported_model_encodes_like_its_checkpoint(tmp_path_factory, tmp_path):
     """tools/export_hf's output (a cut, compatibility-mode HF + sentence-transformers
@@ -209,6 +210,7 @@ def test_exported_model_encodes_like_its_checkpoint(tmp_path_factory, tmp_path):
     np.testing.assert_allclose(exported.encode(texts), want, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_a_gpu_trained_checkpoint_encodes_here_with_the_portable_kernel(
         tmp_path_factory, monkeypatch, capsys):
     """A checkpoint whose config names a GPU-only kernel loads on CPU with `dense`, says so,
@@ -239,6 +241,7 @@ def test_a_gpu_trained_checkpoint_encodes_here_with_the_portable_kernel(
         enc.load(work, attention="cudnn")
 
 
+@pytest.mark.integration
 def test_a_tpu_trained_checkpoint_and_auto_encode_here(tmp_path_factory, monkeypatch, capsys):
     """A checkpoint trained with splash (TPU) encodes on CPU with `dense`, saying so, and
     attention="auto" picks this platform's kernel as training would."""

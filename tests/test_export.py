@@ -20,6 +20,8 @@ import pytest
 from export_helpers import InputRecorder, hf_last_token, jax_embeddings, normalize
 from train_helpers import ROOT, small_config
 
+pytestmark = pytest.mark.integration  # its fixture trains the model every test exports
+
 TOKENIZER = os.path.join(ROOT, "mlembed_jax", "demo_data", "tokenizer")
 PREPARED = os.path.join(ROOT, "mlembed_jax", "demo_data", "prepared")
 MAX_LEN = 64  # the demo data's max_seq_length

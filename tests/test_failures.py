@@ -37,6 +37,8 @@ from mlembed_jax.config import ConfigError
 from mlembed_jax.metrics_log import read_metrics
 from mlembed_jax.train import run
 
+pytestmark = pytest.mark.integration  # trains, kills and resumes runs
+
 
 def _export_fp32(checkpoint: str, out: str) -> dict:
     """Exports at full size in fp32; returns {HF name: array}."""

@@ -28,6 +28,8 @@ from train_helpers import ROOT, cli_args, final_params, small_config, subprocess
 from mlembed_jax.config import ConfigError
 from mlembed_jax.data import DEMO_DATA_DIR, DEMO_MANIFEST, DEMO_TOKENIZER
 
+pytestmark = pytest.mark.integration  # trains against a storage server in a subprocess
+
 BUCKET = "mlembed-test"
 
 

@@ -13,6 +13,8 @@ from test_retrieval_eval import trained_names_run
 from mlembed_jax import encode as enc
 from mlembed_jax.eval import retrieval as rev
 
+pytestmark = pytest.mark.integration  # reports on a trained run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -146,6 +146,7 @@ def _entities(queries, passages):
     return {x: root(x) for x in parent}
 
 
+@pytest.mark.integration
 def test_planted_false_negatives_are_removed_where_plain_top_k_keeps_them(names_model):
     _, model, embed = names_model
     queries, passages = _pairs()
@@ -210,6 +211,7 @@ def test_planted_false_negatives_are_removed_where_plain_top_k_keeps_them(names_
         assert np.all(s_neg <= s_pos - 0.05 * abs(s_pos) + 1e-5)
 
 
+@pytest.mark.integration
 def test_seeded_sampling_is_deterministic(names_model):
     _, _, embed = names_model
     queries, passages = _pairs(400)
@@ -242,6 +244,7 @@ def exported(names_model, tmp_path_factory):
     return export_checkpoint(names_model[0], str(out), dtype="fp32")["out_dir"]
 
 
+@pytest.mark.integration
 def test_before_filtering_equals_sentence_transformers_mine_hard_negatives(exported):
     """On the same exported model and pairs, our candidates before the filters are exactly
     sentence-transformers' top-k negatives (n-tuple, no margins), up to ties."""
@@ -277,6 +280,7 @@ def test_before_filtering_equals_sentence_transformers_mine_hard_negatives(expor
     assert same > 0.95 * len(ds)  # measured: all 2712 rows of cldr_names equal at K = 10
 
 
+@pytest.mark.integration
 def test_cli_output_goes_through_prepare_data_into_training(names_model, tmp_path, capsys):
     """The smoke run: the tool on the demo pairs, then prepare_data and a short training."""
     from train_helpers import small_config
@@ -339,6 +343,7 @@ def test_cli_output_goes_through_prepare_data_into_training(names_model, tmp_pat
     assert "x.parquet: missing column 'passage'" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_eval_retrieval_and_the_miner_share_one_embedding_store(names_model, tmp_path):
     work, _, _ = names_model
     queries, passages = _pairs(300)
@@ -372,6 +377,7 @@ def test_eval_retrieval_and_the_miner_share_one_embedding_store(names_model, tmp
     assert sorted(os.listdir(cache)) == parts
 
 
+@pytest.mark.integration
 def test_bench_encode_runs_both_sides_on_one_model(exported, tmp_path, capsys):
     """tools/bench_encode.py, as a smoke run: both encoders on the same texts give the same
     embeddings (timings on a CPU mean little)."""

@@ -84,6 +84,7 @@ def released_502(tmp_path_factory):
     return str(out), str(manifest)
 
 
+@pytest.mark.integration
 def test_make_manifest_over_the_502_reference_files_is_accepted_by_prepare_data(released_502):
     out, manifest = released_502
     m = json.loads(open(manifest).read())
@@ -111,6 +112,7 @@ def read_tensorboard_tags(logdir: str) -> dict[str, float]:
     return tags
 
 
+@pytest.mark.integration
 def test_odd_names_train_and_keep_their_names_in_metrics_and_tensorboard(released_502,
                                                                          tmp_path):
     """Every reference dataset trains under its own name, and the per-dataset metric keys of

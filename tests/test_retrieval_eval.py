@@ -177,6 +177,7 @@ def test_bad_beir_data_gets_clear_errors(tmp_path):
 
 # --------------------------------------------------------------------------- with a model
 
+@pytest.mark.integration
 def test_trained_model_beats_untrained_on_its_heldout_split(names_run):
     from mlembed_jax.model.encoder import init_params
 
@@ -200,6 +201,7 @@ def test_trained_model_beats_untrained_on_its_heldout_split(names_run):
     assert a["recall@100"] > 1.4 * b["recall@100"]
 
 
+@pytest.mark.integration
 def test_eval_cli_writes_json_and_reports_unknown_ids(names_run, tmp_path, capsys):
     from importlib.util import module_from_spec, spec_from_file_location
 
@@ -228,6 +230,7 @@ def test_eval_cli_writes_json_and_reports_unknown_ids(names_run, tmp_path, capsy
     assert "exactly one of --beir_dir" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_periodic_evaluator_on_sharded_params_in_the_training_context(names_run):
     from mlembed_jax.checkpoint import load_trained
     from mlembed_jax.config import ConfigError

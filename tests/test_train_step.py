@@ -96,6 +96,7 @@ def test_mel_learning_rate_group(parts):
                            before["layers"]["mlp"]["up_proj"])
 
 
+@pytest.mark.integration
 def test_train_with_hf_init_and_hf_teacher(tmp_path):
     """train.init_from and loss.teacher read real HF directories saved by transformers."""
     student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
