@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_data_helpers import SMALL, TOKENIZER, data_config, make_inputs
+from data_helpers import SMALL, TOKENIZER, data_config, make_inputs
 
 from mlembed_jax.batch import check_batch
 from mlembed_jax.data.pipeline import make_train_iterator, make_validation_iterator
@@ -159,7 +159,7 @@ def test_same_seed_same_batches_other_seed_differs(prepared):
 RESUME_SCRIPT = r"""
 import json, sys, numpy as np
 sys.path.insert(0, sys.argv[1])
-from test_data_helpers import data_config
+from data_helpers import data_config
 from mlembed_jax.data.pipeline import make_train_iterator
 it = make_train_iterator(data_config(sys.argv[2], prefetch=2), packs=2)
 it.set_state(json.load(open(sys.argv[3])))

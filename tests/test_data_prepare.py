@@ -9,7 +9,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_data_helpers import SMALL, TOKENIZER, data_config, make_inputs
+from data_helpers import SMALL, TOKENIZER, data_config, make_inputs
 
 from mlembed_jax.data import DEMO_MANIFEST, DEMO_PREPARED
 from mlembed_jax.data import manifest as manifest_lib

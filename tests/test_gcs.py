@@ -16,14 +16,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
 import numpy as np
 import pytest
-from test_retrieval_eval import write_beir
-from train_helpers import ROOT, cli_args, final_params, small_config, subprocess_env, train_losses
+from retrieval_helpers import write_beir
+from tool_helpers import load_tool
+from train_helpers import cli_args, final_params, small_config, subprocess_env, train_losses
 
 from mlembed_jax.config import ConfigError
 from mlembed_jax.data import DEMO_DATA_DIR, DEMO_MANIFEST, DEMO_TOKENIZER
@@ -105,10 +105,9 @@ def _leaves(tree) -> list[np.ndarray]:
 
 
 def test_prepare_train_sigterm_resume_export_encode_all_on_gcs(gcs, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import eval_retrieval
-    import export_hf
-    import prepare_data
+    eval_retrieval = load_tool("eval_retrieval")
+    export_hf = load_tool("export_hf")
+    prepare_data = load_tool("prepare_data")
 
     from mlembed_jax import encode, storage
 
@@ -187,9 +186,8 @@ def test_prepare_train_sigterm_resume_export_encode_all_on_gcs(gcs, tmp_path, ca
 
 def test_missing_bucket_object_and_bad_credentials_are_one_line_errors(gcs, tmp_path, capsys,
                                                                         monkeypatch):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import export_hf
-    import prepare_data
+    export_hf = load_tool("export_hf")
+    prepare_data = load_tool("prepare_data")
 
     from mlembed_jax import encode
     from mlembed_jax.train import run

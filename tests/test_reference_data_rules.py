@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_data_helpers import TOKENIZER, data_config, make_inputs
+from data_helpers import TOKENIZER, data_config, make_inputs
 from test_gcs import BUCKET as GCS_BUCKET
 from test_gcs import gcs  # noqa: F401 - the fixture
 from train_helpers import ROOT, subprocess_env

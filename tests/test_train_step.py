@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_fixtures import make_hf_qwen3
+from hf_helpers import make_hf_qwen3
 from train_helpers import ROOT, small_config
 
 from mlembed_jax.data.pipeline import make_train_iterator
