@@ -43,3 +43,13 @@ def names_run(tmp_path_factory):
     from retrieval_helpers import trained_names_run
 
     return trained_names_run(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A local GCS server (gcs_helpers.fake_gcs_server) for one test module: its URL, with
+    the bucket gcs_helpers.BUCKET created and every client pointed at it."""
+    from gcs_helpers import fake_gcs_server
+
+    with fake_gcs_server(tmp_path_factory.mktemp("gcs")) as url:
+        yield url

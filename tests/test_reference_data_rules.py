@@ -18,8 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from data_helpers import TOKENIZER, data_config, make_inputs
-from test_gcs import BUCKET as GCS_BUCKET
-from test_gcs import gcs  # noqa: F401 - the fixture
+from gcs_helpers import BUCKET as GCS_BUCKET
 from train_helpers import ROOT, subprocess_env
 
 from mlembed_jax.config import ConfigError, validate
@@ -139,10 +138,11 @@ def test_odd_names_train_and_keep_their_names_in_metrics_and_tensorboard(release
         assert values[f"val/dataset_loss/{n}"] == names.index(n)
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("gcs")
 def test_odd_names_as_object_names_on_gcs(tmp_path):
     """The same names as object names: prepare_data from and to gs:// (the local
-    fake-gcs-server of test_gcs.py, through gcsfs), then loading the prepared data."""
+    fake-gcs-server of gcs_helpers.py, through gcsfs), then loading the prepared data."""
     from mlembed_jax import storage
     from mlembed_jax.data.prepared import load_prepared
 
