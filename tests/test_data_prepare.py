@@ -454,3 +454,22 @@ def test_fuzz_prepare_inputs_clean_error_or_exact_result(tmp_path, tokenizer):
             docs = table.column(c).cast(pa.string()).to_pylist()
             assert q.column(c).to_pylist() == [doc_id_of(t) for t in docs], (case, c)
     assert seen["ok"] >= 8 and seen["error"] >= 8, seen
+
+
+def test_a_relative_tokenizer_path_is_looked_up_beside_the_data_not_in_the_checkout(
+        tmp_path, monkeypatch):
+    """prepared.json records the tokenizer path as prepare_data was given it (the demo's is
+    relative). It is found from the current directory or the prepared data's own location
+    (so the shipped demo finds its tokenizer wherever the package is installed), never from
+    the repository checkout: elsewhere it is None, and callers ask for the tokenizer."""
+    from mlembed_jax.data import DEMO_TOKENIZER
+    from mlembed_jax.data.prepared import find_tokenizer_dir
+
+    with open(os.path.join(DEMO_PREPARED, "prepared.json")) as f:
+        recorded = json.load(f)["tokenizer_dir"]
+    assert not os.path.isabs(recorded)
+    monkeypatch.chdir(tmp_path)
+    found = find_tokenizer_dir(recorded, DEMO_PREPARED)
+    assert os.path.realpath(found) == os.path.realpath(DEMO_TOKENIZER)
+    (tmp_path / "prepared").mkdir()
+    assert find_tokenizer_dir(recorded, str(tmp_path / "prepared")) is None
