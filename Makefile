@@ -7,7 +7,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test test-all libtpu gpu-aot
+.PHONY: setup demo test test-unit test-all libtpu gpu-aot
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -63,6 +63,12 @@ PYTEST = $(BIN)/python -m pytest -q -n 2 --dist loadfile
 test: setup
 	$(BIN)/ruff check .
 	$(PYTEST) -m "not slow" tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
+
+# The fast tier: what is neither integration (trains, starts subprocesses, compiles big
+# programs) nor slow; for the edit-test loop. `make test` stays the gate.
+test-unit: setup
+	$(BIN)/ruff check .
+	$(PYTEST) -m "not integration and not slow" tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
 
 test-all: setup
 	$(BIN)/ruff check .

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlembed_jax.data.prepare import atomic_save_npy, atomic_write_bytes
+from mlembed_jax.storage import save_npy_atomic as atomic_save_npy
+from mlembed_jax.storage import write_bytes_atomic as atomic_write_bytes
 
 STORE_VERSION = 1
 DEFAULT_PART_SIZE = 65536  # texts per part: large enough to pack well, small enough to lose

@@ -49,14 +49,11 @@ import pyarrow as pa
 from mlembed_jax import encode as encode_lib
 from mlembed_jax.cli import missing_dirs, remove_empty, writable_dir
 from mlembed_jax.data.manifest import DEFAULT_NEGATIVES, load_manifest
-from mlembed_jax.data.prepare import (
-    atomic_write_bytes,
-    atomic_write_table,
-    check_text_column,
-    read_parquet,
-)
+from mlembed_jax.data.parquet_io import check_text_column, read_parquet
 from mlembed_jax.embedding_store import EmbeddingStore
 from mlembed_jax.eval.retrieval import exact_search, read_beir_jsonl
+from mlembed_jax.storage import write_bytes_atomic as atomic_write_bytes
+from mlembed_jax.storage import write_table_atomic as atomic_write_table
 
 FILTERS = ("positive_variant", "query_text", "duplicate", "rank_window", "margin",
            "score_ratio")

@@ -298,3 +298,70 @@ def writable_dir_check(path: str) -> None:
     os.makedirs(path, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
         pass
+
+
+# ----------------------------------------------------------------------------- tables and arrays
+# One policy for every durable file: local writes go to a temporary name beside the target,
+# are fsynced and renamed over it (the rename is atomic, and the fsync makes the renamed file's
+# bytes survive a power cut); a URL is written in one upload, which only appears once complete.
+# pyarrow and numpy are imported here, not above, so `storage` stays light for small tools.
+
+
+def _fsync_replace(tmp: str, path: str) -> None:
+    with builtins.open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_table_atomic(table, path: str) -> None:
+    """Writes the pyarrow Table `table` to `path` as parquet; a reader never sees it
+    half-written."""
+    import pyarrow.parquet as pq
+
+    if is_url(path):
+        with open(path, "wb") as f:
+            pq.write_table(table, f)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        pq.write_table(table, tmp)
+        _fsync_replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def save_npy_atomic(array, path: str) -> None:
+    """Writes `array` (any shape and dtype numpy can save) to `path` in .npy format; a reader
+    never sees it half-written, and a short write (disk full, a file size limit) raises
+    OSError instead of leaving a truncated array."""
+    import errno
+
+    import numpy as np
+
+    array = np.asanyarray(array)
+    if is_url(path):
+        with open(path, "wb") as f:
+            np.save(f, array)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    try:
+        np.save(tmp, array)
+        # np.save writes the data with fwrite, which drops a short write without an error:
+        # check the file holds every byte before it counts as written.
+        with builtins.open(tmp, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            header(f)
+            expected = f.tell() + array.nbytes
+        written = os.path.getsize(tmp)
+        if written != expected:
+            raise OSError(errno.EFBIG, f"short write of {path}: {written} of {expected} bytes "
+                          "(disk full or a file size limit?)")
+        _fsync_replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

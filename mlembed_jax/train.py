@@ -52,9 +52,9 @@ from mlembed_jax.checkpoint import (  # noqa: E402
 from mlembed_jax.cli import run_absl_main, writable_dir  # noqa: E402
 from mlembed_jax.config import ConfigError, validate  # noqa: E402
 from mlembed_jax.data.manifest import ManifestError  # noqa: E402
+from mlembed_jax.data.parquet_io import DataError  # noqa: E402
 from mlembed_jax.data.pipeline import make_train_iterator, make_validation_iterator  # noqa: E402
 from mlembed_jax.data.plan import make_data_plan  # noqa: E402
-from mlembed_jax.data.prepare import DataError  # noqa: E402
 from mlembed_jax.data.text_encoding import TokenizerError  # noqa: E402
 from mlembed_jax.eval.periodic import make_periodic_evaluator  # noqa: E402
 from mlembed_jax.metrics_log import MetricsWriter, flatten  # noqa: E402

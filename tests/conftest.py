@@ -1,9 +1,12 @@
 """Test setup: 8 fake CPU devices, so sharded code runs for real instead of skipping.
 
-XLA_FLAGS must be set before jax is imported anywhere, which is why this lives here.
+XLA_FLAGS must be set before jax is imported anywhere, which is why this lives here. Below:
+the session fixtures that several test modules share.
 """
 
 import os
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -28,3 +31,25 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+# ----------------------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="session")
+def names_run(tmp_path_factory):
+    """(workdir, config) of the small model trained on the demo's cldr_names (500 steps; see
+    retrieval_helpers), trained once per session for every test that needs a trained model."""
+    from retrieval_helpers import trained_names_run
+
+    return trained_names_run(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A local GCS server (gcs_helpers.fake_gcs_server) for one test module: its URL, with
+    the bucket gcs_helpers.BUCKET created and every client pointed at it."""
+    from gcs_helpers import fake_gcs_server
+
+    with fake_gcs_server(tmp_path_factory.mktemp("gcs")) as url:
+        yield url

@@ -20,6 +20,8 @@ from mlembed_jax import loss as L
 from mlembed_jax.batch import BatchGeometry, globalize_slots
 from mlembed_jax.perf import aot, aot_target, hlo
 
+pytestmark = pytest.mark.integration  # compiles the step for TPU and GPU topologies
+
 TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
 LIBTPU = aot_target.find_libtpu()
 needs_libtpu = pytest.mark.skipif(

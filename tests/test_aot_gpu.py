@@ -13,6 +13,8 @@ from train_helpers import DEMO, ROOT, SMALL
 
 from mlembed_jax.perf import aot_target, gpu_aot, gpu_target
 
+pytestmark = pytest.mark.integration  # compiles the train step with XLA:GPU in subprocesses
+
 TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
 needs_plugin = pytest.mark.skipif(
     not aot_target.cuda_plugin_installed(),

@@ -6,6 +6,7 @@ import sys
 
 import ml_collections
 import pytest
+from tool_helpers import load_tool
 from train_helpers import ROOT, subprocess_env
 
 from mlembed_jax.perf.flops import mfu, non_embedding_params, train_flops
@@ -31,8 +32,7 @@ def test_flop_count_matches_hand_count():
 def test_benchmark_variant_rows_report_bad_fields_without_stopping(capsys):
     """A variant with a bad value becomes an error row; the syntax is checked up front.
     (The timed paths, baseline, plain, profile and variants, run in the script smoke test.)"""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import benchmark
+    benchmark = load_tool("benchmark")
 
     from mlembed_jax.config import ConfigError, base_config
 
@@ -48,6 +48,7 @@ def test_benchmark_variant_rows_report_bad_fields_without_stopping(capsys):
                           "model.remat='bogus' must be one of"), row
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # stage 2 of the GPU script's smoke runs the same tool
 def test_attention_bench_cpu_smoke():
     args = [sys.executable, os.path.join(ROOT, "tools", "bench_attention.py"), "--seq_len=128",
@@ -68,8 +69,7 @@ def test_attention_bench_flags_a_kernel_that_crosses_texts(monkeypatch):
     import jax.numpy as jnp
     import numpy as np
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import bench_attention
+    bench_attention = load_tool("bench_attention")
 
     from mlembed_jax.model import attention
 
@@ -84,6 +84,7 @@ def test_attention_bench_flags_a_kernel_that_crosses_texts(monkeypatch):
     assert bench_attention.bench_kernel("dense", q, k, v, seg, 1)[3] is False
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # ~3 min; run it (make test-all) before spending a GPU session
 def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     """tools/gpu_benchmark.sh runs once per GPU session, so its every stage runs here first

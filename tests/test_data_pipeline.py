@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_data_helpers import SMALL, TOKENIZER, data_config, make_inputs
+from data_helpers import SMALL, TOKENIZER, data_config, make_inputs
 
 from mlembed_jax.batch import check_batch
 from mlembed_jax.data.pipeline import make_train_iterator, make_validation_iterator
@@ -159,7 +159,7 @@ def test_same_seed_same_batches_other_seed_differs(prepared):
 RESUME_SCRIPT = r"""
 import json, sys, numpy as np
 sys.path.insert(0, sys.argv[1])
-from test_data_helpers import data_config
+from data_helpers import data_config
 from mlembed_jax.data.pipeline import make_train_iterator
 it = make_train_iterator(data_config(sys.argv[2], prefetch=2), packs=2)
 it.set_state(json.load(open(sys.argv[3])))
@@ -170,6 +170,7 @@ for i in range(4):
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("where", ["mid", "epoch_end"])
 def test_resume_in_fresh_process(prepared, tmp_path, where):
     """The next batches after a restored state, in a fresh process, are exactly the
@@ -199,7 +200,7 @@ def test_resume_in_fresh_process(prepared, tmp_path, where):
 
 
 def test_old_carry_over_state_is_refused_with_the_way_out(prepared):
-    from mlembed_jax.data.prepare import DataError
+    from mlembed_jax.data.parquet_io import DataError
 
     out, _ = prepared
     it = make_train_iterator(data_config(out), packs=2)
@@ -214,7 +215,7 @@ def test_state_from_before_the_reference_rules_resumes_only_with_the_old_rules(p
     """A checkpoint's iterator state without "rules" was planned by the only rules there
     were (floor, batches_left, per_sample); resuming it with other rules would change its
     epoch's order, so it is refused with the flags that continue it exactly."""
-    from mlembed_jax.data.prepare import DataError
+    from mlembed_jax.data.parquet_io import DataError
 
     out, _ = prepared
     old_rules = {"holdout": "floor", "mixing": "batches_left", "negatives_draw": "per_sample"}

@@ -138,7 +138,7 @@ def test_padding_of_many_steps_within_limits(mix, limit, packs):
 
 
 def test_explicit_buckets_too_small_is_a_clear_error(tmp_path):
-    from mlembed_jax.data.prepare import DataError
+    from mlembed_jax.data.parquet_io import DataError
 
     out = benchmark_mix.write_mix_prepared(str(tmp_path), samples=50, negatives=7, mix="long")
     c = base_config()

@@ -9,12 +9,13 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_data_helpers import SMALL, TOKENIZER, data_config, make_inputs
+from data_helpers import SMALL, TOKENIZER, data_config, make_inputs
 
 from mlembed_jax.data import DEMO_MANIFEST, DEMO_PREPARED
 from mlembed_jax.data import manifest as manifest_lib
+from mlembed_jax.data.parquet_io import DataError
 from mlembed_jax.data.pipeline import make_train_iterator
-from mlembed_jax.data.prepare import DataError, TokenizerPool, prepare_data
+from mlembed_jax.data.prepare import TokenizerPool, prepare_data
 from mlembed_jax.data.prepared import load_prepared
 from mlembed_jax.data.text_encoding import TokenizerError, load_tokenizer
 
@@ -263,6 +264,7 @@ def test_classification_keeps_only_negative_1(tmp_path):
             res.datasets["cls3"]["input_negative_columns"]) == (1, 3)
 
 
+@pytest.mark.integration
 def test_manifest_for_the_released_file_names(tmp_path):
     """tools/make_manifest.py on a folder of files named like the released data."""
     import subprocess
@@ -452,3 +454,22 @@ def test_fuzz_prepare_inputs_clean_error_or_exact_result(tmp_path, tokenizer):
             docs = table.column(c).cast(pa.string()).to_pylist()
             assert q.column(c).to_pylist() == [doc_id_of(t) for t in docs], (case, c)
     assert seen["ok"] >= 8 and seen["error"] >= 8, seen
+
+
+def test_a_relative_tokenizer_path_is_looked_up_beside_the_data_not_in_the_checkout(
+        tmp_path, monkeypatch):
+    """prepared.json records the tokenizer path as prepare_data was given it (the demo's is
+    relative). It is found from the current directory or the prepared data's own location
+    (so the shipped demo finds its tokenizer wherever the package is installed), never from
+    the repository checkout: elsewhere it is None, and callers ask for the tokenizer."""
+    from mlembed_jax.data import DEMO_TOKENIZER
+    from mlembed_jax.data.prepared import find_tokenizer_dir
+
+    with open(os.path.join(DEMO_PREPARED, "prepared.json")) as f:
+        recorded = json.load(f)["tokenizer_dir"]
+    assert not os.path.isabs(recorded)
+    monkeypatch.chdir(tmp_path)
+    found = find_tokenizer_dir(recorded, DEMO_PREPARED)
+    assert os.path.realpath(found) == os.path.realpath(DEMO_TOKENIZER)
+    (tmp_path / "prepared").mkdir()
+    assert find_tokenizer_dir(recorded, str(tmp_path / "prepared")) is None

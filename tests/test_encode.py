@@ -130,7 +130,7 @@ def test_bad_requests_get_clear_errors(model):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A random HF Qwen3 saved by transformers, with the demo tokenizer beside it."""
-    from hf_fixtures import make_hf_qwen3
+    from hf_helpers import make_hf_qwen3
 
     d = tmp_path_factory.mktemp("hf")
     torch_model = make_hf_qwen3(str(d), vocab_size=4096, num_hidden_layers=3)
@@ -191,11 +191,12 @@ def test_cli_writes_npy_and_parquet_in_input_order(hf_dir, tmp_path, capsys):
     assert "exit=7 is not one of the model's MLL exits (1, 2, 3)" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # test_export checks the export against the JAX forward too
 def test_exported_model_encodes_like_its_checkpoint(tmp_path_factory, tmp_path):
     """tools/export_hf's output (a cut, compatibility-mode HF + sentence-transformers
     directory) loads here and gives the checkpoint's embeddings at the exported point."""
-    from test_retrieval_eval import trained_names_run
+    from retrieval_helpers import trained_names_run
 
     from mlembed_jax.export import export_checkpoint
 
@@ -209,11 +210,12 @@ def test_exported_model_encodes_like_its_checkpoint(tmp_path_factory, tmp_path):
     np.testing.assert_allclose(exported.encode(texts), want, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_a_gpu_trained_checkpoint_encodes_here_with_the_portable_kernel(
         tmp_path_factory, monkeypatch, capsys):
     """A checkpoint whose config names a GPU-only kernel loads on CPU with `dense`, says so,
     and gives the same embeddings; naming that kernel explicitly is a clear error."""
-    from test_retrieval_eval import trained_names_run
+    from retrieval_helpers import trained_names_run
 
     from mlembed_jax import checkpoint
 
@@ -239,10 +241,11 @@ def test_a_gpu_trained_checkpoint_encodes_here_with_the_portable_kernel(
         enc.load(work, attention="cudnn")
 
 
+@pytest.mark.integration
 def test_a_tpu_trained_checkpoint_and_auto_encode_here(tmp_path_factory, monkeypatch, capsys):
     """A checkpoint trained with splash (TPU) encodes on CPU with `dense`, saying so, and
     attention="auto" picks this platform's kernel as training would."""
-    from test_retrieval_eval import trained_names_run
+    from retrieval_helpers import trained_names_run
 
     from mlembed_jax import checkpoint
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import make_hf_qwen3
+from hf_helpers import make_hf_qwen3
 
 from mlembed_jax.model.encoder import encode
 from mlembed_jax.model.hf_import import encoder_config_from_hf, load_hf_params

@@ -18,7 +18,10 @@ import warnings
 import numpy as np
 import pytest
 from export_helpers import InputRecorder, hf_last_token, jax_embeddings, normalize
+from tool_helpers import load_tool
 from train_helpers import ROOT, small_config
+
+pytestmark = pytest.mark.integration  # its fixture trains the model every test exports
 
 TOKENIZER = os.path.join(ROOT, "mlembed_jax", "demo_data", "tokenizer")
 PREPARED = os.path.join(ROOT, "mlembed_jax", "demo_data", "prepared")
@@ -309,12 +312,7 @@ def test_tie_flag_follows_the_backbone(trained):
 
 # ----------------------------------------------------------------------------- bad input
 def _cli(argv, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("export_hf",
-                                                  os.path.join(ROOT, "tools", "export_hf.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_tool("export_hf")
     code = mod.main(argv)
     return code, capsys.readouterr().err
 

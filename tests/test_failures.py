@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import jax
@@ -22,7 +21,8 @@ from fault_helpers import (
     with_file_size_limit,
     write_random_bytes,
 )
-from train_helpers import ROOT, cli_args, final_params, small_config, subprocess_env, train_losses
+from tool_helpers import load_tool
+from train_helpers import cli_args, final_params, small_config, subprocess_env, train_losses
 
 from mlembed_jax.checkpoint import (
     CheckpointDamaged,
@@ -36,6 +36,8 @@ from mlembed_jax.checkpoint_verify import device_fingerprint
 from mlembed_jax.config import ConfigError
 from mlembed_jax.metrics_log import read_metrics
 from mlembed_jax.train import run
+
+pytestmark = pytest.mark.integration  # trains, kills and resumes runs
 
 
 def _export_fp32(checkpoint: str, out: str) -> dict:
@@ -166,8 +168,7 @@ def test_tools_refuse_a_damaged_checkpoint_and_name_the_intact_ones(trained_run,
     from mlembed_jax.sharding import make_mesh
     from mlembed_jax.train_step import build_step
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import eval_retrieval
+    eval_retrieval = load_tool("eval_retrieval")
 
     src, cfg = trained_run
     work = copy_run(src, str(tmp_path / "run"))
@@ -297,9 +298,8 @@ def test_kill_during_save_then_full_disk_then_resume(tmp_path):
 def test_read_only_workdir_and_outputs_are_one_line_errors(trained_run, tmp_path, capsys):
     from mlembed_jax import encode
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import export_hf
-    import prepare_data
+    export_hf = load_tool("export_hf")
+    prepare_data = load_tool("prepare_data")
 
     src, cfg = trained_run
     with read_only_dir(str(tmp_path / "ro")) as ro:

@@ -19,6 +19,8 @@ from mlembed_jax.checkpoint import Checkpointer, CheckpointError, human_bytes
 from mlembed_jax.config import ConfigError, validate
 from mlembed_jax.train import run
 
+pytestmark = pytest.mark.integration  # trains, with real faults
+
 
 def _errors(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("error:")]

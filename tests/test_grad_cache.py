@@ -61,6 +61,7 @@ def _assert_close(got, want, rtol=1e-5):
                                                      np.abs(g - w).max() / scale)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mesh_cfg", [  # slow: the 2 x 2 mesh is the harder case
     pytest.param({"num_devices": 1, "data": -1, "fsdp": 1, "tensor": 1},
                  marks=pytest.mark.slow),
@@ -94,6 +95,7 @@ def test_chunks_keep_every_device_on_its_own_packs():
     np.testing.assert_array_equal(np.asarray(back), texts)
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # the step's gradients are checked exactly above
 def test_short_run_losses_match_the_plain_run(tmp_path):
     """A demo-sized run with 2 chunks logs the same loss at every step as the plain run."""

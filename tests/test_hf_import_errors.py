@@ -5,7 +5,8 @@ import os
 import shutil
 
 import pytest
-from hf_fixtures import make_hf_qwen3
+from hf_helpers import make_hf_qwen3
+from tool_helpers import load_tool
 
 from mlembed_jax.model.hf_import import (
     CheckpointError,
@@ -98,13 +99,7 @@ def test_summary_counts_parameters(hf_dir):
 
 
 def test_inspect_tool_prints_counts(hf_dir, capsys):
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("inspect_hf",
-                                                  os.path.join(root, "tools", "inspect_hf.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_tool("inspect_hf")
     assert mod.main([str(hf_dir)]) == 0
     out = capsys.readouterr().out
     assert "embedding parameters: 10,240" in out  # 160 x 64

@@ -122,6 +122,7 @@ def test_init_never_traces_the_kernel():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.integration
 def test_train_run_with_splash_in_the_interpreter_matches_dense(tmp_path, monkeypatch):
     # Slow-ish (about a minute on 2 cores): the real splash kernel code, run by Pallas'
     # interpreter inside the jitted, sharded train step (shard_map over 2 batch shards).

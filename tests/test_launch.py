@@ -44,6 +44,7 @@ def test_local_two_processes_on_fake_cpu_devices():
     assert "MLEMBED_PROCESS_ID=1 MLEMBED_LOCAL_DEVICE_IDS=1 py3" in lines[1]
 
 
+@pytest.mark.integration
 def test_tpu_pod_runs_the_same_command_on_every_worker():
     lines = dry("tpu_pod.sh", "--tpu=pod-1", "--zone=us-east5-a", "--project=p", "--setup",
                 "--config=configs/8b.py", "--workdir=/mnt/shared/8b",
@@ -73,6 +74,7 @@ def test_tpu_pod_runs_the_same_command_on_every_worker():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.integration
 def test_tpu_pod_two_slices_run_on_every_node_of_a_queued_resource():
     lines = dry("tpu_pod.sh", "--queued-resource=qr-8b", "--zone=us-east5-a",
                 "--config=configs/8b.py", "--workdir=/mnt/shared/8b")
@@ -86,6 +88,7 @@ def test_tpu_pod_two_slices_run_on_every_node_of_a_queued_resource():
     assert r.returncode == 2 and "one of --tpu=NAME or --queued-resource=QR" in r.stderr
 
 
+@pytest.mark.integration
 def test_slurm_sets_flags_before_python_and_runs_srun():
     lines = dry("slurm_gpu.sbatch", "--config=configs/8b.py", "--workdir=/shared/r",
                 env={"PYTHON": "py3", "SLURM_SUBMIT_DIR": "/home/u/mlembed_jax", "XLA_FLAGS": "",
@@ -112,6 +115,7 @@ def test_slurm_sets_flags_before_python_and_runs_srun():
     assert "#SBATCH --gpus-per-node=8" in header and "#SBATCH --signal=TERM@300" in header
 
 
+@pytest.mark.integration
 def test_launch_scripts_parse():
     for name in ("local.sh", "tpu_pod.sh", "slurm_gpu.sbatch", "xla_gpu_flags.sh"):
         r = subprocess.run(["bash", "-n", os.path.join(LAUNCH, name)], capture_output=True,

@@ -3,36 +3,20 @@ the errors for grid points outside the trained sets."""
 
 import json
 import os
-from importlib.util import module_from_spec, spec_from_file_location
 
 import jax
 import numpy as np
 import pytest
-from test_retrieval_eval import trained_names_run
+from tool_helpers import load_tool
 
 from mlembed_jax import encode as enc
 from mlembed_jax.eval import retrieval as rev
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_tool():
-    spec = spec_from_file_location("matryoshka_report",
-                                   os.path.join(ROOT, "tools", "matryoshka_report.py"))
-    tool = module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
-@pytest.fixture(scope="module")
-def names_run(tmp_path_factory):
-    # The same run as test_retrieval_eval's (trained once per session, see its docstring).
-    return trained_names_run(tmp_path_factory.getbasetemp())
-
+pytestmark = pytest.mark.integration  # reports on a trained run
 
 def test_report_writes_json_grid_and_png(names_run, tmp_path):
     work, _ = names_run
-    tool = load_tool()
+    tool = load_tool("matryoshka_report")
     out = tmp_path / "report"
     png = tmp_path / "docs" / "m.png"
     assert tool.main([f"--model={work}", "--heldout", f"--out_dir={out}", f"--png={png}",
@@ -65,7 +49,7 @@ def test_report_writes_json_grid_and_png(names_run, tmp_path):
 
 def test_report_rejects_untrained_grid_points(names_run, tmp_path, capsys):
     work, _ = names_run
-    tool = load_tool()
+    tool = load_tool("matryoshka_report")
     args = [f"--model={work}", "--heldout", f"--out_dir={tmp_path}", "--quiet"]
     assert tool.main(args + ["--ranks=8,12"]) == 2
     assert "rank=12 is not a trained MEL rank (8, 16, 32)" in capsys.readouterr().err

@@ -4,7 +4,7 @@ and plain top-k keeps; determinism; before filtering it equals sentence-transfor
 mine_hard_negatives; its output goes through prepare_data into a training run; it shares the
 embedding store with tools/eval_retrieval.py.
 
-The model is the small one trained on cldr_names that test_retrieval_eval.py trains once per
+The model is the small one trained on cldr_names that conftest's names_run trains once per
 session (500 steps): its names of one entity in 18 languages are the natural paraphrases.
 """
 
@@ -12,25 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-from importlib.util import module_from_spec, spec_from_file_location
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_retrieval_eval import DEMO, ROOT, trained_names_run, write_beir
+from retrieval_helpers import DEMO_DATA, write_beir
+from tool_helpers import load_tool
 
 from mlembed_jax import encode as enc
 from mlembed_jax import mining
 from mlembed_jax.embedding_store import EmbeddingStore
 
-NAMES = os.path.join(DEMO, "raw", "cldr_names.parquet")
-
-
-def _tool(name):
-    spec = spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    tool = module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+NAMES = os.path.join(DEMO_DATA, "raw", "cldr_names.parquet")
 
 
 def _pairs(n=None):
@@ -40,8 +33,8 @@ def _pairs(n=None):
 
 
 @pytest.fixture(scope="module")
-def names_model(tmp_path_factory):
-    work, _ = trained_names_run(tmp_path_factory.getbasetemp())
+def names_model(names_run):
+    work, _ = names_run
     model = enc.load(work)
     store = EmbeddingStore(None, model)  # in memory: each distinct text encoded once
 
@@ -146,6 +139,7 @@ def _entities(queries, passages):
     return {x: root(x) for x in parent}
 
 
+@pytest.mark.integration
 def test_planted_false_negatives_are_removed_where_plain_top_k_keeps_them(names_model):
     _, model, embed = names_model
     queries, passages = _pairs()
@@ -210,6 +204,7 @@ def test_planted_false_negatives_are_removed_where_plain_top_k_keeps_them(names_
         assert np.all(s_neg <= s_pos - 0.05 * abs(s_pos) + 1e-5)
 
 
+@pytest.mark.integration
 def test_seeded_sampling_is_deterministic(names_model):
     _, _, embed = names_model
     queries, passages = _pairs(400)
@@ -242,6 +237,7 @@ def exported(names_model, tmp_path_factory):
     return export_checkpoint(names_model[0], str(out), dtype="fp32")["out_dir"]
 
 
+@pytest.mark.integration
 def test_before_filtering_equals_sentence_transformers_mine_hard_negatives(exported):
     """On the same exported model and pairs, our candidates before the filters are exactly
     sentence-transformers' top-k negatives (n-tuple, no margins), up to ties."""
@@ -277,6 +273,7 @@ def test_before_filtering_equals_sentence_transformers_mine_hard_negatives(expor
     assert same > 0.95 * len(ds)  # measured: all 2712 rows of cldr_names equal at K = 10
 
 
+@pytest.mark.integration
 def test_cli_output_goes_through_prepare_data_into_training(names_model, tmp_path, capsys):
     """The smoke run: the tool on the demo pairs, then prepare_data and a short training."""
     from train_helpers import small_config
@@ -292,7 +289,7 @@ def test_cli_output_goes_through_prepare_data_into_training(names_model, tmp_pat
     pq.write_table(pq.read_table(NAMES).slice(0, 600).select(["query", "passage"]),
                    src / "cldr_names.parquet")
     out = tmp_path / "mined"
-    tool = _tool("mine_negatives")
+    tool = load_tool("mine_negatives")
     assert tool.main([f"--model={work}", f"--input={src}", f"--output_dir={out}",
                       "--negatives=8", "--depth=48", "--if_short=shrink", "--quiet"]) == 0
     printed = capsys.readouterr()
@@ -339,6 +336,7 @@ def test_cli_output_goes_through_prepare_data_into_training(names_model, tmp_pat
     assert "x.parquet: missing column 'passage'" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_eval_retrieval_and_the_miner_share_one_embedding_store(names_model, tmp_path):
     work, _, _ = names_model
     queries, passages = _pairs(300)
@@ -349,7 +347,7 @@ def test_eval_retrieval_and_the_miner_share_one_embedding_store(names_model, tmp
                       [{"_id": f"q{i}", "text": t} for i, t in enumerate(qs)],
                       [(f"q{qs.index(q)}", doc_id[p], 1) for q, p in zip(queries, passages)])
     cache = tmp_path / "cache"
-    ev = _tool("eval_retrieval")
+    ev = load_tool("eval_retrieval")
     r1, r2 = tmp_path / "r1.json", tmp_path / "r2.json"
     assert ev.main([f"--model={work}", f"--beir_dir={beir}", f"--cache_dir={cache}",
                     f"--output={r1}", "--quiet"]) == 0
@@ -372,11 +370,12 @@ def test_eval_retrieval_and_the_miner_share_one_embedding_store(names_model, tmp
     assert sorted(os.listdir(cache)) == parts
 
 
+@pytest.mark.integration
 def test_bench_encode_runs_both_sides_on_one_model(exported, tmp_path, capsys):
     """tools/bench_encode.py, as a smoke run: both encoders on the same texts give the same
     embeddings (timings on a CPU mean little)."""
     out = tmp_path / "bench.json"
-    assert _tool("bench_encode").main([f"--model={exported}", "--samples=2",
+    assert load_tool("bench_encode").main([f"--model={exported}", "--samples=2",
                                        "--max_seq_length=128", "--batch_size=4",
                                        "--batch_tokens=512", f"--output={out}"]) == 0
     assert "ratio:" in capsys.readouterr().out

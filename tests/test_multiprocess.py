@@ -20,6 +20,8 @@ from train_helpers import cli_args, small_config, subprocess_env, train_losses
 
 from mlembed_jax.train import run
 
+pytestmark = pytest.mark.integration  # starts training processes
+
 STEPS = 16
 COMMON = {"train.max_steps": STEPS, "train.checkpoint_every": 1000,
           "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,

@@ -45,6 +45,7 @@ def test_slices_that_do_not_fit_the_devices_are_config_errors():
         make_mesh(_mesh_cfg(data=1, fsdp=8, dcn_data=2))
 
 
+@pytest.mark.integration
 def test_two_slices_of_4_train_like_one_slice_of_8(tmp_path):
     # The same 8 packs per step in both runs; FSDP over all 8 devices against 2 slices of
     # FSDP over 4 with data parallelism across them.

@@ -125,6 +125,7 @@ def test_real_cpu_trace(tmp_path):
     assert "jit_tiny_step" in text.splitlines()[0]
 
 
+@pytest.mark.integration
 def test_cli_empty_dir_errors(tmp_path):
     r = subprocess.run([sys.executable, TOOL, str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stdout == ""

@@ -17,9 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_data_helpers import TOKENIZER, data_config, make_inputs
-from test_gcs import BUCKET as GCS_BUCKET
-from test_gcs import gcs  # noqa: F401 - the fixture
+from data_helpers import TOKENIZER, data_config, make_inputs
+from gcs_helpers import BUCKET as GCS_BUCKET
 from train_helpers import ROOT, subprocess_env
 
 from mlembed_jax.config import ConfigError, validate
@@ -84,6 +83,7 @@ def released_502(tmp_path_factory):
     return str(out), str(manifest)
 
 
+@pytest.mark.integration
 def test_make_manifest_over_the_502_reference_files_is_accepted_by_prepare_data(released_502):
     out, manifest = released_502
     m = json.loads(open(manifest).read())
@@ -111,6 +111,7 @@ def read_tensorboard_tags(logdir: str) -> dict[str, float]:
     return tags
 
 
+@pytest.mark.integration
 def test_odd_names_train_and_keep_their_names_in_metrics_and_tensorboard(released_502,
                                                                          tmp_path):
     """Every reference dataset trains under its own name, and the per-dataset metric keys of
@@ -137,10 +138,11 @@ def test_odd_names_train_and_keep_their_names_in_metrics_and_tensorboard(release
         assert values[f"val/dataset_loss/{n}"] == names.index(n)
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("gcs")
 def test_odd_names_as_object_names_on_gcs(tmp_path):
     """The same names as object names: prepare_data from and to gs:// (the local
-    fake-gcs-server of test_gcs.py, through gcsfs), then loading the prepared data."""
+    fake-gcs-server of gcs_helpers.py, through gcsfs), then loading the prepared data."""
     from mlembed_jax import storage
     from mlembed_jax.data.prepared import load_prepared
 

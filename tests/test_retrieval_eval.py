@@ -5,60 +5,15 @@ beating the same model untrained on its held-out split."""
 import dataclasses
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
 import pytest
+from retrieval_helpers import write_beir
+from tool_helpers import load_tool
 
 from mlembed_jax import encode as enc
 from mlembed_jax.eval import retrieval as rev
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "mlembed_jax", "demo_data")
-
-# The trained model shared with test_matryoshka_report.py: the demo's retrieval dataset
-# (cldr_names) alone, prepared with the demo tokenizer, and the small test model trained with
-# 32 samples per step, so a few hundred steps learn it (measured figures: margin test).
-TRAIN_STEPS = 500
-TRAIN_OVERRIDES = {
-    "mesh.num_devices": 1, "data.samples_per_pack": 32,
-    "data.validation_fraction": 0.2,  # 543 held-out queries: a metric that is not noise
-    "train.max_steps": TRAIN_STEPS, "train.checkpoint_every": 1000,
-}
-
-
-def trained_names_run(root) -> tuple[str, object]:
-    """(workdir, config) of the shared run; trained once per pytest session (the done
-    marker lets the second test module reuse it)."""
-    from train_helpers import small_config
-
-    from mlembed_jax.data.prepare import prepare_data
-    from mlembed_jax.train import run
-
-    base = os.path.join(str(root), "names_run")
-    data, work = os.path.join(base, "data"), os.path.join(base, "work")
-    config = small_config(**TRAIN_OVERRIDES, **{
-        "data.prepared_dir": os.path.join(data, "prepared"),
-        "data.manifest": os.path.join(data, "manifest.json")})
-    if not os.path.exists(os.path.join(base, "done")):
-        shutil.rmtree(base, ignore_errors=True)
-        os.makedirs(os.path.join(data, "raw"))
-        shutil.copy(os.path.join(DEMO, "raw", "cldr_names.parquet"), os.path.join(data, "raw"))
-        with open(config.data.manifest, "w") as f:
-            json.dump({"cldr_names": {"task_type": "retrieval"}}, f)
-        prepare_data(os.path.join(data, "raw"), config.data.manifest,
-                     os.path.join(DEMO, "tokenizer"), config.data.prepared_dir,
-                     max_seq_length=64, workers=1, verbose=False)
-        assert run(config, work) == 0
-        open(os.path.join(base, "done"), "w").close()
-    return work, config
-
-
-@pytest.fixture(scope="module")
-def names_run(tmp_path_factory):
-    return trained_names_run(tmp_path_factory.getbasetemp())
-
 
 # --------------------------------------------------------------------------- metrics
 
@@ -107,17 +62,6 @@ def test_exact_search_equals_brute_force_across_blocks():
 
 # --------------------------------------------------------------------------- BEIR loading
 
-def write_beir(path, corpus, queries, qrels, header=True):
-    os.makedirs(os.path.join(path, "qrels"), exist_ok=True)
-    with open(os.path.join(path, "corpus.jsonl"), "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in corpus)
-    with open(os.path.join(path, "queries.jsonl"), "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in queries)
-    with open(os.path.join(path, "qrels", "test.tsv"), "w") as f:
-        if header:
-            f.write("query-id\tcorpus-id\tscore\n")
-        f.writelines(f"{q}\t{d}\t{s}\n" for q, d, s in qrels)
-    return str(path)
 
 
 TOY_CORPUS = [{"_id": "d1", "title": "Deutschland", "text": "Germany"},
@@ -177,6 +121,7 @@ def test_bad_beir_data_gets_clear_errors(tmp_path):
 
 # --------------------------------------------------------------------------- with a model
 
+@pytest.mark.integration
 def test_trained_model_beats_untrained_on_its_heldout_split(names_run):
     from mlembed_jax.model.encoder import init_params
 
@@ -200,13 +145,9 @@ def test_trained_model_beats_untrained_on_its_heldout_split(names_run):
     assert a["recall@100"] > 1.4 * b["recall@100"]
 
 
+@pytest.mark.integration
 def test_eval_cli_writes_json_and_reports_unknown_ids(names_run, tmp_path, capsys):
-    from importlib.util import module_from_spec, spec_from_file_location
-
-    spec = spec_from_file_location("eval_retrieval",
-                                   os.path.join(ROOT, "tools", "eval_retrieval.py"))
-    tool = module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("eval_retrieval")
     work, _ = names_run
     beir = write_beir(tmp_path / "toy", TOY_CORPUS, TOY_QUERIES, TOY_QRELS)
     out = tmp_path / "r.json"
@@ -228,6 +169,7 @@ def test_eval_cli_writes_json_and_reports_unknown_ids(names_run, tmp_path, capsy
     assert "exactly one of --beir_dir" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_periodic_evaluator_on_sharded_params_in_the_training_context(names_run):
     from mlembed_jax.checkpoint import load_trained
     from mlembed_jax.config import ConfigError

@@ -76,12 +76,14 @@ def stage1(tmp_path_factory):
     return work
 
 
+@pytest.mark.integration
 def test_stage1_trains_the_retrieval_datasets_only(stage1):
     logged = read_metrics(stage1)
     datasets = {k.split("/")[-1] for m in logged for k in m if "loss_by_dataset" in k}
     assert datasets == {"cldr_names"}  # the demo's one retrieval set of three
 
 
+@pytest.mark.integration
 def test_stage2_starts_from_stage1_params_with_a_fresh_optimizer(stage1, tmp_path, capsys):
     cfg = small_config(**{"train.max_steps": 2, "train.checkpoint_every": 100,
                           "train.init_from": stage1, "mesh.num_devices": 1})
@@ -110,6 +112,7 @@ def test_stage2_starts_from_stage1_params_with_a_fresh_optimizer(stage1, tmp_pat
     assert sorted(train_losses(work)) == [1, 2]
 
 
+@pytest.mark.integration
 def test_init_from_errors(stage1, tmp_path):
     other = small_config(**{"train.max_steps": 1, "train.init_from": stage1,
                             "model.hidden_size": 96, "mesh.num_devices": 1})
@@ -125,7 +128,7 @@ def test_init_from_errors(stage1, tmp_path):
 
 def test_task_types_that_match_nothing_are_a_clear_error():
     from mlembed_jax.data import DEMO_PREPARED
-    from mlembed_jax.data.prepare import DataError
+    from mlembed_jax.data.parquet_io import DataError
     from mlembed_jax.data.prepared import load_prepared
 
     data = load_prepared(DEMO_PREPARED, 64, task_types=("clustering",))

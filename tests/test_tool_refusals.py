@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import warnings
-from importlib.util import module_from_spec, spec_from_file_location
 
 import jax
 import numpy as np
@@ -24,18 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fault_helpers import copy_run, read_only_dir
+from tool_helpers import load_tool
 from train_helpers import ROOT, final_params, small_config, subprocess_env
 
 from mlembed_jax.train import run
 
+pytestmark = pytest.mark.integration  # trains a tiny run and starts the tools as commands
+
 CKPTS = "checkpoints"
-
-
-def _tool(name):
-    spec = spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    tool = module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 def _rewrite_params(work: str, cfg, step: int, change) -> None:
@@ -124,7 +119,7 @@ def test_encode_refuses_nan_embeddings_and_names_the_intact_checkpoints(runs, tm
 def test_export_refuses_the_overflowing_mel_fold(runs, tmp_path, capsys):
     """The default bf16 export: U @ V overflows float32 before any cast."""
     _, diverged, _ = runs
-    export_hf = _tool("export_hf")
+    export_hf = load_tool("export_hf")
     out = tmp_path / "export"
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # numpy's overflow warning would raise
@@ -150,7 +145,7 @@ def test_export_that_overflows_only_in_bf16_is_an_error(runs, tmp_path, capsys):
         **p, "layers": {**p["layers"], "mlp": {**p["layers"]["mlp"], "up_proj":
                                                p["layers"]["mlp"]["up_proj"].at[1, 0, 0]
                                                .set(3.4e38)}}})
-    export_hf = _tool("export_hf")
+    export_hf = load_tool("export_hf")
     assert export_hf.main(["--checkpoint", big, "--out", str(tmp_path / "fp32"),
                            "--dtype", "fp32"]) == 0
     fp32 = load_file(str(tmp_path / "fp32" / "model.safetensors"))
@@ -168,7 +163,7 @@ def test_export_that_overflows_only_in_bf16_is_an_error(runs, tmp_path, capsys):
 def test_eval_retrieval_refuses_nan_embeddings(runs, tmp_path, capsys):
     _, diverged, _ = runs
     out = tmp_path / "res" / "r.json"
-    assert _tool("eval_retrieval").main(["--model", diverged, "--heldout", "--max_queries", "4",
+    assert load_tool("eval_retrieval").main(["--model", diverged, "--heldout", "--max_queries", "4",
                                          "--quiet", "--output", str(out)]) == 2
     _names_the_alternatives(_one_error(capsys), diverged, "--model")
     assert not (tmp_path / "res").exists()
@@ -177,7 +172,7 @@ def test_eval_retrieval_refuses_nan_embeddings(runs, tmp_path, capsys):
 def test_matryoshka_report_refuses_nan_embeddings(runs, tmp_path, capsys):
     _, diverged, _ = runs
     out = tmp_path / "report"
-    assert _tool("matryoshka_report").main(["--model", diverged, "--heldout", "--max_queries",
+    assert load_tool("matryoshka_report").main(["--model", diverged, "--heldout", "--max_queries",
                                             "4", "--quiet", "--out_dir", str(out)]) == 2
     _names_the_alternatives(_one_error(capsys), diverged, "--model")
     assert not out.exists()
@@ -194,7 +189,7 @@ def test_miner_refuses_nan_embeddings_and_caches_none(runs, tmp_path, capsys):
     _, diverged, _ = runs
     pairs = _pairs_file(tmp_path / "in")
     cache = tmp_path / "cache"
-    assert _tool("mine_negatives").main(
+    assert load_tool("mine_negatives").main(
         ["--model", diverged, "--input", pairs, "--output_dir", str(tmp_path / "mined"),
          "--negatives", "1", "--depth", "2", "--cache_dir", str(cache), "--quiet"]) == 2
     _names_the_alternatives(_one_error(capsys), diverged, "--model")
@@ -243,7 +238,7 @@ def test_miner_failing_on_its_second_dataset_leaves_no_output(runs, tmp_path, ca
     shutil.copy(f"{pairs}/pairs.parquet", f"{pairs}/z_pairs.parquet")
     out = tmp_path / "mined"
     os.makedirs(out / "z_pairs.parquet")
-    assert _tool("mine_negatives").main(["--model", work, "--input", pairs, "--output_dir",
+    assert load_tool("mine_negatives").main(["--model", work, "--input", pairs, "--output_dir",
                                          str(out), "--negatives", "1", "--depth", "2",
                                          "--if_short", "repeat", "--overwrite",
                                          "--quiet"]) == 2
@@ -257,7 +252,7 @@ def test_miner_with_an_unwritable_output_dir(runs, tmp_path, capsys):
     work, _, _ = runs
     pairs = _pairs_file(tmp_path / "in")
     with read_only_dir(str(tmp_path / "ro")) as ro:
-        assert _tool("mine_negatives").main(["--model", work, "--input", pairs,
+        assert load_tool("mine_negatives").main(["--model", work, "--input", pairs,
                                              "--output_dir", f"{ro}/mined"]) == 2
         line = _one_error(capsys)
         assert line.startswith(f"error: --output_dir '{ro}/mined' is not writable"), line
@@ -266,7 +261,7 @@ def test_miner_with_an_unwritable_output_dir(runs, tmp_path, capsys):
 
 def test_prepare_data_max_seq_length_1(tmp_path, capsys):
     out = tmp_path / "prepared"
-    assert _tool("prepare_data").main(["--input_dir", str(tmp_path), "--manifest", "m.json",
+    assert load_tool("prepare_data").main(["--input_dir", str(tmp_path), "--manifest", "m.json",
                                        "--tokenizer", "t", "--output_dir", str(out),
                                        "--max_seq_length", "1"]) == 2
     line = _one_error(capsys)
@@ -326,7 +321,7 @@ def test_tools_take_params_whose_only_damage_is_the_data_file(runs, tmp_path, ca
 
     work = copy_run(runs[0], str(tmp_path / "run"))
     os.remove(f"{work}/{CKPTS}/6/data/process_0-of-1.json")
-    assert _tool("export_hf").main(["--checkpoint", work, "--out", str(tmp_path / "export"),
+    assert load_tool("export_hf").main(["--checkpoint", work, "--out", str(tmp_path / "export"),
                                     "--dtype", "fp32"]) == 0
     err = capsys.readouterr().err
     assert (f"note: checkpoint {work}/{CKPTS}/6: data/process_<i>-of-<n>.json is missing, "

@@ -21,6 +21,8 @@ from mlembed_jax.config import ConfigError
 from mlembed_jax.metrics_log import read_metrics
 from mlembed_jax.train import run
 
+pytestmark = pytest.mark.integration  # trains
+
 
 def test_8_device_mesh_matches_1_device(tmp_path):
     # 4 packs per step in both runs, so the global batches are the same.

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_fixtures import make_hf_qwen3
+from hf_helpers import make_hf_qwen3
 from train_helpers import ROOT, small_config
 
 from mlembed_jax.data.pipeline import make_train_iterator
@@ -96,6 +96,7 @@ def test_mel_learning_rate_group(parts):
                            before["layers"]["mlp"]["up_proj"])
 
 
+@pytest.mark.integration
 def test_train_with_hf_init_and_hf_teacher(tmp_path):
     """train.init_from and loss.teacher read real HF directories saved by transformers."""
     student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"

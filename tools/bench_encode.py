@@ -21,6 +21,9 @@ import os
 import sys
 import tempfile
 
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "demo.py")
+
 # Before JAX starts: allocate on demand, so torch in this process finds the GPU free.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
         try:
             if not model_dir:
                 model_dir = eb.make_model(os.path.join(tmp, "run"), os.path.join(tmp, "export"),
-                                          overrides)
+                                          overrides, DEMO_CONFIG)
             ours = encode.load(model_dir, max_seq_length=a.max_seq_length,
                                compute_dtype="float32")
         except (ValueError, FileNotFoundError) as e:

@@ -21,7 +21,7 @@ def _negative_count(path: str) -> int:
     """Negative columns of a parquet file, from its schema only (the footer)."""
     import pyarrow.parquet as pq
 
-    from mlembed_jax.data.prepare import DataError, negative_columns
+    from mlembed_jax.data.parquet_io import DataError, negative_columns
 
     try:
         names = pq.read_schema(path).names
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from mlembed_jax.data import manifest as manifest_lib
-    from mlembed_jax.data.prepare import DataError
+    from mlembed_jax.data.parquet_io import DataError
 
     try:
         if not os.path.isdir(args.input_dir):

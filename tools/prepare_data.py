@@ -31,7 +31,8 @@ def main(argv=None):
     from mlembed_jax.cli import writable_dir
     from mlembed_jax.config import ConfigError
     from mlembed_jax.data.manifest import ManifestError
-    from mlembed_jax.data.prepare import DataError, check_max_seq_length, prepare_data
+    from mlembed_jax.data.parquet_io import DataError
+    from mlembed_jax.data.prepare import check_max_seq_length, prepare_data
     from mlembed_jax.data.text_encoding import TokenizerError
     from mlembed_jax.storage import StorageError
 

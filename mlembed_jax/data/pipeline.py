@@ -21,8 +21,8 @@ import numpy as np
 from mlembed_jax.batch import BatchGeometry
 from mlembed_jax.data import manifest as manifest_lib
 from mlembed_jax.data import packing
+from mlembed_jax.data.parquet_io import DataError
 from mlembed_jax.data.plan import DataPlan, StepPlan, make_data_plan
-from mlembed_jax.data.prepare import DataError
 from mlembed_jax.data.prepared import PreparedData
 
 # 2: no carry-over (version 1 carried samples between steps and cannot resume exactly here).

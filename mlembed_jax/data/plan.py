@@ -37,7 +37,7 @@ import numpy as np
 
 from mlembed_jax.batch import BatchGeometry, geometry_from_config, row_buckets
 from mlembed_jax.data import packing, schedule
-from mlembed_jax.data.prepare import DataError
+from mlembed_jax.data.parquet_io import DataError
 from mlembed_jax.data.prepared import PreparedData, load_prepared
 
 VALIDATION_EPOCH = 2**31 - 1  # negatives key of the held-out split: fixed, never a train epoch

@@ -26,94 +26,31 @@ complete-looking half file; a dataset counts as done only once its marker exists
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
 import sys
 import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from mlembed_jax import storage
 from mlembed_jax.data import manifest as manifest_lib
 from mlembed_jax.data import text_encoding
+from mlembed_jax.data.parquet_io import (
+    DataError,
+    check_text_column,
+    list_array,
+    negative_columns,
+    read_parquet,
+)
+from mlembed_jax.data.prepared import FORMAT_VERSION, tokenizer_fingerprint
 from mlembed_jax.data.schedule import name_key
 
-FORMAT_VERSION = 1
 MAX_ROWS_PER_DATASET = 80_000  # the recipe's cap per dataset
-_NEG_RE = re.compile(r"^negative_(\d+)$")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the row and the column."""
-
-
-# ----------------------------------------------------------------------------- reading
-def read_parquet(path: str) -> pa.Table:
-    """The table at `path`; from a URL it is read through a streaming file (ranged reads of
-    the footer and columns), not downloaded first."""
-    try:
-        if storage.is_url(path):
-            with storage.open(path, "rb") as f:
-                return pq.read_table(f)
-        return pq.read_table(path)
-    except Exception as e:  # noqa: BLE001 - arrow raises several types for bad files
-        raise DataError(f"{path}: cannot read parquet file (corrupted or truncated?): "
-                        f"{type(e).__name__}: {e}") from e
-
-
-def negative_columns(column_names: list[str], path: str) -> list[str]:
-    """negative_1 .. negative_K of a file's columns, checked to be contiguous; at least
-    negative_1."""
-    nums = sorted(int(m.group(1)) for c in column_names if (m := _NEG_RE.match(c)))
-    if not nums:
-        raise DataError(f"{path}: missing column 'negative_1' (need query, passage, "
-                        f"negative_1 .. negative_K; found {list(column_names)})")
-    for want, got in enumerate(nums, start=1):
-        if want != got:
-            raise DataError(f"{path}: missing column 'negative_{want}' (negatives must be "
-                            f"numbered 1..K without gaps; found up to negative_{nums[-1]})")
-    return [f"negative_{i}" for i in nums]
-
-
-def _is_string_type(t: pa.DataType) -> bool:
-    return (pa.types.is_string(t) or pa.types.is_large_string(t)
-            or getattr(pa.types, "is_string_view", lambda _: False)(t))
-
-
-def check_text_column(table: pa.Table, column: str, path: str) -> list[str]:
-    """Returns the column as Python strings; errors name the first bad row."""
-    if column not in table.column_names:
-        raise DataError(f"{path}: missing column {column!r} (found {table.column_names})")
-    if table.column_names.count(column) > 1:
-        raise DataError(f"{path}: column {column!r} appears {table.column_names.count(column)} "
-                        "times; keep one")
-    col = table.column(column)
-    if pa.types.is_dictionary(col.type) and _is_string_type(col.type.value_type):
-        col = col.cast(col.type.value_type)  # categorical strings (e.g. pandas 'category')
-    if not _is_string_type(col.type):
-        valid = pc.indices_nonzero(pc.is_valid(col)) if len(col) else pa.array([])
-        row = valid[0].as_py() if len(valid) else 0
-        value = col[row].as_py() if len(col) else None
-        raise DataError(f"{path}: row {row}, column {column!r}: expected a string, got "
-                        f"{col.type} value {value!r}")
-    _check_utf8(col, column, path)
-    nulls = pc.indices_nonzero(pc.is_null(col))
-    if len(nulls):
-        raise DataError(f"{path}: row {nulls[0].as_py()}, column {column!r}: null text "
-                        f"({len(nulls)} null cells in this column)")
-    empty = pc.indices_nonzero(pc.equal(pc.utf8_trim_whitespace(col), ""))
-    if len(empty):
-        raise DataError(f"{path}: row {empty[0].as_py()}, column {column!r}: empty text "
-                        f"({len(empty)} empty cells in this column)")
-    return col.to_pylist()
 
 
 def sample_rows(num_rows: int, max_rows: int, seed: int, name: str) -> np.ndarray | None:
@@ -124,26 +61,6 @@ def sample_rows(num_rows: int, max_rows: int, seed: int, name: str) -> np.ndarra
         return None
     rng = np.random.default_rng([seed, name_key(name), 0xCA9])
     return np.sort(rng.choice(num_rows, size=max_rows, replace=False))
-def _check_utf8(col: pa.ChunkedArray, column: str, path: str) -> None:
-    """Parquet does not validate string bytes; name the first row that is not UTF-8."""
-    try:
-        col.validate(full=True)
-        return
-    except pa.ArrowInvalid:
-        pass
-    row = 0
-    for chunk in col.chunks:
-        for value in chunk.view(pa.binary() if chunk.type == pa.string() else pa.large_binary()):
-            raw = value.as_py()
-            try:
-                if raw is not None:
-                    raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: row {row}, column {column!r}: invalid UTF-8 "
-                                f"({e.reason} at byte {e.start}: {raw[e.start:e.start + 4]!r}); "
-                                "write the file with UTF-8 text") from None
-            row += 1
-    raise DataError(f"{path}: column {column!r} does not validate as UTF-8 text")
 
 
 def doc_id_of(text: str) -> int:
@@ -215,53 +132,6 @@ class TokenizerPool:
             self._pool = None
 
 
-# ----------------------------------------------------------------------------- writing
-def list_array(arrays: list[np.ndarray]) -> pa.Array:
-    lengths = np.fromiter((len(a) for a in arrays), np.int64, len(arrays))
-    offsets = np.zeros(len(arrays) + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-def atomic_write_table(table: pa.Table, path: str) -> None:
-    if storage.is_url(path):  # one upload: the object appears complete or not at all
-        with storage.open(path, "wb") as f:
-            pq.write_table(table, f)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_bytes(data: bytes, path: str) -> None:
-    storage.write_bytes_atomic(data, path)
-
-
-def atomic_save_npy(array: np.ndarray, path: str) -> None:
-    array = np.asanyarray(array)
-    if storage.is_url(path):  # one upload; the client raises if it does not complete
-        with storage.open(path, "wb") as f:
-            np.save(f, array)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, array)
-    # np.save writes the data with fwrite, which drops a short write (disk full, a file size
-    # limit) without an error: check the file holds every byte before it counts as written.
-    with open(tmp, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                  else np.lib.format.read_array_header_2_0)
-        header(f)
-        expected = f.tell() + array.nbytes
-    written = os.path.getsize(tmp)
-    if written != expected:
-        os.remove(tmp)
-        raise OSError(errno.EFBIG, f"short write of {path}: {written} of {expected} bytes "
-                      "(disk full or a file size limit?)")
-    os.replace(tmp, path)
-
-
 def _length_stats(lengths: np.ndarray) -> dict:
     if not len(lengths):
         return {"count": 0}
@@ -269,17 +139,6 @@ def _length_stats(lengths: np.ndarray) -> dict:
     return {"count": int(len(lengths)), "tokens": int(lengths.sum()),
             "min": int(lengths.min()), "p50": float(q[0]), "p90": float(q[1]),
             "p99": float(q[2]), "max": int(lengths.max())}
-
-
-def tokenizer_fingerprint(tokenizer_dir: str) -> str:
-    h = hashlib.sha256()
-    for name in sorted(storage.listdir(tokenizer_dir)):
-        p = os.path.join(tokenizer_dir, name)
-        if storage.isfile(p):
-            h.update(name.encode())
-            with storage.open(p, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -355,10 +214,10 @@ def prepare_dataset(path: str, spec: manifest_lib.DatasetSpec, encoder: Tokenize
         "truncated_queries": int((q_len >= trunc_at).sum()),
         "truncated_documents": int((d_len >= trunc_at).sum()),
     }
-    atomic_write_table(query_table, os.path.join(out_dir, f"{spec.name}_query.parquet"))
-    atomic_write_table(doc_table, os.path.join(out_dir, f"{spec.name}_docs.parquet"))
+    storage.write_table_atomic(query_table, os.path.join(out_dir, f"{spec.name}_query.parquet"))
+    storage.write_table_atomic(doc_table, os.path.join(out_dir, f"{spec.name}_docs.parquet"))
     marker = {"fingerprint": fingerprint, "stats": stats}
-    atomic_write_bytes(json.dumps(marker, indent=1).encode(),
+    storage.write_bytes_atomic(json.dumps(marker, indent=1).encode(),
                        os.path.join(out_dir, f"{spec.name}.done"))
     return stats
 
@@ -382,13 +241,13 @@ def assemble_corpus(out_dir: str, names: list[str]) -> int:
                             "different documents share it; change one text slightly")
     sel = pa.array(np.flatnonzero(keep))
     corpus = pa.table({"doc_id": pa.array(ids_sorted[keep]), "input_ids": lists.take(sel)})
-    atomic_write_table(corpus, os.path.join(out_dir, "corpus.parquet"))
+    storage.write_table_atomic(corpus, os.path.join(out_dir, "corpus.parquet"))
     flat = corpus.column("input_ids").combine_chunks()
     offsets = np.asarray(flat.offsets, dtype=np.int64)
     tokens = np.asarray(flat.values, dtype=np.int32)
-    atomic_save_npy(tokens, os.path.join(out_dir, "corpus_tokens.npy"))
-    atomic_save_npy(offsets - offsets[0], os.path.join(out_dir, "corpus_offsets.npy"))
-    atomic_save_npy(ids_sorted[keep], os.path.join(out_dir, "corpus_doc_ids.npy"))
+    storage.save_npy_atomic(tokens, os.path.join(out_dir, "corpus_tokens.npy"))
+    storage.save_npy_atomic(offsets - offsets[0], os.path.join(out_dir, "corpus_offsets.npy"))
+    storage.save_npy_atomic(ids_sorted[keep], os.path.join(out_dir, "corpus_doc_ids.npy"))
     return corpus.num_rows
 
 
@@ -465,7 +324,7 @@ def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_
             storage.remove(info_path)  # the corpus is about to change: not complete until rewritten
         corpus_docs = assemble_corpus(output_dir, names)
         info["corpus_documents"] = corpus_docs
-        atomic_write_bytes(json.dumps(info, indent=1).encode(), info_path)
+        storage.write_bytes_atomic(json.dumps(info, indent=1).encode(), info_path)
     result = PrepareResult(output_dir, stats, skipped, corpus_docs, max_rows_per_dataset,
                            sample_seed)
     if verbose:

@@ -10,6 +10,7 @@ encode, export and the evaluation during training all ask.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -17,11 +18,22 @@ import numpy as np
 
 from mlembed_jax import storage
 from mlembed_jax.data import manifest as manifest_lib
-from mlembed_jax.data.prepare import FORMAT_VERSION, DataError, negative_columns, read_parquet
+from mlembed_jax.data.parquet_io import DataError, negative_columns, read_parquet
 
-# The repository root (the package's parent): prepare_data usually runs there, so a relative
-# tokenizer path in prepared.json is often relative to it.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FORMAT_VERSION = 1  # of the prepared directory; prepared.json records it
+
+
+def tokenizer_fingerprint(tokenizer_dir: str) -> str:
+    """A 16-hex-digit hash of the tokenizer directory's files (names and bytes), which
+    prepared.json records so a later run can tell it is given the same tokenizer."""
+    h = hashlib.sha256()
+    for name in sorted(storage.listdir(tokenizer_dir)):
+        p = os.path.join(tokenizer_dir, name)
+        if storage.isfile(p):
+            h.update(name.encode())
+            with storage.open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -186,9 +198,10 @@ def read_prepared_info(prepared_dir: str) -> dict | None:
 
 def find_tokenizer_dir(recorded: str, prepared_dir: str) -> str | None:
     """An existing directory for the tokenizer path prepared.json recorded (as prepare_data
-    was given it): as given when absolute; else relative to the current directory, the
-    prepared data directory or any directory above it, or the repository root. Either may
-    be a URL."""
+    was given it): as given when absolute; else relative to the current directory, or the
+    prepared data directory or any directory above it (so the shipped demo data finds its
+    tokenizer wherever the package is installed). Either may be a URL. None when none
+    exists: callers then ask for the tokenizer explicitly."""
     if os.path.isabs(recorded) or storage.is_url(recorded):
         return recorded if storage.isdir(recorded) else None
     anchors = [os.getcwd()]
@@ -197,7 +210,6 @@ def find_tokenizer_dir(recorded: str, prepared_dir: str) -> str | None:
         anchors.append(d)
         parent = os.path.dirname(d)
         d = parent if parent != d else ""
-    anchors.append(_REPO_ROOT)
     for a in anchors:
         cand = os.path.join(a, recorded)
         if storage.isdir(cand):

@@ -10,8 +10,7 @@ import dataclasses
 import warnings
 
 from mlembed_jax import storage
-from mlembed_jax.data.prepare import tokenizer_fingerprint
-from mlembed_jax.data.prepared import training_text
+from mlembed_jax.data.prepared import tokenizer_fingerprint, training_text
 from mlembed_jax.export.errors import ExportError, ExportWarning
 
 

@@ -20,7 +20,10 @@ import pyarrow as pa
 
 from mlembed_jax.batch import BatchGeometry
 from mlembed_jax.data import packing, plan
-from mlembed_jax.data.prepare import FORMAT_VERSION, atomic_save_npy, atomic_write_table, list_array
+from mlembed_jax.data.parquet_io import list_array
+from mlembed_jax.data.prepared import FORMAT_VERSION
+from mlembed_jax.storage import save_npy_atomic as atomic_save_npy
+from mlembed_jax.storage import write_table_atomic as atomic_write_table
 
 QUERY_RANGE = (12, 64)
 DOC_MEDIAN, DOC_SIGMA, DOC_CLIP = 220, 0.7, (16, 1023)

@@ -112,16 +112,19 @@ def time_st(st_model, texts: list[str], batch_size: int, repeats: int = 1) -> di
     return {"seconds": best, "texts_per_s": len(texts) / best, "embeddings": emb}
 
 
-def make_model(workdir: str, out_dir: str, overrides: dict) -> str:
-    """An exported model of configs/demo.py's shape (with `overrides`): one training step
-    from random weights on the demo data, then tools/export_hf's export in fp32. Only its
-    speed matters here; the export path is the one users run."""
+def make_model(workdir: str, out_dir: str, overrides: dict, config_path: str) -> str:
+    """An exported model of the training config at `config_path` (e.g. the repository's
+    configs/demo.py), changed by `overrides`: one training step from random weights on that
+    config's data, then tools/export_hf's export in fp32. Only its speed matters here; the
+    export path is the one users run."""
     from mlembed_jax.config import load_config_file  # the training stack: only this path
     from mlembed_jax.export import export_checkpoint
     from mlembed_jax.train import run
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    config = load_config_file(os.path.join(root, "configs", "demo.py"), {
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"config file {config_path!r} not found; pass the path of a "
+                                "training config such as configs/demo.py")
+    config = load_config_file(config_path, {
         "train.max_steps": 1, "train.eval_every": 0, "eval.every": 0, "train.log_every": 1,
         "mesh.num_devices": 1, "data.prefetch": 0, **overrides})
     if run(config, workdir) != 0:
