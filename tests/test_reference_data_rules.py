@@ -59,6 +59,32 @@ def test_names_that_are_no_safe_file_name_are_still_refused(name):
         manifest_lib.parse_manifest({name: "retrieval"})
 
 
+def test_make_manifest_over_502_empty_reference_files(tmp_path):
+    """The issue's literal check: empty recipe-format files named after every reference
+    dataset. make_manifest names all 502, and prepare_data takes the manifest and the file
+    names; it stops at the first file only because a dataset with no rows has nothing to
+    prepare (one line naming that file), not at any name."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    schema = pa.schema([(c, pa.string()) for c in
+                        ["query", "passage"] + [f"negative_{j}" for j in range(1, 25)]])
+    for name in REFERENCE_NAMES:
+        pq.write_table(schema.empty_table(), str(raw / f"{name}.parquet"))
+    manifest = tmp_path / "manifest.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_manifest.py"),
+                        f"--input_dir={raw}", f"--out={manifest}"], env=subprocess_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    specs = manifest_lib.load_manifest(str(manifest))
+    assert sorted(specs) == sorted(REFERENCE_NAMES)
+    manifest_lib.check_files_match(specs, REFERENCE_NAMES, where=str(raw))
+    from mlembed_jax.data.parquet_io import DataError
+
+    with pytest.raises(DataError, match=r"\.parquet: the dataset has no rows$"):
+        prepare_data(str(raw), str(manifest), TOKENIZER, str(tmp_path / "prep"),
+                     max_seq_length=32, workers=1, verbose=False)
+
+
 @pytest.fixture(scope="module")
 def released_502(tmp_path_factory):
     """tools/make_manifest.py over one recipe-format file per reference dataset (query,
