@@ -41,6 +41,8 @@ flags.DEFINE_integer("num_slices", 1, "TPU slices of --topology joined by DCN")
 flags.DEFINE_float("max_fraction", 0.9, "the step fits if its per-chip total is at most this "
                    "fraction of the chip's HBM (the rest: runtime, fragmentation)")
 flags.DEFINE_string("hlo_out", "", "also write the compiled HLO text here")
+flags.DEFINE_bool("predict_time", True, "TPU: also print XLA:TPU's predicted step time (a "
+                  "second compile, with two layers per loop iteration)")
 flags.DEFINE_integer("num_datasets", 1, "datasets in the run (only sizes per-dataset metrics)")
 flags.mark_flags_as_required(["topology"])
 
@@ -75,8 +77,14 @@ def main(argv, config):
     if FLAGS.hlo_out and text is not None:
         with open(FLAGS.hlo_out, "w") as f:
             f.write(text)
+    prediction = None
+    if target.platform == "tpu" and FLAGS.predict_time:
+        from mlembed_jax.perf import tpu_cost
+
+        prediction = tpu_cost.predict(config, devices, compiled, FLAGS.num_datasets,
+                                      hlo_text=text)
     fits = aot.report(built, compiled, target, compile_s, FLAGS.max_fraction, hlo_text=text,
-                      hlo_error=text_error)
+                      hlo_error=text_error, prediction=prediction)
     return 0 if fits else 1
 
 

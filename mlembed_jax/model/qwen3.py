@@ -44,6 +44,9 @@ class EncoderConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     attention: str = "dense"
+    # Layers per iteration of the compiled layer loop (nn.scan's unroll). The program is the
+    # same computation; perf/tpu_cost.py compiles 2 to count the loop body's cost per layer.
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if not self.exits:  # () means the recipe's exits for this depth
@@ -238,6 +241,7 @@ class Qwen3Encoder(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
+            unroll=c.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.return_hidden, name="layers")
         h, per_layer = stack(h, segment_ids, positions, pool_index)
