@@ -69,6 +69,7 @@ def test_straight_line_copies_predict_the_fully_unrolled_step():
     assert f"{17_492 / pred.seconds:,.0f}" in lines[2] and "MFU on useful tokens" in lines[3]
 
 
+@pytest.mark.slow  # six compiles; the method is checked on the plain step above
 @needs_libtpu
 def test_the_cached_gradient_step_is_predicted_one_forward_pass_slower():
     # Two chunks per step: the same work plus one more forward pass (a third of forward +

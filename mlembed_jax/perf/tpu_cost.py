@@ -139,7 +139,7 @@ def report_lines(pred: Prediction | str, flops: dict, num_devices: int,
     lines = [
         "predicted step time (XLA:TPU cost analysis, optimal_seconds: a roofline-type LOWER "
         "BOUND on time, not a measurement):",
-        f"  per step: {pred.seconds:.3g} s per chip: {pred.layer * 1e3:.3g} ms per layer "
+        f"  per step: {pred.seconds:.3g} s: {pred.layer * 1e3:.3g} ms per layer "
         f"(forward + backward) x {loops}, plus the rest; from straight-line copies at "
         f"{SHALLOW[0]} and {SHALLOW[1]} layers (compiled in {pred.compile_s:.0f} s). The "
         f"scanned program alone says {pred.scanned:.3g} s: it counts its loop bodies once",
