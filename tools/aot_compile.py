@@ -17,8 +17,11 @@ Builds the step exactly as `python -m mlembed_jax.train` would for that many dev
 rules table, attention kernel, batch geometry, optimizer and 3D-ML loss from the config),
 with no weights and no data, compiles it, and prints per-chip argument/temp/total bytes
 against the chip's HBM, FLOPs per step (counted by hand; XLA's cost analysis counts a scanned
-body once), and the collectives in the compiled HLO. A libtpu other than the one the
-installed jax pins is named in a WARNING line (its memory figures differ).
+body once), and the collectives in the compiled HLO. For TPU targets it also prints XLA:TPU's
+predicted step time with every layer counted (perf/tpu_cost.py: a roofline-type lower bound,
+not a measurement; two extra compiles, off with --predict_time=false), and from it useful
+tokens/s and MFU; no GPU compiler offers such an estimate without a device. A libtpu other
+than the one the installed jax pins is named in a WARNING line (its memory figures differ).
 
 Exit codes: 0 fits; 1 does not fit (or XLA ran out of memory compiling); 2 bad config or
 topology; 3 libtpu is not installed.
