@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     # dense: the portable reference; "auto": the platform's fastest kernel that passes its
     # start-up check (model/kernel_choice.py; the size configs use it); or a kernel by name.
     m.attention = "dense"
+    # Layers per iteration of the compiled layer loop; num_layers unrolls it (no stacked
+    # per-layer buffers to fill and slice: faster on CPU for small models, slower to compile).
+    m.scan_unroll = 1
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices not used by the other axes
@@ -210,7 +213,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     errs = []
     m = c.model
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-              "num_kv_heads", "head_dim"):
+              "num_kv_heads", "head_dim", "scan_unroll"):
         if not isinstance(m[f], int) or m[f] < 1:
             errs.append(f"model.{f}={m[f]!r} must be a positive integer")
     if not errs:

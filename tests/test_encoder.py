@@ -221,6 +221,19 @@ def test_remat_policies_give_the_same_gradients(params, attention):
             assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), policy
 
 
+def test_unrolled_layer_loop_gives_the_same_outputs_and_gradients(params):
+    import dataclasses
+
+    grad, p = _grad_fn(CFG, params)
+    want = jax.jit(grad)(p)
+    for unroll in (2, 3, 4):  # 3: a loop of one iteration plus a straight-line remainder
+        grad, _ = _grad_fn(dataclasses.replace(CFG, scan_unroll=unroll), params)
+        got = jax.jit(grad)(p)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            a, b = np.asarray(a), np.asarray(b)
+            assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), unroll
+
+
 def test_remat_attention_keeps_the_kernel_residuals(params):
     """remat='attention' must not rerun the attention forward in the backward pass;
     'attn_out' does (custom-VJP residuals are recomputed), and 'dots_attention' recomputes

@@ -104,6 +104,9 @@ def test_category_keywords():
     assert category("all-gather-start", "ncclDevKernel_AllGather") == "collective"
     assert category("copy.3") == "copy/transpose"
     assert category("loop_add_fusion") == "other fusion/op"
+    # XLA:CPU names (a tiny-config train step's trace, jax 0.10.2).
+    assert category("ynn_fusion.30") == "ynn (CPU dots, reductions)"
+    assert category("wrapped_broadcast.19") == "broadcast"
 
 
 def test_real_cpu_trace(tmp_path):

@@ -26,8 +26,11 @@ Builds the step exactly as `python -m mlembed_jax.train` would for that many dev
 rules table, attention kernel, batch geometry, optimizer and 3D-ML loss from the config),
 with no weights and no data, compiles it, and prints per-chip argument/temp/total bytes
 against the chip's HBM, FLOPs per step (counted by hand; XLA's cost analysis counts a scanned
-body once), and the collectives in the compiled HLO. A libtpu other than the one the
-installed jax pins is named in a WARNING line (its memory figures differ).
+body once), and the collectives in the compiled HLO. For TPU targets it also prints XLA:TPU's
+predicted step time with every layer counted (perf/tpu_cost.py: a roofline-type lower bound,
+not a measurement; two extra compiles, off with --predict_time=false), and from it useful
+tokens/s and MFU; no GPU compiler offers such an estimate without a device. A libtpu other
+than the one the installed jax pins is named in a WARNING line (its memory figures differ).
 
 On a GPU that does not fit, the RESULT line gives the numbers and what would help (remat,
 cached-gradient chunks, FSDP, the memory fraction).
@@ -56,6 +59,8 @@ flags.DEFINE_float("max_fraction", 0.9, "TPU (and --gpu_planner=cpu): the step f
 flags.DEFINE_enum("gpu_planner", "xla_gpu", ["xla_gpu", "cpu"], "xla_gpu: compile GPU "
                   "targets with XLA:GPU; cpu: the old XLA:CPU planning on fake CPU devices")
 flags.DEFINE_string("hlo_out", "", "also write the compiled HLO text here")
+flags.DEFINE_bool("predict_time", True, "TPU: also print XLA:TPU's predicted step time (a "
+                  "second compile, with two layers per loop iteration)")
 flags.DEFINE_integer("num_datasets", 1, "datasets in the run (only sizes per-dataset metrics)")
 flags.mark_flags_as_required(["topology"])
 
@@ -98,8 +103,14 @@ def main(argv, config):
     if FLAGS.hlo_out and text is not None:
         with open(FLAGS.hlo_out, "w") as f:
             f.write(text)
+    prediction = None
+    if target.platform == "tpu" and FLAGS.predict_time:
+        from mlembed_jax.perf import tpu_cost
+
+        prediction = tpu_cost.predict(config, devices, compiled, FLAGS.num_datasets,
+                                      hlo_text=text)
     fits = aot.report(built, compiled, target, compile_s, FLAGS.max_fraction, hlo_text=text,
-                      hlo_error=text_error)
+                      hlo_error=text_error, prediction=prediction)
     return 0 if fits else 1
 
 

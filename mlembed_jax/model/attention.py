@@ -51,15 +51,18 @@ def dense_masked_attention(q, k, v, segment_ids):
     b, s, h, d = q.shape
     kv = k.shape[2]
     groups = h // kv
-    # Grouped-query attention without copying k/v: fold the query heads into (kv, group).
-    qg = q.reshape(b, s, kv, groups, d)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (d ** -0.5)
+    # Grouped-query attention without copying k/v: a kv head's query group is one [g*s]
+    # row dim, so both matmuls are plain batched [rows, d] x [d, cols] products. With (g, q)
+    # as two free dims XLA:CPU relaid the [s, s] logits out between the ops, twice a layer.
+    qg = q.reshape(b, s, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * s, d)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, s, d]
+    logits = jnp.einsum("bkmd,bksd->bkms", qg, kt, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, kv, groups, s, s) * (d ** -0.5)
     mask = packed_causal_mask(segment_ids)[:, :, None]  # [b, 1, 1, q, s]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-    return out.reshape(b, s, h, d)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, groups * s, s)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, vt)  # [b, kv, g*s, d]
+    return out.reshape(b, kv, groups, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 def sdpa_attention(implementation: str | None):

@@ -8,6 +8,7 @@ with the layers stacked on a leading `layers` axis. Linear kernels are stored [i
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -44,6 +45,9 @@ class EncoderConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     attention: str = "dense"
+    # Layers per iteration of the compiled layer loop (nn.scan's unroll). The program is the
+    # same computation; perf/tpu_cost.py compiles 2 to count the loop body's cost per layer.
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if not self.exits:  # () means the recipe's exits for this depth
@@ -121,6 +125,19 @@ def rope(x, positions, theta):
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
+def matmul(x, w, contract: int = 1):
+    """x [..., *k] @ w [*k, *out] -> [..., *out], k the last `contract` dims of x, computed
+    as one 2-D [tokens, k] @ [k, out] matmul. The reshapes are free (contiguous dims), and
+    with a single row dim the weight gradient is a plain x^T @ dy: with [b, s] as two free
+    dims XLA:CPU transposed dy (and the silu gradient fused into it) for every matmul of
+    every layer, 12% of the tiny config's step."""
+    lead, k = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
+    out = w.shape[contract:]
+    kk = math.prod(k)
+    y = x.reshape(-1, kk) @ w.reshape(kk, math.prod(out))
+    return y.reshape(*lead, *out)
+
+
 def _dense(module, name, shape, axes, dtype, param_dtype, fan_in):
     init = nn.initializers.normal(stddev=fan_in ** -0.5)
     kernel = module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype)
@@ -134,12 +151,9 @@ class Attention(nn.Module):
     def __call__(self, x, segment_ids, positions):
         c, dt, pdt = self.cfg, _DTYPES[self.cfg.compute_dtype], _DTYPES[self.cfg.param_dtype]
         d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        q = jnp.einsum("bse,ehd->bshd", x, self._proj("q_proj", (d, h, hd),
-                                                      ("embed", "heads", "head_dim")))
-        k = jnp.einsum("bse,ehd->bshd", x, self._proj("k_proj", (d, kv, hd),
-                                                      ("embed", "kv_heads", "head_dim")))
-        v = jnp.einsum("bse,ehd->bshd", x, self._proj("v_proj", (d, kv, hd),
-                                                      ("embed", "kv_heads", "head_dim")))
+        q = matmul(x, self._proj("q_proj", (d, h, hd), ("embed", "heads", "head_dim")))
+        k = matmul(x, self._proj("k_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim")))
+        v = matmul(x, self._proj("v_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim")))
         q = RMSNorm(hd, c.rms_norm_eps, "head_dim", pdt, name="q_norm")(q)
         k = RMSNorm(hd, c.rms_norm_eps, "head_dim", pdt, name="k_norm")(k)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
@@ -151,7 +165,7 @@ class Attention(nn.Module):
         out = attend(q, k, v, segment_ids).astype(dt)
         out = checkpoint_name(out, "attn_out")
         wo = _dense(self, "o_proj", (h, hd, d), ("heads", "head_dim", "embed"), dt, pdt, h * hd)
-        return jnp.einsum("bshd,hde->bse", out, wo)
+        return matmul(out, wo, contract=2)
 
     def _proj(self, name, shape, axes):
         c = self.cfg
@@ -166,10 +180,10 @@ class MLP(nn.Module):
     def __call__(self, x):
         c, dt, pdt = self.cfg, _DTYPES[self.cfg.compute_dtype], _DTYPES[self.cfg.param_dtype]
         d, f = c.hidden_size, c.intermediate_size
-        gate = x @ _dense(self, "gate_proj", (d, f), ("embed", "mlp"), dt, pdt, d)
-        up = x @ _dense(self, "up_proj", (d, f), ("embed", "mlp"), dt, pdt, d)
+        gate = matmul(x, _dense(self, "gate_proj", (d, f), ("embed", "mlp"), dt, pdt, d))
+        up = matmul(x, _dense(self, "up_proj", (d, f), ("embed", "mlp"), dt, pdt, d))
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return hidden @ _dense(self, "down_proj", (f, d), ("mlp", "embed"), dt, pdt, f)
+        return matmul(hidden, _dense(self, "down_proj", (f, d), ("mlp", "embed"), dt, pdt, f))
 
 
 class DecoderLayer(nn.Module):
@@ -238,6 +252,7 @@ class Qwen3Encoder(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
+            unroll=c.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.return_hidden, name="layers")
         h, per_layer = stack(h, segment_ids, positions, pool_index)

@@ -202,10 +202,12 @@ def hand_flops(config, geometry, seed: int = 0) -> dict:
 
 
 def report(built: Built, compiled, target: Target, compile_s: float, max_fraction: float,
-           out=None, hlo_text: str | None = None, hlo_error: str | None = None) -> bool:
+           out=None, hlo_text: str | None = None, hlo_error: str | None = None,
+           prediction=None) -> bool:
     """Prints the report; returns whether the step fits (True without an HBM figure).
     hlo_text: the compiled program's text (`compiled_text`); without it (hlo_error says
-    why) the collectives are left out and everything else still prints."""
+    why) the collectives are left out and everything else still prints. prediction: a
+    tpu_cost.Prediction, or a string saying why there is none."""
     def p(s=""):
         print(s, file=out or sys.stdout, flush=True)
 
@@ -317,6 +319,12 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
     if cf is not None:
         p(f"  XLA cost_analysis: {cf:.3e} per chip. Not used: it counts the scanned layer body "
           f"once, not {enc.num_layers} times")
+    if prediction is not None:
+        from mlembed_jax.perf import tpu_cost
+
+        p()
+        for line in tpu_cost.report_lines(prediction, hf, n_dev, target.peak_flops):
+            p(line)
     p()
     if hlo_text is None:
         p(f"collectives: the compiled HLO text is unavailable ({hlo_error}); the figures "

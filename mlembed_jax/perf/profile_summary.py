@@ -22,7 +22,11 @@ CATEGORIES = {
                    "collective-permute", "nccl"),
     "attention": ("attention", "fmha", "flash", "mosaic", "splash", "mha", "cudnn"),
     "matmul": ("gemm", "cublas", "cutlass", "dot", "matmul", "nvjet"),
+    # XLA:CPU hands its dots, and reductions fused with them, to YNNPACK as ynn_fusion ops.
+    "ynn (CPU dots, reductions)": ("ynn_fusion",),
     "copy/transpose": ("copy", "transpose"),
+    # XLA:CPU materialises zero-filled buffers (e.g. a scan's stacked per-layer outputs).
+    "broadcast": ("wrapped_broadcast",),
 }
 OTHER = "other fusion/op"
 
