@@ -32,6 +32,7 @@ def _target(spec):
 
 
 @needs_libtpu
+@pytest.mark.integration  # compiles for a TPU through libtpu
 def test_a_bf16_matmul_is_predicted_near_the_chips_peak():
     # 8192^3 x 2 FLOPs on one v5p chip: 1.0995e12 / 459e12 FLOP/s (the datasheet peak, as
     # perf/flops.py has it) = 2.40 ms at peak. A roofline estimate cannot beat the peak, and
@@ -46,6 +47,7 @@ def test_a_bf16_matmul_is_predicted_near_the_chips_peak():
 
 
 @needs_libtpu
+@pytest.mark.integration  # compiles for a TPU through libtpu
 def test_straight_line_copies_predict_the_fully_unrolled_step():
     # The real train step of a 4-layer model (one exit, so the shallow copies score the same
     # loss): the estimate from the 2- and 3-layer straight-line copies must agree with the
