@@ -307,10 +307,19 @@ def writable_dir_check(path: str) -> None:
 # pyarrow and numpy are imported here, not above, so `storage` stays light for small tools.
 
 
-def _fsync_replace(tmp: str, path: str) -> None:
-    with builtins.open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_local_atomic(path: str, suffix: str, write) -> None:
+    """write(tmp) fills a temporary file beside `path` (named with `suffix`, as np.save wants
+    one), which is then fsynced and renamed over `path`; removed again on any failure."""
+    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    try:
+        write(tmp)
+        with builtins.open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_table_atomic(table, path: str) -> None:
@@ -322,14 +331,7 @@ def write_table_atomic(table, path: str) -> None:
         with open(path, "wb") as f:
             pq.write_table(table, f)
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        pq.write_table(table, tmp)
-        _fsync_replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    _write_local_atomic(path, "", lambda tmp: pq.write_table(table, tmp))
 
 
 def save_npy_atomic(array, path: str) -> None:
@@ -345,8 +347,8 @@ def save_npy_atomic(array, path: str) -> None:
         with open(path, "wb") as f:
             np.save(f, array)
         return
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    try:
+
+    def write(tmp):
         np.save(tmp, array)
         # np.save writes the data with fwrite, which drops a short write without an error:
         # check the file holds every byte before it counts as written.
@@ -360,8 +362,5 @@ def save_npy_atomic(array, path: str) -> None:
         if written != expected:
             raise OSError(errno.EFBIG, f"short write of {path}: {written} of {expected} bytes "
                           "(disk full or a file size limit?)")
-        _fsync_replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+
+    _write_local_atomic(path, ".npy", write)
