@@ -54,17 +54,23 @@ def gpu_aot_dir() -> str | None:
     return side if os.path.isdir(os.path.join(side, "jax_plugins", "xla_cuda12")) else None
 
 
+def _plugin_importable() -> bool:
+    try:  # find_spec imports the parent: no jax_plugins package at all raises
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def cuda_plugin_installed() -> bool:
     """Whether jax's CUDA 12 PJRT plugin is importable or in <venv>/gpu-aot (it describes
     GPUs without one)."""
-    return (importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-            or gpu_aot_dir() is not None)
+    return _plugin_importable() or gpu_aot_dir() is not None
 
 
 def use_cuda_plugin() -> None:
     """Puts <venv>/gpu-aot on sys.path when the plugin is not importable already. JAX looks
     for plugins when it first makes a backend, so this must run before that."""
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is not None:
+    if _plugin_importable():
         return
     side = gpu_aot_dir()
     if side is None:
