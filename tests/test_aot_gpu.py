@@ -77,6 +77,10 @@ def test_unknown_gpu_is_one_line_naming_the_known_ones():
     line = r.stderr.strip()
     assert "\n" not in line and "unknown chip 'a200'" in line
     assert "['b200', 'h100', 'h100_pcie', 'h100_sxm', 'h200']" in line
+
+
+@needs_plugin  # the fraction is read once the GPU is described
+def test_a_bad_memory_fraction_is_one_line():
     r = run_tool("--topology=h100:8", env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "lots"})
     assert r.returncode == 2 and "XLA_PYTHON_CLIENT_MEM_FRACTION='lots'" in r.stderr
 
