@@ -716,9 +716,12 @@ class TrainedParams:
     saved before fingerprints existed is only checked for NaN/inf, with a note on stderr.
     """
 
-    def __init__(self, path: str, *, quiet: bool = False, name_intact: bool = True):
+    def __init__(self, path: str, *, quiet: bool = False, name_intact: bool = True,
+                 params_only: bool = False):
         """quiet: no note for an unverifiable checkpoint. name_intact: a damage error lists
-        the intact earlier steps (reading them in full to find out)."""
+        the intact earlier steps (reading them in full to find out). params_only: a step whose
+        only damage is its data-iterator item still loads, with a note, when it has
+        fingerprints (every param read is verified against them); see ToolParams."""
         self._name_intact = name_intact
         ckpt_dir, step = resolve_checkpoint(path)
         self.ckpt_dir, self.step = ckpt_dir, step
@@ -726,16 +729,26 @@ class TrainedParams:
         self.workdir = (os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints"
                         else ckpt_dir)
         self._state_dir = os.path.join(self.step_dir, "state")
+        self.data_problem = None
+        if params_only and storage.isdir(os.path.join(self.step_dir, "integrity")):
+            self.data_problem = data_item_problem(self.step_dir)
         if not storage.isdir(os.path.join(self.step_dir, "config")):
             raise FileNotFoundError(f"{self.step_dir!r} is not a complete mlembed_jax "
                                     "checkpoint (no config item); was the save interrupted?")
         try:
-            check_complete(self.step_dir)
+            if self.data_problem is None:
+                check_complete(self.step_dir)
+            elif not storage.isdir(self._state_dir):
+                raise CheckpointDamaged("its state/ item is missing")
             self.config = ml_collections.ConfigDict(read_json_item(self.step_dir, "config"))
             self.integrity = read_integrity(self.step_dir)
             tree = _state_metadata(self.step_dir)
         except CheckpointDamaged as e:
             raise self._damaged(str(e)) from None
+        if self.data_problem is not None and not quiet:
+            print(f"note: checkpoint {self.step_dir}: {self.data_problem}, so training cannot "
+                  "resume from it; its params are verified against their fingerprints as they "
+                  "are read", file=sys.stderr)
         if self.integrity is None and not quiet:
             print(f"note: checkpoint {self.step_dir} has no fingerprints (saved by an older "
                   "mlembed_jax): its values are checked for NaN/inf but cannot be verified "
@@ -839,36 +852,7 @@ class ToolParams(TrainedParams):
     """
 
     def __init__(self, path: str, *, quiet: bool = False, name_intact: bool = True):
-        ckpt_dir, step = resolve_checkpoint(path)
-        step_dir = os.path.join(ckpt_dir, str(step))
-        problem = data_item_problem(step_dir)
-        self.data_problem = None
-        if problem is None or not storage.isdir(os.path.join(step_dir, "integrity")):
-            super().__init__(path, quiet=quiet, name_intact=name_intact)
-            return
-        # As TrainedParams.__init__, without the data item's completeness check.
-        self._name_intact = name_intact
-        self.ckpt_dir, self.step, self.step_dir = ckpt_dir, step, step_dir
-        self.workdir = (os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints"
-                        else ckpt_dir)
-        self._state_dir = os.path.join(step_dir, "state")
-        try:
-            if not storage.isdir(self._state_dir):
-                raise CheckpointDamaged("its state/ item is missing")
-            self.config = ml_collections.ConfigDict(read_json_item(step_dir, "config"))
-            self.integrity = read_integrity(step_dir)
-            tree = _state_metadata(step_dir)
-        except CheckpointDamaged as e:
-            raise self._damaged(str(e)) from None
-        self.data_problem = problem
-        if not quiet:
-            print(f"note: checkpoint {step_dir}: {problem}, so training cannot resume from it; "
-                  "its params are verified against their fingerprints as they are read",
-                  file=sys.stderr)
-        flat = jax.tree_util.tree_flatten_with_path(
-            tree["params"], is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
-        self.leaves = {tuple(k.key for k in p): (tuple(m.shape), m.dtype) for p, m in flat}
-        self._handler = ocp.PyTreeCheckpointHandler()
+        super().__init__(path, quiet=quiet, name_intact=name_intact, params_only=True)
 
 
 def load_params(path: str):
