@@ -47,6 +47,24 @@ def test_demo_tokenizer_ids_match_plain_hf_call(tokenizer):
         pool.close()
 
 
+def test_truncate_then_eos_is_one_rule_whatever_the_tokenizer_is_set_to():
+    """The cut is ours, not the tokenizer's: a tokenizer set to truncate from the left still
+    keeps each text's first max_seq_length - 1 ids, then EOS (ids by hand below)."""
+    from mlembed_jax.data.text_encoding import encode_texts, truncate_then_eos
+
+    got = truncate_then_eos([[5, 6, 7], [], [9]], 3, eos=1)
+    assert [a.tolist() for a in got] == [[5, 6, 1], [1], [9, 1]]
+    assert all(a.dtype == "int32" for a in got)
+    left = load_tokenizer(TOKENIZER)
+    left.truncation_side = "left"
+    text = "Zürich Москва " * 50
+    full = left(text, add_special_tokens=False, verbose=False)["input_ids"]
+    assert len(full) > 15
+    want = full[:15] + [1]
+    assert encode_texts(left, [text], 16)[0].tolist() == want
+    assert TokenizerPool(left, 16, workers=1).encode([text], "t")[0].tolist() == want
+
+
 def test_prepare_writes_outputs_dedups_and_skips_on_rerun(tmp_path, capsys):
     raw, mpath, rows = make_inputs(str(tmp_path))
     out = str(tmp_path / "prep")

@@ -85,14 +85,8 @@ def _worker_init(tokenizer_json: str, max_len: int, eos: int):
 
 def _worker_encode(texts: list[str]) -> list[np.ndarray]:
     tok, max_len, eos = _WORKER_TOK
-    out = []
-    for enc in tok.encode_batch(texts, add_special_tokens=False):
-        ids = enc.ids[: max_len - 1]
-        arr = np.empty(len(ids) + 1, np.int32)
-        arr[:-1] = ids
-        arr[-1] = eos
-        out.append(arr)
-    return out
+    return text_encoding.truncate_then_eos(
+        (enc.ids for enc in tok.encode_batch(texts, add_special_tokens=False)), max_len, eos)
 
 
 class TokenizerPool:

@@ -3,11 +3,14 @@
 The encoding never relies on the tokenizer's post-processor: it encodes without special
 tokens, keeps the first `max_seq_length - 1` ids and appends `eos_token_id`, so every text
 ends with EOS (the last-token pooling position) whatever the tokenizer's template says.
+`truncate_then_eos` is that rule; the transformers path (`encode_texts`) and prepare_data's
+worker processes (the bare `tokenizers` backend) both end in it.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -51,17 +54,27 @@ def load_tokenizer(tokenizer_dir: str):
     return tok
 
 
-def encode_texts(tokenizer, texts: list[str], max_seq_length: int) -> list[np.ndarray]:
-    """Each text -> int32 ids of length <= max_seq_length, EOS last."""
-    if max_seq_length < 2:
-        raise ValueError(f"max_seq_length={max_seq_length} must be at least 2 (text + EOS)")
-    eos = tokenizer.eos_token_id
-    enc = tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                    max_length=max_seq_length - 1)["input_ids"]
+def truncate_then_eos(id_lists: Iterable[Sequence[int]], max_seq_length: int,
+                      eos: int) -> list[np.ndarray]:
+    """The recipe's rule, once for every tokenizer path: n id lists (encoded without special
+    tokens, not truncated) -> n int32 arrays, each its first max_seq_length - 1 ids then
+    EOS (length <= max_seq_length)."""
+    keep = max_seq_length - 1
     out = []
-    for ids in enc:
+    for ids in id_lists:
+        ids = ids[:keep]
         arr = np.empty(len(ids) + 1, np.int32)
         arr[:-1] = ids
         arr[-1] = eos
         out.append(arr)
     return out
+
+
+def encode_texts(tokenizer, texts: list[str], max_seq_length: int) -> list[np.ndarray]:
+    """Each text -> int32 ids of length <= max_seq_length, EOS last."""
+    if max_seq_length < 2:
+        raise ValueError(f"max_seq_length={max_seq_length} must be at least 2 (text + EOS)")
+    # No tokenizer-side truncation: `truncate_then_eos` cuts, whatever truncation_side says.
+    # verbose=False: texts longer than model_max_length are expected here, not a mistake.
+    enc = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    return truncate_then_eos(enc, max_seq_length, tokenizer.eos_token_id)
