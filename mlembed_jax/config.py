@@ -14,6 +14,7 @@ import os
 import ml_collections
 
 from mlembed_jax.model.kernel_choice import AUTO, KERNELS, seq_len_problem
+from mlembed_jax.recipe import MRL_MIN_DIM
 
 # The mesh axes a step's packs are split over: data parallel and FSDP both shard the batch.
 BATCH_MESH_AXES = ("data", "fsdp")
@@ -144,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.loss = ls = ml_collections.ConfigDict()
     ls.temperature = 0.05
-    ls.mrl_min_dim = 8
+    ls.mrl_min_dim = MRL_MIN_DIM
     ls.kd_weight = 0.0  # > 0 exactly when loss.teacher is set (the reference uses 1)
     ls.teacher = ""  # HF directory of a frozen teacher; "" = no distillation
     # Which teacher exit each student exit learns from (train_step.teacher_exit_layers).

@@ -62,7 +62,7 @@ from mlembed_jax.model.hf_import import encoder_config_from_hf, load_hf_params
 from mlembed_jax.model.kernel_check import choose_for_devices
 from mlembed_jax.model.kernel_choice import AUTO, SPLASH_LANES, check_platform
 from mlembed_jax.model.qwen3 import EncoderConfig
-from mlembed_jax.recipe import TrainedPoints, resolve_point
+from mlembed_jax.recipe import MRL_MIN_DIM, TrainedPoints, resolve_point
 
 __all__ = ["DEFAULT_BATCH_TOKENS", "EncodeError", "Encoder", "NonFiniteEmbeddings", "load",
            "normalize", "main"]
@@ -102,7 +102,7 @@ class Encoder:
     cfg: Any
     tokenizer: Any = None
     max_seq_length: int = 1024
-    mrl_min_dim: int = 8
+    mrl_min_dim: int = MRL_MIN_DIM
     prefixes: dict = dataclasses.field(default_factory=dict)
     source: str = ""
     step: int | None = None
@@ -316,12 +316,12 @@ def load(path: str, *, tokenizer_dir: str | None = None, max_seq_length: int | N
         params = load_hf_params(path, cfg)
         tok_dir = tokenizer_dir or path
         max_len, prefixes, default_dim = _hf_sentence_settings(path)
-        mrl_min, step = 8, None
+        mrl_min, step = MRL_MIN_DIM, None
     else:
         config, params, step = checkpoint.load_params(path)
         cfg = dataclasses.replace(EncoderConfig.from_config(config.model), **overrides)
         tok_dir, max_len, prefixes = _training_tokenizer(config, tokenizer_dir, path)
-        mrl_min = int(config.loss.mrl_min_dim) if "loss" in config else 8
+        mrl_min = int(config.loss.mrl_min_dim) if "loss" in config else MRL_MIN_DIM
     try:
         tokenizer = load_tokenizer(tok_dir)
     except TokenizerError as e:

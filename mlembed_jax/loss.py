@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mlembed_jax.recipe import mrl_weights
+from mlembed_jax.recipe import MRL_MIN_DIM, mrl_weights
 
 # Finite "minus infinity" for masked logits: exp(_MASKED - 20) is exactly 0 in fp32, so a
 # masked column drops out of the softmax, yet a row with every column masked stays finite
@@ -136,7 +136,7 @@ def nested_contrastive_loss(
     slots: dict,
     *,
     temperature: float = 0.05,
-    mrl_min_dim: int = 8,
+    mrl_min_dim: int = MRL_MIN_DIM,
     teacher_pooled: jax.Array | None = None,
     kd_weight: float = 0.0,
     in_batch_block_size: int = 0,

@@ -16,6 +16,7 @@ import math
 from typing import Sequence
 
 RECIPE_EXITS = (1, 2, 4, 8, 16, 24, 32, 40, 48)
+MRL_MIN_DIM = 8  # the recipe's smallest MRL dim (loss.mrl_min_dim's default)
 
 
 def recipe_exits(num_layers: int) -> tuple[int, ...]:
@@ -37,7 +38,7 @@ def mel_rank_set(r_min: int, r_max: int) -> tuple[int, ...]:
     return tuple(ranks) + (r_max,)
 
 
-def mrl_dims(d: int, min_dim: int = 8) -> tuple[int, ...]:
+def mrl_dims(d: int, min_dim: int = MRL_MIN_DIM) -> tuple[int, ...]:
     """MRL dims from largest to smallest: d, then min_dim * 2^k below d, descending.
 
     min_dim < 1 or min_dim >= d leaves only d (MRL off).
@@ -51,7 +52,7 @@ def mrl_dims(d: int, min_dim: int = 8) -> tuple[int, ...]:
     return (d,) + tuple(reversed(dims))
 
 
-def mrl_weights(d: int, min_dim: int = 8) -> tuple[tuple[int, float], ...]:
+def mrl_weights(d: int, min_dim: int = MRL_MIN_DIM) -> tuple[tuple[int, float], ...]:
     """((m, weight), ...) from largest m to smallest; weight = 1 / (n * sqrt(d / m))."""
     return tuple((m, 1.0 / (n * math.sqrt(d / m)))
                  for n, m in enumerate(mrl_dims(d, min_dim), start=1))
