@@ -140,6 +140,15 @@ def _chunked_pooled(setup: StepSetup, params, chunked: dict, rank):
     return unchunk_texts(pooled, setup.batch_shards, setup.grad_cache_chunks)
 
 
+def _chunked_teacher(setup: StepSetup, teacher_params, chunked: dict):
+    """[E, P*T, d_t] teacher embeddings of a chunked batch, a chunk at a time (None without
+    a teacher): the train and eval steps both read the teacher this way."""
+    if setup.teacher is None:
+        return None
+    t = chunked_forward(lambda p, ch: _teacher_pooled(setup, p, ch), teacher_params, chunked)
+    return unchunk_texts(t, setup.batch_shards, setup.grad_cache_chunks)
+
+
 def loss_and_grads(setup: StepSetup, params, batch: dict, teacher_params=None, rank=None,
                    loss_factor=None):
     """((total loss, metrics), grads) of `step_loss` on a batch: one plain backward pass, or
@@ -158,11 +167,7 @@ def loss_and_grads(setup: StepSetup, params, batch: dict, teacher_params=None, r
     shards, chunks = setup.batch_shards, setup.grad_cache_chunks
     chunked = chunk_batch(batch, shards, chunks)
     slots = globalize_slots(batch, setup.geometry)
-    teacher = None
-    if setup.teacher is not None:
-        t = chunked_forward(lambda p, ch: _teacher_pooled(setup, p, ch), teacher_params,
-                            chunked)
-        teacher = unchunk_texts(t, shards, chunks)
+    teacher = _chunked_teacher(setup, teacher_params, chunked)
 
     def loss_fn(emb):
         return scaled(nested_contrastive_loss(
@@ -206,11 +211,7 @@ def eval_step(setup: StepSetup, params, batch: dict, teacher_params=None, rank=N
     if setup.grad_cache_chunks:  # the forward a chunk at a time, as the train step does
         chunked = chunk_batch(batch, setup.batch_shards, setup.grad_cache_chunks)
         pooled = _chunked_pooled(setup, params, chunked, rank)
-        teacher = None
-        if setup.teacher is not None:
-            t = chunked_forward(lambda p, ch: _teacher_pooled(setup, p, ch), teacher_params,
-                                chunked)
-            teacher = unchunk_texts(t, setup.batch_shards, setup.grad_cache_chunks)
+        teacher = _chunked_teacher(setup, teacher_params, chunked)
     else:
         pooled = pooled_embeddings(setup, params, batch, rank)
         teacher = _teacher_pooled(setup, teacher_params, batch)
