@@ -280,13 +280,8 @@ def _training_tokenizer(config, tokenizer_dir: str | None, path: str):
     if tokenizer_dir is None:
         tokenizer_dir = text.tokenizer_dir
         if tokenizer_dir is None:
-            raise EncodeError(
-                f"cannot find the tokenizer of checkpoint {path!r}: its config names prepared "
-                f"data {text.prepared_dir!r}, whose prepared.json "
-                + (f"records tokenizer_dir {text.recorded_tokenizer!r}, which does not exist"
-                   if text.recorded_tokenizer else "is missing")
-                + "; pass tokenizer_dir= (CLI: --tokenizer_dir) pointing at the tokenizer "
-                "the data was prepared with")
+            raise EncodeError(f"checkpoint {path!r}: " + text.tokenizer_not_found(
+                "pass tokenizer_dir= (CLI: --tokenizer_dir) pointing at it"))
     return tokenizer_dir, text.max_seq_length, text.prefixes()
 
 

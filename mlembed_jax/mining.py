@@ -50,6 +50,7 @@ from mlembed_jax import encode as encode_lib
 from mlembed_jax.cli import missing_dirs, remove_empty, writable_dir
 from mlembed_jax.data.manifest import DEFAULT_NEGATIVES, load_manifest
 from mlembed_jax.data.parquet_io import check_text_column, read_parquet
+from mlembed_jax.data.text_encoding import choose_prefixes
 from mlembed_jax.embedding_store import EmbeddingStore
 from mlembed_jax.eval.retrieval import exact_search, read_beir_jsonl
 from mlembed_jax.storage import write_bytes_atomic as atomic_write_bytes
@@ -443,13 +444,8 @@ def dataset_prefixes(name: str, model, manifest: dict | None, query_prefix: str 
                      document_prefix: str | None) -> dict[str, str]:
     """The instruction prefixes to embed a dataset with: the flags, else its manifest entry,
     else what the model knows for that dataset name (or its only / default prompts)."""
-    known = model.prefixes.get(name) or model.prefixes.get("default") or (
-        next(iter(model.prefixes.values())) if len(model.prefixes) == 1 else {})
-    spec = (manifest or {}).get(name)
-    q = spec.query_prefix if spec else known.get("query", "")
-    d = spec.document_prefix if spec else known.get("document", "")
-    return {"query": q if query_prefix is None else query_prefix,
-            "document": d if document_prefix is None else document_prefix}
+    return choose_prefixes(model.prefixes, name, (manifest or {}).get(name), query_prefix,
+                           document_prefix)
 
 
 def run(model_path: str, inputs: Sequence[str], output_dir: str, settings: MineSettings, *,

@@ -240,6 +240,14 @@ class TrainingText:
         return {n: {"query": s.query_prefix, "document": s.document_prefix}
                 for n, s in self.manifest.items()}
 
+    def tokenizer_not_found(self, fix: str) -> str:
+        """The one message for tokenizer_dir None: what was looked for, then `fix` (how the
+        caller takes a tokenizer explicitly)."""
+        where = (f"records {self.recorded_tokenizer!r}, which is not found here"
+                 if self.recorded_tokenizer else "is not here")
+        return (f"cannot find the tokenizer the training data was prepared with (prepared "
+                f"data {self.prepared_dir!r} {where}); {fix}")
+
 
 def training_text(config) -> TrainingText:
     """The TrainingText of a run config (a training checkpoint's saved config, or a live

@@ -31,6 +31,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
+def choose_prefixes(known: dict, dataset: str | None = None, spec=None,
+                    query: str | None = None, document: str | None = None) -> dict[str, str]:
+    """The instruction prefixes a dataset's texts are embedded with -> {"query", "document"}.
+
+    Each role takes the explicit value (a flag) unless it is None; else the dataset's
+    manifest entry `spec` (a DatasetSpec, None if none); else what the model knows (`known`:
+    dataset -> {"query", "document"}, as Encoder.prefixes): that dataset's, else its
+    "default" prompts, else its only entry, else "".
+    """
+    if spec is not None:
+        base = {"query": spec.query_prefix, "document": spec.document_prefix}
+    else:
+        base = (known.get(dataset) if dataset is not None else None) or known.get("default") \
+            or (next(iter(known.values())) if len(known) == 1 else {})
+    return {"query": base.get("query", "") if query is None else query,
+            "document": base.get("document", "") if document is None else document}
+
+
 def load_tokenizer(tokenizer_dir: str):
     """Loads an HF tokenizer directory (offline; local or a URL) and checks it has an EOS
     token. transformers reads local files only, so a URL's few tokenizer files (small next

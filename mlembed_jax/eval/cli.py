@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from mlembed_jax import encode as encode_lib
+from mlembed_jax.data.text_encoding import choose_prefixes
 from mlembed_jax.eval import retrieval as rev
 
 
@@ -52,9 +53,8 @@ def load_model_and_sets(a) -> tuple[encode_lib.Encoder, list[rev.RetrievalSet]]:
     note = rev.describe_load(s.info)
     if note:
         print(f"{a.beir_dir}: {note}", file=sys.stderr)
-    prompts = next(iter(model.prefixes.values()), {}) if len(model.prefixes) == 1 else {}
-    qp = a.query_prefix if a.query_prefix is not None else prompts.get("query", "")
-    dp = a.document_prefix if a.document_prefix is not None else prompts.get("document", "")
+    chosen = choose_prefixes(model.prefixes, query=a.query_prefix, document=a.document_prefix)
+    qp, dp = chosen["query"], chosen["document"]
     s = rev.tokenize_set(s, model.tokenize, qp, dp)
     s.info.update(query_prefix=qp, document_prefix=dp)
     return model, [s]

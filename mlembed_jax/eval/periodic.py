@@ -105,11 +105,7 @@ def _beir_set(config, e) -> "rev.RetrievalSet":
     text = training_text(config)
     tok_dir = e.tokenizer_dir or text.tokenizer_dir
     if not tok_dir:
-        raise TokenizerError(
-            f"cannot find the tokenizer the training data was prepared with (prepared data "
-            f"{text.prepared_dir!r}" + (f" records {text.recorded_tokenizer!r}, not found here"
-                                       if text.recorded_tokenizer else " is not here")
-            + "); set eval.tokenizer_dir")
+        raise TokenizerError(text.tokenizer_not_found("set eval.tokenizer_dir"))
     tokenizer = load_tokenizer(tok_dir)
     beir = rev.load_beir(e.beir_dir, e.split, max_queries=int(e.max_queries),
                          max_corpus=int(e.max_corpus), seed=int(e.seed))

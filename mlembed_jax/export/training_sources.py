@@ -37,11 +37,7 @@ def training_sources(config, tokenizer_override: str | None = None) -> TrainingS
     else:
         tokenizer_dir = text.tokenizer_dir
         if tokenizer_dir is None:
-            where = (f"prepared.json names {text.recorded_tokenizer!r}, which is not found "
-                     "here" if text.recorded_tokenizer
-                     else f"the prepared data {text.prepared_dir!r} is not found here")
-            raise ExportError(f"cannot find the training tokenizer ({where}); pass "
-                              "--tokenizer DIR with the tokenizer the data was prepared with")
+            raise ExportError(text.tokenizer_not_found("pass --tokenizer DIR pointing at it"))
 
     eos = int(config.model.eos_token_id)
     if text.eos_token_id is not None and text.eos_token_id != eos:
