@@ -1,11 +1,18 @@
 """Input side: prepare_data (tokenise), the packed Grain pipeline, and the shipped demo data.
 
-Modules: manifest (dataset -> task type), parquet_io (reading and checking parquet tables;
-DataError), prepare (parquet -> tokenised corpus), prepared (loading it; how a run's texts
-were tokenised), schedule (pure data order), packing (the one
-first-fit packer: texts -> fixed rows, for training and for encode), pipeline (train and
-validation iterators), text_encoding (text -> token ids). No module here imports jax; the
-step's global arrays are built by sharding.to_global_batch.
+No module here imports jax; the step's global arrays are built by sharding.to_global_batch.
+
+Modules:
+  manifest       the dataset manifest: task type, instruction prefixes, negatives
+  parquet_io     reading and checking parquet tables; DataError names file, row, column
+  prepare        parquet -> the tokenised, deduplicated prepared data (prepare_data)
+  prepared       loading prepared data; how a run's texts were tokenised
+  text_encoding  text -> token ids (truncate, then EOS); the tokenizer; prompt choice
+  schedule       the pure data order, a function of (seed, epoch, indices)
+  plan           the run's plan: each step's samples, their packs and row bucket
+  packing        the one first-fit packer: texts -> fixed rows, training and encode
+  pipeline       the train and validation iterators (Grain)
+  jsonl          JSON Lines with errors that name the file and the line
 """
 
 import os

@@ -1,2 +1,7 @@
-"""Retrieval evaluation: BEIR data, exact search and metrics (retrieval), and the evaluator
-the training loop calls every eval.every steps (periodic)."""
+"""Retrieval evaluation.
+
+Modules:
+  retrieval  BEIR-layout data, exact blocked search, nDCG@10 / Recall@100 / MRR@10
+  periodic   the evaluator the training loop calls every eval.every steps
+  cli        the flags and loading shared by tools/eval_retrieval and matryoshka_report
+"""
