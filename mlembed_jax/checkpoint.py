@@ -122,7 +122,7 @@ class _QuietFileHandler(logging.FileHandler):
     """A log file whose own write errors are dropped: it may sit on a disk that fills up, and
     logging's default prints a '--- Logging error ---' traceback for every record."""
 
-    def handleError(self, record):  # noqa: N802 - logging's name
+    def handleError(self, record):  # logging's name
         del record
 
 

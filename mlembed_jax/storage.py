@@ -30,19 +30,19 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 # plain buckets do not need.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-import sys  # noqa: E402
+import sys
 
-import fsspec  # noqa: E402
-import fsspec.config  # noqa: E402
-import fsspec.core  # noqa: E402
-from etils import epath  # noqa: E402
+import fsspec
+import fsspec.config
+import fsspec.core
+from etils import epath
 
 # gcsfs picks its class once, at its import: a process that imported it before this module
 # (a user's script) has the zonal-bucket class, which waits ~60 s per bucket on "Could not
 # determine bucket type" against an emulator. Unless asked for, put the plain one back.
 if "gcsfs" in sys.modules and os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"].lower() not in (
         "true", "1"):
-    import gcsfs.core  # noqa: E402
+    import gcsfs.core
 
     for _protocol in ("gs", "gcs"):
         fsspec.register_implementation(_protocol, gcsfs.core.GCSFileSystem, clobber=True)
@@ -183,7 +183,7 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def open(path: str, mode: str = "r", **kwargs):  # noqa: A001 - the builtin's twin
+def open(path: str, mode: str = "r", **kwargs):  # the builtin's twin
     """builtins.open, or a streaming fsspec file for a URL (reads fetch ranges as needed)."""
     if not is_url(path):
         return builtins.open(path, mode, **kwargs)

@@ -262,7 +262,7 @@ def test_remat_attention_with_a_per_shard_kernel_under_a_mesh(params):
     texts = _texts([5, 11, 3, 8, 13, 7, 9, 4, 6, 2, 10, 12])
     tok, seg, pos, pool = _pack(texts, rows=8, seq=16)
     w = jax.random.normal(jax.random.key(1), (len(CFG.exits), len(texts), CFG.hidden_size))
-    grad = lambda cfg: jax.jit(jax.grad(  # noqa: E731
+    grad = lambda cfg: jax.jit(jax.grad(
         lambda p, *a: jnp.sum(encode(p, cfg, *a)["pooled"] * w)))
     want = grad(CFG)(params, tok, seg, pos, pool)
     c = base_config()

@@ -273,7 +273,7 @@ def test_static_mixing_matches_the_reference_loop_over_many_seeds():
     assert np.abs(two_sample_z(f_left, f_ref, n)).max() > 4 * Z_MAX  # the test has power
     # The reference's mark: the 1-batch dataset sits late. Its mean position (0-based) in
     # the reference is well past the middle (15.5) that batches-left gives it.
-    mean_pos = lambda orders: np.mean([np.flatnonzero(o == 0)[0] for o in orders])  # noqa: E731
+    mean_pos = lambda orders: np.mean([np.flatnonzero(o == 0)[0] for o in orders])
     assert mean_pos(ref) > 18 and abs(mean_pos(left) - 15.5) < 0.3
 
 

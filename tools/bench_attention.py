@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         return 2
     seg, lengths = mix_rows(a.seq_len, a.rows, a.seed)
     rng = np.random.default_rng(a.seed)
-    shape = lambda h: (a.rows, a.seq_len, h, a.head_dim)  # noqa: E731
+    shape = lambda h: (a.rows, a.seq_len, h, a.head_dim)
     q, k, v = (jnp.asarray(rng.normal(size=shape(h)), a.dtype)
                for h in (a.heads, a.kv_heads, a.kv_heads))
     flops = attention_flops(a.heads, a.head_dim, lengths)

@@ -25,7 +25,7 @@ def _negative_count(path: str) -> int:
 
     try:
         names = pq.read_schema(path).names
-    except Exception as e:  # noqa: BLE001 - arrow raises several types for bad files
+    except Exception as e:  # arrow raises several types for bad files
         raise DataError(f"{path}: cannot read parquet schema (corrupted or truncated?): "
                         f"{type(e).__name__}: {e}") from e
     return len(negative_columns(names, path))

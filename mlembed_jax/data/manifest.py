@@ -106,7 +106,7 @@ def load_manifest(path: str) -> dict[str, DatasetSpec]:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse failure gets the file name
+    except Exception as e:  # any parse failure gets the file name
         raise ManifestError(f"manifest {path!r} could not be parsed: {e}") from e
     return parse_manifest(data, source=path)
 

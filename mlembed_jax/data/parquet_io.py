@@ -29,7 +29,7 @@ def read_parquet(path: str) -> pa.Table:
             with storage.open(path, "rb") as f:
                 return pq.read_table(f)
         return pq.read_table(path)
-    except Exception as e:  # noqa: BLE001 - arrow raises several types for bad files
+    except Exception as e:  # arrow raises several types for bad files
         raise DataError(f"{path}: cannot read parquet file (corrupted or truncated?): "
                         f"{type(e).__name__}: {e}") from e
 

@@ -62,7 +62,7 @@ def load_tokenizer(tokenizer_dir: str):
     try:
         with storage.local_copy(tokenizer_dir, TOKENIZER_FILES) as local:
             tok = AutoTokenizer.from_pretrained(local, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the directory named
+    except Exception as e:  # re-raised with the directory named
         raise TokenizerError(f"could not load tokenizer from {tokenizer_dir!r}: {e}") from e
     if tok.eos_token_id is None:
         raise TokenizerError(

@@ -213,7 +213,7 @@ def prepare_environment(target: Target) -> None:
     if "jax" in sys.modules:  # imported already: the env var alone is read too late
         try:
             sys.modules["jax"].config.update("jax_platforms", "cpu")
-        except Exception as e:  # a backend already exists; say so rather than hide it
+        except Exception as e:  # noqa: BLE001 - a backend exists already: say so
             warnings.warn(f"could not switch JAX to the CPU backend ({e}); the compile may "
                           "use a local accelerator")
     if target.platform == "gpu":

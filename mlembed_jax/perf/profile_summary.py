@@ -114,7 +114,7 @@ def _short(s: str, n: int = 60) -> str:
 
 def format_summary(t: OpTimes, top: int = 20) -> str:
     """Markdown: the `top` ops by total time, a per-category table, then total/span/busy."""
-    pct = lambda us: 100 * us / t.total_us if t.total_us else 0.0  # noqa: E731
+    pct = lambda us: 100 * us / t.total_us if t.total_us else 0.0
     ranked = sorted(t.ops.items(), key=lambda kv: -kv[1].us)
     mods = sorted(t.modules.items(), key=lambda kv: -kv[1])
     lines = ["modules: " + ", ".join(f"{m} ({pct(us):.1f}%)" for m, us in mods), "",
