@@ -2,7 +2,7 @@
 
 Meant for one GPU. Default layout (mlembed_jax/presets.py): data parallel (mesh.data=-1), so the
 same config uses every device of a bigger machine as a full replica; one pack of 8 samples
-per device. tools/aot_compile.py --topology=h100:1 gives ~18 GB (README table).
+per device. tools/aot_compile.py --topology=h100:1 prints its memory (README table).
 """
 
 from mlembed_jax.presets import qwen3_config

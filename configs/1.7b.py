@@ -1,7 +1,8 @@
 """Qwen3-1.7B backbone with the full 3D-ML recipe (MEL r_max 512, MLL, MRL).
 
 Default layout (mlembed_jax/presets.py): FSDP over every device (one GPU: a plain single-device
-run), one pack of 8 samples per device; tools/aot_compile.py gives ~16 GB per GPU on 8 H100.
+run), one pack of 8 samples per device; tools/aot_compile.py
+prints its memory per GPU (README table).
 """
 
 from mlembed_jax.presets import qwen3_config

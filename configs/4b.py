@@ -2,9 +2,9 @@
 
 Meant for a TPU v6e-64 slice (v6e:8x8, 32 GB per chip). Default layout (mlembed_jax/presets.py):
 FSDP over every chip, one pack of 8 samples per chip, the platform's fastest attention kernel
-(splash on TPU) with the layer recomputed (remat full: keeping splash's residuals needs 31.7
-GB per chip); tools/aot_compile.py gives about 13 GB per chip (README table). The same
-layout runs on 8 GPUs as is.
+(splash on TPU) with the layer recomputed (remat full: keeping splash's residuals does not
+fit); tools/aot_compile.py prints the memory per chip (README table). The same layout runs
+on 8 GPUs as is.
 """
 
 from mlembed_jax.presets import qwen3_config

@@ -19,9 +19,9 @@ from mlembed_jax.config import base_config
 # in_batch_block_size: rows per block of the in-batch logits (loss.py). A block holds every
 # device's rows, so no device holds more than [exits, block/devices, global samples] logits;
 # with <= block sample slots (e.g. 8 per device x 64 devices) it is one plain block.
-# remat: "auto" keeps a flash kernel's residuals (model.remat); 4B on its v6e-64 (32 GB per
-# chip) cannot afford them: tools/aot_compile.py gives 31.66 GB per chip with splash and
-# "attention", 90% = 28.8 GB is the limit, so it recomputes the layer ("full").
+# remat: "auto" keeps a flash kernel's residuals (model.remat); 4B on its v6e-64 cannot
+# afford them (tools/aot_compile.py; README "Memory and FLOPs per configuration"), so it
+# recomputes the layer ("full").
 QWEN3_LAYOUT = {
     #        layout, in_batch_block_size, remat
     "0.6b": ("data", 4096, "auto"),

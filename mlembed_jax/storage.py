@@ -38,7 +38,7 @@ import fsspec.core
 from etils import epath
 
 # gcsfs picks its class once, at its import: a process that imported it before this module
-# (a user's script) has the zonal-bucket class, which waits ~60 s per bucket on "Could not
+# (a user's script) has the zonal-bucket class, which stalls on every bucket on "Could not
 # determine bucket type" against an emulator. Unless asked for, put the plain one back.
 if "gcsfs" in sys.modules and os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"].lower() not in (
         "true", "1"):

@@ -6,8 +6,8 @@ Visiting texts longest first makes it first-fit-decreasing (FFD). Training packs
 FFD opens for many packs at once, which data/plan.py uses to pick each step's shape).
 Inference (`plan_batches`: many texts into batches of rows) knows every length up front and
 has no samples to keep together, so it also chooses which text goes next: each row takes the
-longest text left that still fits, one row at a time (see its docstring; 0.1% padding on
-the benchmark length mix where FFD alone left 28%).
+longest text left that still fits, one row at a time (see its docstring; README "Evaluate"
+gives the padding of both on the benchmark length mix).
 
 Training has two modes:
   ffd            first-fit-decreasing: texts sorted longest first, each into the first row
@@ -215,9 +215,8 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[BatchPlan]:
     row takes the longest text left, then again and again the longest text left that fits
     its remaining room, until none fits; then the next row opens. (A row is full before the
     next opens, so "the first row with room" is always the open one: first fit, with the
-    text chosen to fit best.) Measured on the benchmark length mix, rows pad 0.1%; filling
-    them longest-first only (first-fit-decreasing) padded 28%, because a text a little
-    longer than half a row leaves its row half empty.
+    text chosen to fit best.) Filling them longest-first only (first-fit-decreasing) pads
+    far more, because a text a little longer than half a row leaves its row half empty.
     """
     lengths = np.asarray(lengths, np.int64)
     if len(lengths) and lengths.min() < 1:

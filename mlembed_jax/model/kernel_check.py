@@ -21,9 +21,8 @@ from mlembed_jax.model import attention
 from mlembed_jax.model.kernel_choice import AUTO, Choice, auto_candidates, choose, remat_for
 
 # Relative error ||kernel - dense (fp32)|| / ||dense (fp32)|| allowed, outputs and gradients:
-# about 10x what bf16 rounding alone costs (dense itself in bf16: 1.6e-3 outputs, 2.3e-3 to
-# 2.8e-3 gradients; xla_sdpa 2.2e-3 to 2.9e-3; CPU, 512 tokens, 16/8 heads of 128). A mask
-# or layout bug moves whole texts' outputs: errors of order 1e-1 or more.
+# about 10x what bf16 rounding alone costs (README "Benchmark" has the errors). A
+# mask or layout bug moves whole texts' outputs: errors of order 1e-1 or more.
 PROBE_TOLERANCE = {"bfloat16": 3e-2, "float32": 1e-3}
 
 

@@ -130,7 +130,7 @@ def matmul(x, w, contract: int = 1):
     as one 2-D [tokens, k] @ [k, out] matmul. The reshapes are free (contiguous dims), and
     with a single row dim the weight gradient is a plain x^T @ dy: with [b, s] as two free
     dims XLA:CPU transposed dy (and the silu gradient fused into it) for every matmul of
-    every layer, 12% of the tiny config's step."""
+    every layer (README "Performance")."""
     lead, k = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
     out = w.shape[contract:]
     kk = math.prod(k)

@@ -9,7 +9,7 @@ Like the FLOPs, it counts the body of a loop once, so the scanned step's own fig
 out all but one of its layers. Scaling the loop body's share does not work either: compiled
 with two layers per loop iteration (model.scan_unroll=2) the difference is the layer plus the
 loop's bookkeeping on the stacked [layers, ...] buffers, which the cost model charges at
-their full size (a 4-layer test model: 3x too much). So the step is compiled twice more as
+their full size (README "Performance"). So the step is compiled twice more as
 straight-line programs, at 2 and at 3 layers (the loop fully unrolled, one exit each), and
 
     per step = T(2) + (loop layers - 2) x (T(3) - T(2))
