@@ -1,4 +1,4 @@
-"""mlembed_jax/profile_summary.py and its CLI: a hand-built GPU-like trace with known
+"""mlembed_jax/perf/profile_summary.py and its CLI: a hand-built GPU-like trace with known
 numbers, a real CPU trace from jax.profiler, and the CLI's error path."""
 
 import gzip

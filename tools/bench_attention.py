@@ -5,7 +5,7 @@ it against the dense fp32 reference on those very rows.
         [--heads=16 --kv_heads=8 --head_dim=128] [--steps=20] [--dtype=bfloat16]
 
 One row per kernel: forward + backward time of one layer (median), useful TFLOP/s (causal
-pairs inside each text only, mlembed_jax/flops.py), max |error| of outputs and of gradients vs
+pairs inside each text only, mlembed_jax/perf/flops.py), max |error| of outputs and of gradients vs
 the reference (real tokens only), and whether any text saw another (keys and values of one
 text are scrambled; every other text must be unchanged). Kernels that cannot run here are
 listed with the reason. On CPU it is a smoke run; its timings mean nothing for GPUs.

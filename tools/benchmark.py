@@ -5,7 +5,7 @@ PyTorch reference recipe on the same samples.
         [--baseline=torch] [--compare_plain] [--config.field=value ...]
 
 Prints step time (median), useful tokens/s, padding, MFU on useful tokens (hand-counted
-FLOPs, see mlembed_jax/flops.py), peak device memory, device and versions. On CPU it is a
+FLOPs, see mlembed_jax/perf/flops.py), peak device memory, device and versions. On CPU it is a
 smoke run (tiny configs); its timings mean nothing for GPUs.
 """
 
@@ -154,7 +154,7 @@ if __name__ == "__main__":
     flags.DEFINE_enum("baseline", None, ["torch"], "also time the PyTorch reference recipe")
     flags.DEFINE_bool("compare_plain", False, "also time plain contrastive training")
     flags.DEFINE_string("profile_dir", None, "also trace 3 steps there and print where the "
-                        "device time goes (mlembed_jax/profile_summary.py)")
+                        "device time goes (mlembed_jax/perf/profile_summary.py)")
     flags.DEFINE_integer("profile_top", 25, "ops listed in the profile summary")
     flags.DEFINE_multi_string("variant", None, "also time the config with these fields "
                               "changed, e.g. --variant=model.remat=none,model.attention=cudnn "

@@ -5,7 +5,7 @@
 PROFILE_DIR is what was given to jax.profiler.start_trace (the newest
 perfetto_trace.json.gz under it is read) or a trace file itself. --module keeps only ops
 of XLA modules whose name contains SUBSTR (e.g. train_step). See
-mlembed_jax/profile_summary.py for what is counted.
+mlembed_jax/perf/profile_summary.py for what is counted.
 """
 
 from __future__ import annotations
