@@ -2,12 +2,13 @@
 and *_helpers.py), tools/ scripts are imported with tool_helpers.load_tool rather than by
 putting tools/ on sys.path, and every other module here is named *_helpers.py. And the
 package's map: every module is listed in its package's __init__ docstring and in README's
-Layout section."""
+Layout section, and comments name only module paths that exist."""
 
 import ast
 import glob
 import os
 import re
+import tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,3 +102,27 @@ def test_readme_layout_names_every_module():
         words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", entry))
         missing = sorted(m for m in _modules(os.path.join(PACKAGE, sub)) if m not in words)
         assert not missing, f"README Layout's {sub}/ entry does not name {missing}"
+
+
+_REPO_PATH = re.compile(
+    r"(?<![\w/.-])((?:mlembed_jax|tools|configs|launch|data|eval|export|model|perf|checkpoint)"
+    r"/(?:[\w-]+/)*[\w-]+\.(?:py|sh|sbatch))\b")
+
+
+def test_comments_and_docstrings_name_only_files_that_exist():
+    """A module path in a comment or string of the package, tools/ or configs/ (from the
+    repository root, or from mlembed_jax/ as `perf/aot.py`) names a file that is there."""
+    stale = []
+    for top in ("mlembed_jax", "tools", "configs"):
+        for path in sorted(glob.glob(os.path.join(ROOT, top, "**", "*.py"), recursive=True)):
+            if "demo_data" in path:
+                continue
+            with open(path, encoding="utf-8") as f:
+                tokens = tokenize.generate_tokens(f.readline)
+                texts = [t for t in tokens if t.type in (tokenize.COMMENT, tokenize.STRING)]
+            for tok in texts:
+                for named in _REPO_PATH.findall(tok.string):
+                    if not any(os.path.exists(os.path.join(ROOT, base, named))
+                               for base in ("", "mlembed_jax")):
+                        stale.append(f"{os.path.relpath(path, ROOT)}:{tok.start[0]}: {named}")
+    assert not stale, "paths that are not there: " + "; ".join(stale)
