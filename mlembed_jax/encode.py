@@ -49,7 +49,12 @@ from mlembed_jax import checkpoint, storage
 from mlembed_jax.cli import missing_dirs, remove_empty, writable_file
 from mlembed_jax.data.jsonl import iter_jsonl
 from mlembed_jax.data.prepared import training_text
-from mlembed_jax.data.text_encoding import TokenizerError, encode_texts, load_tokenizer
+from mlembed_jax.data.text_encoding import (
+    TokenizerError,
+    encode_texts,
+    load_tokenizer,
+    max_seq_length_problem,
+)
 from mlembed_jax.embedding import (
     DEFAULT_BATCH_TOKENS,
     embed_token_ids,
@@ -323,8 +328,8 @@ def load(path: str, *, tokenizer_dir: str | None = None, max_seq_length: int | N
         raise EncodeError(f"{e}; pass tokenizer_dir= (CLI: --tokenizer_dir)") from e
     if max_seq_length is not None:
         max_len = int(max_seq_length)
-    if max_len < 2:
-        raise EncodeError(f"max_seq_length={max_len} must be at least 2 (text + EOS)")
+    if problem := max_seq_length_problem(max_len):
+        raise EncodeError(problem)
     cfg = _runnable_attention(cfg, attention is not None, path, max_len)
     if device_put:  # once, not on every batch: replicated on every local device
         params = replicate(params, local_mesh())

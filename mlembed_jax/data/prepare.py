@@ -247,10 +247,9 @@ def assemble_corpus(out_dir: str, names: list[str]) -> int:
 
 def check_max_seq_length(max_seq_length: int) -> None:
     """DataError unless every text can keep at least one token before its EOS."""
-    if max_seq_length < 2:
-        raise DataError(f"--max_seq_length {max_seq_length} is too small: each text keeps "
-                        "max_seq_length - 1 tokens and then EOS, so it must be at least 2 "
-                        "(the recipe uses 1024)")
+    problem = text_encoding.max_seq_length_problem(max_seq_length, "--max_seq_length")
+    if problem:
+        raise DataError(problem)
 
 
 def prepare_data(input_dir: str, manifest_path: str, tokenizer_dir: str, output_dir: str,

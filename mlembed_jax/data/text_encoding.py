@@ -72,6 +72,15 @@ def load_tokenizer(tokenizer_dir: str):
     return tok
 
 
+def max_seq_length_problem(max_seq_length: int, name: str = "max_seq_length") -> str | None:
+    """Why `max_seq_length` (called `name`, e.g. a flag) cannot be used, or None: each text
+    keeps at least one token before its EOS. Callers raise their own error type."""
+    if max_seq_length >= 2:
+        return None
+    return (f"{name} {max_seq_length} is too small: each text keeps max_seq_length - 1 "
+            "tokens and then EOS, so it must be at least 2 (the recipe uses 1024)")
+
+
 def truncate_then_eos(id_lists: Iterable[Sequence[int]], max_seq_length: int,
                       eos: int) -> list[np.ndarray]:
     """The recipe's rule, once for every tokenizer path: n id lists (encoded without special
@@ -90,8 +99,9 @@ def truncate_then_eos(id_lists: Iterable[Sequence[int]], max_seq_length: int,
 
 def encode_texts(tokenizer, texts: list[str], max_seq_length: int) -> list[np.ndarray]:
     """Each text -> int32 ids of length <= max_seq_length, EOS last."""
-    if max_seq_length < 2:
-        raise ValueError(f"max_seq_length={max_seq_length} must be at least 2 (text + EOS)")
+    problem = max_seq_length_problem(max_seq_length)
+    if problem:
+        raise ValueError(problem)
     # No tokenizer-side truncation: `truncate_then_eos` cuts, whatever truncation_side says.
     # verbose=False: texts longer than model_max_length are expected here, not a mistake.
     enc = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
