@@ -2,6 +2,6 @@
 
 Modules:
   retrieval  BEIR-layout data, exact blocked search, nDCG@10 / Recall@100 / MRR@10
-  periodic   the evaluator the training loop calls every eval.every steps
+  periodic   the retrieval evaluator the training loop calls on its schedule
   cli        the flags and loading shared by tools/eval_retrieval and matryoshka_report
 """
