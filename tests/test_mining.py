@@ -63,7 +63,7 @@ def _hand_embed(texts):
 
 def _hand_mine(**kw):
     extra = [t for t in SCORES if not t.startswith("pos")]
-    settings = mining.MineSettings(**{"negatives": 2, "depth": 10, **kw})
+    settings = mining.MiningSettings(**{"negatives": 2, "depth": 10, **kw})
     return mining.mine("hand", ["Q", "Q"], ["pos", "pos2"], extra, _hand_embed, _hand_embed,
                        settings)
 
@@ -151,7 +151,7 @@ def test_planted_false_negatives_are_removed_where_plain_top_k_keeps_them(names_
         for text in (p, " " + p, p + " ", "\t" + p.replace(" ", "\n")):  # a copy, 3 spacings
             planted.setdefault(text, set()).add(i)
     m = mining.mine("names", queries, passages, list(planted), embed, embed,
-                    mining.MineSettings(negatives=K, if_short="repeat"))
+                    mining.MiningSettings(negatives=K, if_short="repeat"))
     rows = m.table.to_pydict()
     kept = len(rows["query"])
     # "repeat" keeps every row with a survivor (measured: 2679 of 2712; the others' positive
@@ -210,7 +210,7 @@ def test_seeded_sampling_is_deterministic(names_model):
     queries, passages = _pairs(400)
 
     def run(**kw):
-        s = mining.MineSettings(negatives=8, depth=40, **kw)
+        s = mining.MiningSettings(negatives=8, depth=40, **kw)
         return _negatives(mining.mine("names", queries, passages, [], embed, embed, s))
 
     top = run()
@@ -220,7 +220,7 @@ def test_seeded_sampling_is_deterministic(names_model):
     # Random draws come from the same survivors: each row's draw is a subset of the
     # survivors, i.e. of the top-40 with the filters, written hardest first.
     wide = _negatives(mining.mine("names", queries, passages, [], embed, embed,
-                                  mining.MineSettings(negatives=40, depth=40,
+                                  mining.MiningSettings(negatives=40, depth=40,
                                                       if_short="shrink")))
     assert all(set(r) <= set(w) or len(set(w)) < 40 for r, w in zip(a, wide))
     rank = [{t: k for k, t in enumerate(w)} for w in wide]
@@ -250,7 +250,7 @@ def test_before_filtering_equals_sentence_transformers_mine_hard_negatives(expor
     K = 10
     model = enc.load(out)
     m = mining.mine("names", queries, passages, [], model.encode, model.encode,
-                    mining.MineSettings(negatives=K, depth=K, max_score_ratio=None,
+                    mining.MiningSettings(negatives=K, depth=K, max_score_ratio=None,
                                         if_short="repeat"))
     st = SentenceTransformer(out, device="cpu")
     ds = mine_hard_negatives(Dataset.from_dict({"query": queries, "passage": passages}), st,
@@ -362,10 +362,12 @@ def test_eval_retrieval_and_the_miner_share_one_embedding_store(names_model, tmp
     src.mkdir()
     pq.write_table(pq.read_table(NAMES).slice(0, 300).select(["query", "passage"]),
                    src / "names.parquet")
-    summary = mining.run(work, [str(src)], str(tmp_path / "out"),
-                         mining.MineSettings(negatives=4, depth=16, if_short="repeat"),
-                         corpus_files=[os.path.join(beir, "corpus.jsonl")],
-                         cache_dir=str(cache), progress=False, log=lambda *_: None)
+    job = mining.MiningJob(inputs=[str(src)], output_dir=str(tmp_path / "out"),
+                           corpus_files=[os.path.join(beir, "corpus.jsonl")],
+                           cache_dir=str(cache))
+    summary = mining.run(job, mining.MiningSettings(negatives=4, depth=16, if_short="repeat"),
+                         enc.ModelSettings(work), enc.EncodeSettings(progress=False),
+                         log=lambda *_: None)
     assert summary["timing"]["encoded_texts"] == 0
     assert sorted(os.listdir(cache)) == parts
 
