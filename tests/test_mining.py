@@ -10,6 +10,7 @@ session (500 steps): its names of one entity in 18 languages are the natural par
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -118,6 +119,33 @@ def test_rows_with_fewer_than_k_survivors():
     with pytest.raises(mining.MiningError, match=r"hand: no row keeps 1 negative.*survivors "
                                                  r"in a row: 0.*raise --depth"):
         _hand_mine(max_score_ratio=0.1, if_short="repeat")
+
+
+def test_run_checks_its_settings_and_files_before_the_model_loads(tmp_path):
+    """mining.run(job, settings, model, point): each refusal comes before any model is read
+    (the model path here does not exist), and an output directory it made is taken back."""
+    src = tmp_path / "pairs"
+    src.mkdir()
+    pq.write_table(pq.read_table(NAMES).slice(0, 5).select(["query", "passage"]),
+                   src / "names.parquet")
+    nowhere = enc.ModelSettings(str(tmp_path / "no_model"))
+    out = tmp_path / "a" / "mined"
+    job = mining.MiningJob(inputs=[str(src)], output_dir=str(out))
+    with pytest.raises(mining.MiningError, match="--negatives=0 must be at least 1"):
+        mining.run(job, mining.MiningSettings(negatives=0), nowhere)
+    with pytest.raises(mining.MiningError, match="would overwrite the input"):
+        mining.run(dataclasses.replace(job, output_dir=str(src)), mining.MiningSettings(),
+                   nowhere)
+    with pytest.raises(enc.EncodeError, match="no_model' does not exist"):
+        mining.run(job, mining.MiningSettings(), nowhere, enc.EncodeSettings(progress=False))
+    assert not (tmp_path / "a").exists()  # run made a/mined, and removed both again
+    out.mkdir(parents=True)
+    (out / "names.parquet").write_bytes(b"earlier")
+    with pytest.raises(mining.MiningError, match="names.parquet exists; pass --overwrite"):
+        mining.run(job, mining.MiningSettings(), nowhere)
+    with pytest.raises(enc.EncodeError, match="does not exist"):
+        mining.run(dataclasses.replace(job, overwrite=True), mining.MiningSettings(), nowhere)
+    assert (out / "names.parquet").read_bytes() == b"earlier"  # not replaced: nothing mined
 
 
 # --------------------------------------------------------------------------- a real model
