@@ -137,7 +137,7 @@ def remove_empty(dirs: list[str]) -> None:
 # encode.py imports this module (for its output checks), so the settings classes are imported
 # inside the functions below, not at the top.
 
-MODEL_HELP = ("what to read: a training workdir (its latest checkpoint), "
+MODEL_HELP = ("a training workdir (its latest checkpoint), "
               "WORKDIR/checkpoints/<step>, or a Hugging Face / exported Qwen3 directory")
 
 
@@ -157,7 +157,8 @@ def field_default(cls, name: str):
 def _old_names(help: str, aliases) -> str:
     if not aliases:
         return help
-    return f"{help} ({', '.join(aliases)}: the old name{'s' if len(aliases) > 1 else ''})"
+    names = " and ".join(aliases)
+    return f"{help}; {names} {'are the old names' if len(aliases) > 1 else 'is the old name'}"
 
 
 def add_model_flags(p: argparse.ArgumentParser, *, help: str = MODEL_HELP,
@@ -190,7 +191,7 @@ def add_model_flags(p: argparse.ArgumentParser, *, help: str = MODEL_HELP,
 
 
 def add_point_flags(p: argparse.ArgumentParser, *, exit_aliases: tuple[str, ...] = (),
-                    untrained: bool = True) -> None:
+                    untrained: bool = True, dim_help: str = "") -> None:
     """--rank --exit --dim (the point of the three Matryoshka dimensions), and with
     `untrained` --allow_untrained."""
     from mlembed_jax.encode import EncodeSettings
@@ -202,7 +203,8 @@ def add_point_flags(p: argparse.ArgumentParser, *, exit_aliases: tuple[str, ...]
                    help=_old_names("MLL exit: the model cut to its first K layers (default: "
                                    "all)", exit_aliases))
     p.add_argument("--dim", type=int, default=field_default(EncodeSettings, "dim"),
-                   help="MRL dim (default: the hidden size, or an export's truncate_dim)")
+                   help=dim_help or "MRL dim (default: the hidden size, or an export's "
+                   "truncate_dim)")
     if untrained:
         add_untrained_flag(p)
 

@@ -108,14 +108,14 @@ def test_export_old_flag_names_are_aliases():
     assert (new.model, new.output_dir, new.exit, new.tokenizer_dir) == ("w", "o", 2, "t")
     shown = _flat(p.format_help())
     for old_name in ("--checkpoint", "--out", "--layers", "--tokenizer"):
-        assert f"({old_name}: the old name)" in shown, old_name
+        assert f"{old_name} is the old name" in shown, old_name
 
 
 def test_report_out_dir_is_an_alias_of_output_dir():
     p = load_tool("matryoshka_report").parser()
     assert vars(p.parse_args(["--model=m", "--out_dir=r"])) == vars(
         p.parse_args(["--model=m", "--output_dir=r"]))
-    assert "(--out_dir: the old name)" in _flat(p.format_help())
+    assert "--out_dir is the old name" in _flat(p.format_help())
 
 
 def test_the_commands_a_finished_run_prints_parse(tmp_path):

@@ -28,7 +28,9 @@ def parser() -> argparse.ArgumentParser:
                         "WORKDIR/checkpoints/STEP")
     cli.add_output_flag(ap, directory=True, aliases=("--out",),
                         help="local or gs:// (must not exist, unless --overwrite)")
-    cli.add_point_flags(ap, exit_aliases=("--layers",), untrained=False)
+    cli.add_point_flags(ap, exit_aliases=("--layers",), untrained=False,
+                        dim_help="MRL dim M <= d: sentence-transformers' truncate_dim "
+                        "(default d)")
     ap.add_argument("--mode", choices=("compat", "factorized"), default="compat",
                     help="factorized also writes the MEL factors U, V (default compat)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
