@@ -69,8 +69,8 @@ from mlembed_jax.model.kernel_choice import AUTO, SPLASH_LANES, check_platform
 from mlembed_jax.model.qwen3 import EncoderConfig
 from mlembed_jax.recipe import MRL_MIN_DIM, TrainedPoints, resolve_point
 
-__all__ = ["DEFAULT_BATCH_TOKENS", "EncodeError", "Encoder", "NonFiniteEmbeddings", "load",
-           "normalize", "main"]
+__all__ = ["DEFAULT_BATCH_TOKENS", "EncodeError", "EncodeSettings", "Encoder", "ModelSettings",
+           "NonFiniteEmbeddings", "load", "normalize", "main"]
 
 
 class EncodeError(ValueError):
@@ -388,6 +388,39 @@ def _hf_sentence_settings(path: str) -> tuple[int, dict, int | None]:
     return max_len, prefixes, truncate_dim
 
 
+# --------------------------------------------------------------------------- settings
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """Which model to load and how: `load`'s arguments, as the tools' flags give them
+    (mlembed_jax/cli.py add_model_flags). path: a training workdir, checkpoints/<step>, or
+    an HF Qwen3 directory; the others override what the model says (None: keep it)."""
+
+    path: str
+    tokenizer_dir: str | None = None
+    max_seq_length: int | None = None
+    compute_dtype: str | None = None
+
+    def load(self) -> Encoder:
+        return load(self.path, tokenizer_dir=self.tokenizer_dir,
+                    max_seq_length=self.max_seq_length, compute_dtype=self.compute_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeSettings:
+    """Where in the three dimensions to embed, and how (cli.py add_point_flags and
+    add_model_flags). rank / exit / dim: None = the full model (an export's truncate_dim for
+    dim); allow_untrained: accept points off the trained sets; batch_tokens: tokens per
+    pack, one pack per device; progress: progress bars."""
+
+    rank: int | None = None
+    exit: int | None = None
+    dim: int | None = None
+    allow_untrained: bool = False
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    progress: bool = True
+
+
 # --------------------------------------------------------------------------- CLI
 
 def read_texts(path: str, field: str = "text", id_field: str | None = None
@@ -486,36 +519,36 @@ def _where(path: str, lines: list[int], indices: list[int]) -> str:
                                             if len(indices) > 1 else "")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m mlembed_jax.encode`."""
+    from mlembed_jax import cli
+
     p = argparse.ArgumentParser(prog="python -m mlembed_jax.encode",
                                 description="Embed a text or JSONL file with a trained model.")
-    p.add_argument("--model", required=True, help="training workdir, checkpoints/<step>, or "
-                   "HF Qwen3 directory")
+    cli.add_model_flags(p)
     p.add_argument("--input", required=True, help=".jsonl (one object per line) or a text "
                    "file (one text per line)")
-    p.add_argument("--output", required=True, help=".npy or .parquet")
+    cli.add_output_flag(p, directory=False, help=".npy or .parquet")
     p.add_argument("--field", default="text", help="JSONL field holding the text")
     p.add_argument("--id_field", default="_id", help="JSONL field copied to the parquet id "
                    "column (the line's index if absent)")
-    p.add_argument("--rank", type=int, default=None, help="MEL rank (default r_max)")
-    p.add_argument("--exit", type=int, default=None, help="MLL exit layer (default: last)")
-    p.add_argument("--dim", type=int, default=None, help="MRL output dim (default: d)")
+    cli.add_point_flags(p)
     p.add_argument("--prefix", default="", help="instruction prefix put before every text")
-    p.add_argument("--allow_untrained", action="store_true",
-                   help="allow rank/exit/dim values the model was not trained at")
-    p.add_argument("--batch_tokens", type=int, default=DEFAULT_BATCH_TOKENS)
-    p.add_argument("--tokenizer_dir", default=None)
-    p.add_argument("--max_seq_length", type=int, default=None)
-    p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default=None)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mlembed_jax import cli
+
+    a = parser().parse_args(argv)
     made = missing_dirs(os.path.dirname(storage.absolute(a.output)))
     try:
         check_output(a.output)
         writable_file(a.output, "--output")
         texts, ids, lines = read_texts_with_lines(a.input, a.field, a.id_field)
-        model = load(a.model, tokenizer_dir=a.tokenizer_dir, max_seq_length=a.max_seq_length,
-                     compute_dtype=a.compute_dtype)
-        rank, exit, dim = model.check(a.rank, a.exit, a.dim, a.allow_untrained)
+        model = cli.model_settings(a).load()
+        point = cli.encode_settings(a)
+        rank, exit, dim = model.check(point.rank, point.exit, point.dim, point.allow_untrained)
         empty = [i for i, t in enumerate(texts) if not t.strip()]
         if empty:
             print(f"warning: {len(empty)} of {len(texts)} texts are empty or blank "
@@ -530,8 +563,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"in training ({_where(a.input, lines, cut)}); raise --max_seq_length to "
                   "keep more", file=sys.stderr)
         emb = model.encode_ids(token_ids, rank=rank, exit=exit, dim=dim,
-                               batch_tokens=a.batch_tokens, allow_untrained=a.allow_untrained,
-                               progress=True)
+                               batch_tokens=point.batch_tokens,
+                               allow_untrained=point.allow_untrained, progress=point.progress)
         write_embeddings(a.output, emb, ids)
     except (ValueError, OSError) as e:  # EncodeError, CheckpointError, ConfigError, disk
         if isinstance(e, NonFiniteEmbeddings):  # name the input line, not the index

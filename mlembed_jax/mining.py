@@ -69,7 +69,7 @@ class MiningError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class MineSettings:
+class MiningSettings:
     """negatives: K columns to write. depth: candidates per query (besides its positives).
     max_score_ratio / margin: the score filters (None = off). rank_min / rank_max: the rank
     window (rank_max None = depth). sampling: "top" | "random". seed: for "random".
@@ -86,7 +86,7 @@ class MineSettings:
     if_short: str = "drop"
     min_negatives: int = 1
 
-    def check(self) -> "MineSettings":
+    def check(self) -> "MiningSettings":
         rank_max = self.depth if self.rank_max is None else self.rank_max
         problems = []
         if self.negatives < 1:
@@ -113,6 +113,27 @@ class MineSettings:
         if problems:
             raise MiningError("; ".join(problems))
         return dataclasses.replace(self, rank_max=rank_max)
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningJob:
+    """What `run` reads and writes. inputs: parquet files or directories of them.
+    output_dir: one parquet per input, under its name. corpus_files / corpus_field: extra
+    candidate texts (`read_corpus`). query_prefix / document_prefix: None = the manifest
+    entry's, else the model's prompt (`dataset_prefixes`). manifest: the prepare_data
+    manifest ('' = none). cache_dir: embedding store ('' = none). summary_path: '' =
+    OUTPUT_DIR/mining_summary.json. overwrite: replace existing outputs."""
+
+    inputs: Sequence[str]
+    output_dir: str
+    corpus_files: Sequence[str] = ()
+    corpus_field: str = "text"
+    query_prefix: str | None = None
+    document_prefix: str | None = None
+    manifest: str = ""
+    cache_dir: str = ""
+    summary_path: str = ""
+    overwrite: bool = False
 
 
 @dataclasses.dataclass
@@ -151,7 +172,7 @@ def _rng(seed: int, name: str, block: int) -> np.random.Generator:
 
 def mine(name: str, queries: Sequence[str], passages: Sequence[str], extra_corpus: Sequence[str],
          embed_queries: Callable[[list[str]], np.ndarray],
-         embed_docs: Callable[[list[str]], np.ndarray], settings: MineSettings) -> Mined:
+         embed_docs: Callable[[list[str]], np.ndarray], settings: MiningSettings) -> Mined:
     """Mines K negatives for each (query, passage) row of one dataset.
 
     embed_queries / embed_docs: texts -> [n, m] float32, L2-normalised (the model, with each
@@ -292,7 +313,7 @@ def _later_duplicates(key: np.ndarray) -> np.ndarray:
     return out
 
 
-def _write_rows(queries, passages, corpus, chosen, survivors, s: MineSettings):
+def _write_rows(queries, passages, corpus, chosen, survivors, s: MiningSettings):
     """The output table under the if_short policy, and what it did."""
     K = s.negatives
     n_chosen = (chosen >= 0).sum(1)
@@ -448,42 +469,31 @@ def dataset_prefixes(name: str, model, manifest: dict | None, query_prefix: str 
                            document_prefix)
 
 
-def run(model_path: str, inputs: Sequence[str], output_dir: str, settings: MineSettings, *,
-        corpus_files: Sequence[str] = (), corpus_field: str = "text", rank=None, exit=None,
-        dim=None, allow_untrained: bool = False, query_prefix: str | None = None,
-        document_prefix: str | None = None, manifest: str = "", cache_dir: str = "",
-        batch_tokens: int | None = None, tokenizer_dir: str | None = None,
-        max_seq_length: int | None = None, compute_dtype: str | None = None,
-        summary_path: str = "", overwrite: bool = False, progress: bool = True,
-        log=print) -> dict:
-    """Mines every input file with the model; writes one recipe-format parquet per input
-    into output_dir, the summary JSON and its histogram PNG. Returns the summary."""
+def run(job: MiningJob, settings: MiningSettings, model: encode_lib.ModelSettings,
+        point: encode_lib.EncodeSettings = encode_lib.EncodeSettings(), *, log=print) -> dict:
+    """Mines every input file of `job` with the model at `point`; writes one recipe-format
+    parquet per input into job.output_dir, the summary JSON and its histogram PNG. Returns
+    the summary."""
     s = settings.check()
-    files = list_inputs(inputs)
-    out_paths = {n: os.path.join(output_dir, f"{n}.parquet") for n in files}
+    files = list_inputs(job.inputs)
+    out_paths = {n: os.path.join(job.output_dir, f"{n}.parquet") for n in files}
     for n, out in out_paths.items():
         if os.path.abspath(out) == os.path.abspath(files[n]):
-            raise MiningError(f"--output_dir {output_dir!r} would overwrite the input {out}; "
-                              "write to another directory")
-        if os.path.exists(out) and not overwrite:
+            raise MiningError(f"--output_dir {job.output_dir!r} would overwrite the input "
+                              f"{out}; write to another directory")
+        if os.path.exists(out) and not job.overwrite:
             raise MiningError(f"{out} exists; pass --overwrite to replace it")
-    specs = load_manifest(manifest) if manifest else None
+    specs = load_manifest(job.manifest) if job.manifest else None
     extra: list[str] = []
-    for f in corpus_files:
-        extra += read_corpus(f, corpus_field)
+    for f in job.corpus_files:
+        extra += read_corpus(f, job.corpus_field)
     pairs = {n: read_pairs(p) for n, p in files.items()}  # all checked before the model loads
     # Writable before any work; what this makes is taken back if mining then fails.
-    made = missing_dirs(output_dir)
-    writable_dir(output_dir, "--output_dir")
+    made = missing_dirs(job.output_dir)
+    writable_dir(job.output_dir, "--output_dir")
     existed = {p for p in out_paths.values() if os.path.lexists(p)}
     try:
-        return _run(model_path, files, pairs, extra, specs, out_paths, output_dir, s,
-                    corpus_files=corpus_files, rank=rank, exit=exit, dim=dim,
-                    allow_untrained=allow_untrained, query_prefix=query_prefix,
-                    document_prefix=document_prefix, cache_dir=cache_dir,
-                    batch_tokens=batch_tokens, tokenizer_dir=tokenizer_dir,
-                    max_seq_length=max_seq_length, compute_dtype=compute_dtype,
-                    summary_path=summary_path, progress=progress, log=log)
+        return _run(job, s, model, point, (files, pairs, extra, specs, out_paths), log)
     except BaseException:
         # A failed run leaves no file of its own: the outputs of the datasets mined before
         # the failure are removed (files it replaced under --overwrite are gone already).
@@ -495,15 +505,14 @@ def run(model_path: str, inputs: Sequence[str], output_dir: str, settings: MineS
         raise
 
 
-def _run(model_path, files, pairs, extra, specs, out_paths, output_dir, s, *, corpus_files,
-         rank, exit, dim, allow_untrained, query_prefix, document_prefix, cache_dir, batch_tokens,
-         tokenizer_dir, max_seq_length, compute_dtype, summary_path, progress, log) -> dict:
+def _run(job: MiningJob, s: MiningSettings, model_settings, point, read, log) -> dict:
+    """`run` after the checks; read: (files, pairs, extra corpus, manifest, output paths)."""
+    files, pairs, extra, specs, out_paths = read
     t0 = time.time()
-    model = encode_lib.load(model_path, tokenizer_dir=tokenizer_dir,
-                            max_seq_length=max_seq_length, compute_dtype=compute_dtype)
-    rank, exit, dim = model.check(rank, exit, dim, allow_untrained)
-    store = EmbeddingStore(cache_dir or None, model, rank=rank, exit=exit, dim=dim,
-                           allow_untrained=allow_untrained)
+    model = model_settings.load()
+    rank, exit, dim = model.check(point.rank, point.exit, point.dim, point.allow_untrained)
+    store = EmbeddingStore(job.cache_dir or None, model, rank=rank, exit=exit, dim=dim,
+                           allow_untrained=point.allow_untrained)
     load_s = time.time() - t0
     timing = {"load_s": load_s, "encode_s": 0.0, "encoded_texts": 0}
 
@@ -511,21 +520,21 @@ def _run(model_path, files, pairs, extra, specs, out_paths, output_dir, s, *, co
         def embed(texts: list[str]) -> np.ndarray:
             t = time.time()
             before = len(store)
-            emb = store.embed(model.tokenize(texts, prefix), batch_tokens=batch_tokens,
-                              progress=progress, desc=desc)
+            emb = store.embed(model.tokenize(texts, prefix), batch_tokens=point.batch_tokens,
+                              progress=point.progress, desc=desc)
             timing["encode_s"] += time.time() - t
             timing["encoded_texts"] += len(store) - before
             return emb
         return embed
 
-    os.makedirs(output_dir, exist_ok=True)
-    summary = {"model": os.path.abspath(model_path), "step": model.step,
+    os.makedirs(job.output_dir, exist_ok=True)
+    summary = {"model": os.path.abspath(model_settings.path), "step": model.step,
                "point": {"rank": rank, "exit": exit, "dim": dim},
-               "settings": dataclasses.asdict(s), "corpus_files": list(corpus_files),
+               "settings": dataclasses.asdict(s), "corpus_files": list(job.corpus_files),
                "datasets": {}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     hists = {}
     for name, (queries, passages) in pairs.items():
-        prefixes = dataset_prefixes(name, model, specs, query_prefix, document_prefix)
+        prefixes = dataset_prefixes(name, model, specs, job.query_prefix, job.document_prefix)
         mined = mine(name, queries, passages, extra,
                      embedder(prefixes["query"], f"{name} queries"),
                      embedder(prefixes["document"], f"{name} corpus"), s)
@@ -540,12 +549,12 @@ def _run(model_path, files, pairs, extra, specs, out_paths, output_dir, s, *, co
     timing["encode_texts_per_s"] = (timing["encoded_texts"] / timing["encode_s"]
                                     if timing["encode_s"] else None)
     summary["timing"] = timing
-    summary_path = summary_path or os.path.join(output_dir, "mining_summary.json")
+    summary_path = job.summary_path or os.path.join(job.output_dir, "mining_summary.json")
     png = os.path.splitext(summary_path)[0] + ".png"
     summary["histogram_png"] = png
     os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
     plot_histograms(hists, png)
     atomic_write_bytes(json.dumps(summary, indent=1).encode(), summary_path)
-    log(f"wrote {len(pairs)} dataset(s) to {output_dir}; summary {summary_path}, histogram "
+    log(f"wrote {len(pairs)} dataset(s) to {job.output_dir}; summary {summary_path}, histogram "
         f"{png}; encoded {timing['encoded_texts']} texts in {timing['encode_s']:.1f}s")
     return summary

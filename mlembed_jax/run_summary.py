@@ -124,8 +124,9 @@ def final_report(workdir: str, step: int, seconds: float, val: dict, retrieval: 
         f"next (from {shlex.quote(os.getcwd())}; {texts} holds example texts, one per line):",
         f"  {py} -m mlembed_jax.encode --model={run} --input={shlex.quote(texts)} "
         f"--output={shlex.quote(emb)}",
-        f"  {py} tools/export_hf.py --checkpoint {run} --out exports/{shlex.quote(name)}",
+        f"  {py} tools/export_hf.py --model={run} "
+        f"--output_dir={shlex.quote(os.path.join('exports', name))}",
         f"  {py} tools/matryoshka_report.py --model={run} --heldout "
-        f"--out_dir={shlex.quote(report)}",
+        f"--output_dir={shlex.quote(report)}",
     ]
     return "\n".join(lines)

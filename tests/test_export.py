@@ -319,42 +319,44 @@ def _cli(argv, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--rank", "64"], "--rank 64: rank=64 is outside [1, r_max=32]"),
-    (["--layers", "4"], "--layers 4: exit=4 is outside [1, L=3]"),
+    (["--exit", "4"], "--exit 4: exit=4 is outside [1, L=3]"),
+    (["--layers", "4"], "--exit 4: exit=4 is outside [1, L=3]"),  # the old name of --exit
     (["--dim", "65"], "--dim 65: dim=65 is outside [1, d=64]"),
-    (["--rank", "0", "--layers", "0"], "--layers 0: exit=0 is outside"),  # every error at once
+    (["--rank", "0", "--exit", "0"], "--exit 0: exit=0 is outside"),  # every error at once
 ])
 def test_cli_rejects_impossible_sizes(trained, tmp_path, capsys, extra, message):
     out = tmp_path / "x"
-    code, err = _cli(["--checkpoint", trained.workdir, "--out", str(out)] + extra, capsys)
+    code, err = _cli(["--model", trained.workdir, "--output_dir", str(out)] + extra, capsys)
     assert code == 2 and message in err and err.startswith("error:")
     assert not out.exists()
 
 
 def test_cli_missing_checkpoint_and_existing_out(trained, tmp_path, capsys):
-    code, err = _cli(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+    code, err = _cli(["--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")],
                      capsys)
     assert code == 2 and "does not exist" in err
 
-    code, err = _cli(["--checkpoint", trained.workdir, "--out", trained.dirs["mid"]], capsys)
-    assert code == 2 and "already exists; pass --overwrite" in err
+    code, err = _cli(["--model", trained.workdir, "--output_dir", trained.dirs["mid"]], capsys)
+    assert code == 2 and f"--output_dir {trained.dirs['mid']!r} already exists; pass " \
+        "--overwrite" in err
 
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    code, err = _cli(["--checkpoint", trained.workdir, "--out", str(precious), "--overwrite"],
+    code, err = _cli(["--model", trained.workdir, "--output_dir", str(precious), "--overwrite"],
                      capsys)
     assert code == 2 and "refusing to delete" in err and (precious / "notes.txt").exists()
 
-    code, err = _cli(["--checkpoint", trained.workdir, "--out", trained.workdir, "--overwrite"],
-                     capsys)
+    code, err = _cli(["--model", trained.workdir, "--output_dir", trained.workdir,
+                      "--overwrite"], capsys)
     assert code == 2 and "training run" in err
 
-    # A previous export is replaced with --overwrite, here by the CLI at another size and
-    # with the warning printed as one line.
+    # A previous export is replaced with --overwrite, here by the CLI at another size, with
+    # the warning printed as one line, and every flag under its old name (still accepted).
     code, err = _cli(["--checkpoint", trained.workdir, "--out", trained.dirs["mid"], "--layers",
-                      "2", "--rank", "16", "--dim", "32", "--dtype", "fp32", "--overwrite"],
-                     capsys)
-    assert code == 0 and err.startswith("warning: exporting anyway: --layers 2: exit=2 is not "
+                      "2", "--rank", "16", "--dim", "32", "--dtype", "fp32", "--overwrite",
+                      "--tokenizer", TOKENIZER], capsys)
+    assert code == 0 and err.startswith("warning: exporting anyway: --exit 2: exit=2 is not "
                                         "one of the model's MLL exits")
 
 

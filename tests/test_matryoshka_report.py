@@ -19,7 +19,7 @@ def test_report_writes_json_grid_and_png(names_run, tmp_path):
     tool = load_tool("matryoshka_report")
     out = tmp_path / "report"
     png = tmp_path / "docs" / "m.png"
-    assert tool.main([f"--model={work}", "--heldout", f"--out_dir={out}", f"--png={png}",
+    assert tool.main([f"--model={work}", "--heldout", f"--output_dir={out}", f"--png={png}",
                       "--max_queries=150", "--quiet"]) == 0
     r = json.load(open(out / "matryoshka.json"))
     # The small model's trained grid: ranks {8, 16, 32}, exits {1, 2}, dims {8, ..., 64}.
@@ -50,6 +50,7 @@ def test_report_writes_json_grid_and_png(names_run, tmp_path):
 def test_report_rejects_untrained_grid_points(names_run, tmp_path, capsys):
     work, _ = names_run
     tool = load_tool("matryoshka_report")
+    # --out_dir: the old name of --output_dir, still accepted
     args = [f"--model={work}", "--heldout", f"--out_dir={tmp_path}", "--quiet"]
     assert tool.main(args + ["--ranks=8,12"]) == 2
     assert "rank=12 is not a trained MEL rank (8, 16, 32)" in capsys.readouterr().err

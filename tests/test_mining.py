@@ -10,6 +10,7 @@ session (500 steps): its names of one entity in 18 languages are the natural par
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -63,7 +64,7 @@ def _hand_embed(texts):
 
 def _hand_mine(**kw):
     extra = [t for t in SCORES if not t.startswith("pos")]
-    settings = mining.MineSettings(**{"negatives": 2, "depth": 10, **kw})
+    settings = mining.MiningSettings(**{"negatives": 2, "depth": 10, **kw})
     return mining.mine("hand", ["Q", "Q"], ["pos", "pos2"], extra, _hand_embed, _hand_embed,
                        settings)
 
@@ -120,6 +121,33 @@ def test_rows_with_fewer_than_k_survivors():
         _hand_mine(max_score_ratio=0.1, if_short="repeat")
 
 
+def test_run_checks_its_settings_and_files_before_the_model_loads(tmp_path):
+    """mining.run(job, settings, model, point): each refusal comes before any model is read
+    (the model path here does not exist), and an output directory it made is taken back."""
+    src = tmp_path / "pairs"
+    src.mkdir()
+    pq.write_table(pq.read_table(NAMES).slice(0, 5).select(["query", "passage"]),
+                   src / "names.parquet")
+    nowhere = enc.ModelSettings(str(tmp_path / "no_model"))
+    out = tmp_path / "a" / "mined"
+    job = mining.MiningJob(inputs=[str(src)], output_dir=str(out))
+    with pytest.raises(mining.MiningError, match="--negatives=0 must be at least 1"):
+        mining.run(job, mining.MiningSettings(negatives=0), nowhere)
+    with pytest.raises(mining.MiningError, match="would overwrite the input"):
+        mining.run(dataclasses.replace(job, output_dir=str(src)), mining.MiningSettings(),
+                   nowhere)
+    with pytest.raises(enc.EncodeError, match="no_model' does not exist"):
+        mining.run(job, mining.MiningSettings(), nowhere, enc.EncodeSettings(progress=False))
+    assert not (tmp_path / "a").exists()  # run made a/mined, and removed both again
+    out.mkdir(parents=True)
+    (out / "names.parquet").write_bytes(b"earlier")
+    with pytest.raises(mining.MiningError, match="names.parquet exists; pass --overwrite"):
+        mining.run(job, mining.MiningSettings(), nowhere)
+    with pytest.raises(enc.EncodeError, match="does not exist"):
+        mining.run(dataclasses.replace(job, overwrite=True), mining.MiningSettings(), nowhere)
+    assert (out / "names.parquet").read_bytes() == b"earlier"  # not replaced: nothing mined
+
+
 # --------------------------------------------------------------------------- a real model
 
 def _entities(queries, passages):
@@ -151,7 +179,7 @@ def test_planted_false_negatives_are_removed_where_plain_top_k_keeps_them(names_
         for text in (p, " " + p, p + " ", "\t" + p.replace(" ", "\n")):  # a copy, 3 spacings
             planted.setdefault(text, set()).add(i)
     m = mining.mine("names", queries, passages, list(planted), embed, embed,
-                    mining.MineSettings(negatives=K, if_short="repeat"))
+                    mining.MiningSettings(negatives=K, if_short="repeat"))
     rows = m.table.to_pydict()
     kept = len(rows["query"])
     # "repeat" keeps every row with a survivor (measured: 2679 of 2712; the others' positive
@@ -210,7 +238,7 @@ def test_seeded_sampling_is_deterministic(names_model):
     queries, passages = _pairs(400)
 
     def run(**kw):
-        s = mining.MineSettings(negatives=8, depth=40, **kw)
+        s = mining.MiningSettings(negatives=8, depth=40, **kw)
         return _negatives(mining.mine("names", queries, passages, [], embed, embed, s))
 
     top = run()
@@ -220,7 +248,7 @@ def test_seeded_sampling_is_deterministic(names_model):
     # Random draws come from the same survivors: each row's draw is a subset of the
     # survivors, i.e. of the top-40 with the filters, written hardest first.
     wide = _negatives(mining.mine("names", queries, passages, [], embed, embed,
-                                  mining.MineSettings(negatives=40, depth=40,
+                                  mining.MiningSettings(negatives=40, depth=40,
                                                       if_short="shrink")))
     assert all(set(r) <= set(w) or len(set(w)) < 40 for r, w in zip(a, wide))
     rank = [{t: k for k, t in enumerate(w)} for w in wide]
@@ -250,7 +278,7 @@ def test_before_filtering_equals_sentence_transformers_mine_hard_negatives(expor
     K = 10
     model = enc.load(out)
     m = mining.mine("names", queries, passages, [], model.encode, model.encode,
-                    mining.MineSettings(negatives=K, depth=K, max_score_ratio=None,
+                    mining.MiningSettings(negatives=K, depth=K, max_score_ratio=None,
                                         if_short="repeat"))
     st = SentenceTransformer(out, device="cpu")
     ds = mine_hard_negatives(Dataset.from_dict({"query": queries, "passage": passages}), st,
@@ -362,10 +390,12 @@ def test_eval_retrieval_and_the_miner_share_one_embedding_store(names_model, tmp
     src.mkdir()
     pq.write_table(pq.read_table(NAMES).slice(0, 300).select(["query", "passage"]),
                    src / "names.parquet")
-    summary = mining.run(work, [str(src)], str(tmp_path / "out"),
-                         mining.MineSettings(negatives=4, depth=16, if_short="repeat"),
-                         corpus_files=[os.path.join(beir, "corpus.jsonl")],
-                         cache_dir=str(cache), progress=False, log=lambda *_: None)
+    job = mining.MiningJob(inputs=[str(src)], output_dir=str(tmp_path / "out"),
+                           corpus_files=[os.path.join(beir, "corpus.jsonl")],
+                           cache_dir=str(cache))
+    summary = mining.run(job, mining.MiningSettings(negatives=4, depth=16, if_short="repeat"),
+                         enc.ModelSettings(work), enc.EncodeSettings(progress=False),
+                         log=lambda *_: None)
     assert summary["timing"]["encoded_texts"] == 0
     assert sorted(os.listdir(cache)) == parts
 

@@ -74,11 +74,12 @@ def _one_error(capsys) -> str:
     return errors[0]
 
 
-def _names_the_alternatives(line: str, work: str, flag: str, good=(4, 2)) -> None:
+def _names_the_alternatives(line: str, work: str, flag: str, good=(4, 2),
+                            intact: bool = False) -> None:
     """The embedding tools name the checkpoints that embed the failing text finitely (each
-    tried); the export those whose params are intact."""
+    tried); the export (`intact`) those whose params are intact."""
     assert f"checkpoint {work}/{CKPTS}/6 (step 6)" in line, line
-    which = ("that embed that text finitely" if flag == "--model" else "with intact params")
+    which = "with intact params" if intact else "that embed that text finitely"
     listed = ", ".join(f"{work}/{CKPTS}/{s}" for s in good)
     assert f"other checkpoints {which}: {listed}; pass one of them as {flag}" in line, line
 
@@ -127,7 +128,7 @@ def test_export_refuses_the_overflowing_mel_fold(runs, tmp_path, capsys):
     line = _one_error(capsys)
     assert ("embed_tokens.weight holds" in line and "after folding the MEL factors (U @ V) "
             "and casting to bfloat16" in line), line
-    _names_the_alternatives(line, diverged, "--checkpoint")
+    _names_the_alternatives(line, diverged, "--model", intact=True)
     assert os.listdir(tmp_path) == []  # no export, no .partial directory
 
 

@@ -23,37 +23,41 @@ import os
 import sys
 import time
 
-from mlembed_jax import storage
+from mlembed_jax import cli, storage
 from mlembed_jax.cli import missing_dirs, remove_empty, writable_file
 from mlembed_jax.embedding_store import EmbeddingStore
 from mlembed_jax.eval import retrieval as rev
-from mlembed_jax.eval.cli import add_model_args, load_model_and_sets
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_model_flags(ap)
+    cli.add_eval_set_flags(ap)
+    cli.add_point_flags(ap)
+    cli.add_output_flag(ap, directory=False, required=False,
+                        help="JSON result file (default: print only)")
+    ap.add_argument("--cache_dir", default="", help="embedding store: reuse and add to the "
+                    "embeddings of earlier runs of this model at this point")
+    return ap
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_args(ap)
-    ap.add_argument("--rank", type=int, default=None, help="MEL rank (default r_max)")
-    ap.add_argument("--exit", type=int, default=None, help="MLL exit (default: last layer)")
-    ap.add_argument("--dim", type=int, default=None, help="MRL dim (default: hidden size)")
-    ap.add_argument("--output", default="", help="JSON result file (default: print only)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    ap.add_argument("--cache_dir", default="", help="embedding store: reuse and add to the "
-                    "embeddings of earlier runs of this model at this point")
-    a = ap.parse_args(argv)
+    a = parser().parse_args(argv)
     made = missing_dirs(os.path.dirname(os.path.abspath(a.output))) if a.output else []
     try:
         if a.output:
             writable_file(a.output, "--output")
-        model, sets = load_model_and_sets(a)
-        rank, exit, dim = model.check(a.rank, a.exit, a.dim, a.allow_untrained)
+        model, sets = cli.load_model_and_sets(a)
+        point = cli.encode_settings(a)
+        rank, exit, dim = model.check(point.rank, point.exit, point.dim, point.allow_untrained)
         store = (EmbeddingStore(a.cache_dir, model, rank=rank, exit=exit, dim=dim,
-                                allow_untrained=a.allow_untrained) if a.cache_dir else None)
+                                allow_untrained=point.allow_untrained) if a.cache_dir else None)
         results = []
         for s in sets:
             m = rev.evaluate(model, s, rank=rank, exit=exit, dim=dim,
-                             allow_untrained=a.allow_untrained, batch_tokens=a.batch_tokens,
-                             progress=not a.quiet, store=store)
+                             allow_untrained=point.allow_untrained,
+                             batch_tokens=point.batch_tokens, progress=point.progress,
+                             store=store)
             results.append({"dataset": s.name, "metrics": m, "data": s.info})
             print(f"{s.name}: nDCG@10 {m['ndcg@10']:.4f}  Recall@100 {m['recall@100']:.4f}  "
                   f"MRR@10 {m['mrr@10']:.4f}  ({m['num_queries']} queries, {m['num_docs']} "

@@ -1,11 +1,12 @@
 """Export a trained checkpoint to Hugging Face / sentence-transformers at a 3D-ML size.
 
-    python tools/export_hf.py --checkpoint WORKDIR[/STEP] --out DIR \\
-        [--rank R] [--layers K] [--dim M] [--mode compat|factorized] \\
-        [--tokenizer DIR] [--dtype bf16|fp32] [--overwrite]
+    python tools/export_hf.py --model WORKDIR[/STEP] --output_dir DIR \\
+        [--rank R] [--exit K] [--dim M] [--mode compat|factorized] \\
+        [--tokenizer_dir DIR] [--dtype bf16|fp32] [--overwrite]
 
 DIR then loads with `SentenceTransformer(DIR)` or `AutoModel.from_pretrained(DIR)`; see its
-README.md. Without --rank/--layers/--dim the trained full size is exported.
+README.md. Without --rank/--exit/--dim the trained full size is exported. The old flag names
+--checkpoint, --out, --layers and --tokenizer are still accepted.
 """
 
 import argparse
@@ -17,25 +18,29 @@ from mlembed_jax.export import ExportError, ExportWarning, export_checkpoint
 from mlembed_jax.storage import StorageError
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    from mlembed_jax import cli
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True,
-                    help="training workdir (its latest checkpoint), WORKDIR/STEP or "
-                    "WORKDIR/checkpoints/STEP")
-    ap.add_argument("--out", required=True,
-                    help="output directory, local or gs:// (must not exist, unless --overwrite)")
-    ap.add_argument("--rank", type=int, help="MEL rank R <= r_max (default r_max)")
-    ap.add_argument("--layers", type=int, help="keep the first K layers (default all L)")
-    ap.add_argument("--dim", type=int, help="embedding dim M <= d: sentence-transformers' "
-                    "truncate_dim (default d)")
+    cli.add_model_flags(ap, model_aliases=("--checkpoint",), tokenizer_aliases=("--tokenizer",),
+                        encoding=False,
+                        help="training workdir (its latest checkpoint), WORKDIR/STEP or "
+                        "WORKDIR/checkpoints/STEP")
+    cli.add_output_flag(ap, directory=True, aliases=("--out",),
+                        help="local or gs:// (must not exist, unless --overwrite)")
+    cli.add_point_flags(ap, exit_aliases=("--layers",), untrained=False,
+                        dim_help="MRL dim M <= d: sentence-transformers' truncate_dim "
+                        "(default d)")
     ap.add_argument("--mode", choices=("compat", "factorized"), default="compat",
                     help="factorized also writes the MEL factors U, V (default compat)")
-    ap.add_argument("--tokenizer", help="tokenizer directory (default: the one the training "
-                    "data was prepared with, from prepared.json)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                     help="weight dtype (default bf16)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing export")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
 
     def show(message, category, *_args, **_kwargs):
         prefix = "warning" if issubclass(category, ExportWarning) else category.__name__
@@ -46,17 +51,18 @@ def main(argv=None) -> int:
         warnings.simplefilter("always", ExportWarning)
         try:
             summary = export_checkpoint(
-                args.checkpoint, args.out, rank=args.rank, layers=args.layers, dim=args.dim,
-                mode=args.mode, tokenizer_dir=args.tokenizer, dtype=args.dtype,
+                args.model, args.output_dir, rank=args.rank, layers=args.exit, dim=args.dim,
+                mode=args.mode, tokenizer_dir=args.tokenizer_dir, dtype=args.dtype,
                 overwrite=args.overwrite)
         except (ExportError, CheckpointError, StorageError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except OSError as e:  # e.g. --out on a read-only or full disk
-            print(f"error: cannot write --out {args.out!r}: {e.strerror or e}", file=sys.stderr)
+        except OSError as e:  # e.g. --output_dir on a read-only or full disk
+            print(f"error: cannot write --output_dir {args.output_dir!r}: {e.strerror or e}",
+                  file=sys.stderr)
             return 2
     cut = summary["cut"]
-    print(f"exported step {summary['step']} at rank R={cut.rank}, layers K={cut.layers}, "
+    print(f"exported step {summary['step']} at rank R={cut.rank}, exit K={cut.layers}, "
           f"dim M={cut.dim} to {summary['out_dir']}")
     for name in summary["files"]:
         print(f"  {name}")

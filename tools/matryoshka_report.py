@@ -1,8 +1,8 @@
 """The 3D Matryoshka trade-off of one checkpoint: quality over MEL rank x MLL exit x MRL dim.
 
-    python tools/matryoshka_report.py --model=runs/demo --heldout --out_dir=reports/demo
+    python tools/matryoshka_report.py --model=runs/demo --heldout --output_dir=reports/demo
     python tools/matryoshka_report.py --model=runs/0.6b --beir_dir=/data/beir/scifact \
-        --out_dir=reports/scifact [--ranks=64,256,512] [--exits=4,8,28] [--dims=64,256,1024]
+        --output_dir=reports/scifact [--ranks=64,256,512] [--exits=4,8,28] [--dims=64,256,1024]
 
 Evaluates every grid point (defaults: the model's trained ranks, exits and dims) and writes
   OUT/matryoshka.json  one row per (rank, exit, dim): nDCG@10, Recall@100, MRR@10, the
@@ -28,10 +28,10 @@ import time
 
 import numpy as np
 
+from mlembed_jax import cli
 from mlembed_jax.cli import missing_dirs, remove_empty, writable_dir
-from mlembed_jax.encode import normalize
+from mlembed_jax.encode import EncodeSettings, normalize
 from mlembed_jax.eval import retrieval as rev
-from mlembed_jax.eval.cli import add_model_args, load_model_and_sets
 
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 
@@ -51,8 +51,10 @@ def point_params(model, rank: int | None, exit: int) -> int:
     return int(embed + exit * per_layer + cfg.hidden_size)  # + the final norm
 
 
-def run_grid(model, sets, ranks, exits, dims, *, allow_untrained=False, batch_tokens=16384,
-             progress=True) -> list[dict]:
+def run_grid(model, sets, ranks, exits, dims, *,
+             allow_untrained=EncodeSettings.allow_untrained,
+             batch_tokens=EncodeSettings.batch_tokens,
+             progress=EncodeSettings.progress) -> list[dict]:
     """Metrics (mean over `sets`) of every (rank, exit, dim). Returns rows, ranks outermost."""
     rows = []
     for r in ranks:
@@ -154,20 +156,26 @@ def _int_list(text: str) -> list[int] | None:
                                          "integers") from None
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_args(ap)
-    ap.add_argument("--out_dir", required=True, help="where matryoshka.json/.png go")
+    cli.add_model_flags(ap)
+    cli.add_eval_set_flags(ap)
+    cli.add_output_flag(ap, directory=True, aliases=("--out_dir",),
+                        help="where matryoshka.json/.png go")
     ap.add_argument("--png", default="", help="also copy the plot here (e.g. docs/x.png)")
     ap.add_argument("--ranks", type=_int_list, default=None, help="default: trained ranks")
     ap.add_argument("--exits", type=_int_list, default=None, help="default: trained exits")
     ap.add_argument("--dims", type=_int_list, default=None, help="default: trained MRL dims")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    a = ap.parse_args(argv)
-    made = missing_dirs(a.out_dir)
+    cli.add_untrained_flag(ap)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    made = missing_dirs(a.output_dir)
     try:
-        writable_dir(a.out_dir, "--out_dir")
-        model, sets = load_model_and_sets(a)
+        writable_dir(a.output_dir, "--output_dir")
+        model, sets = cli.load_model_and_sets(a)
         ranks = a.ranks or (list(model.ranks) if model.cfg.mel else [None])
         exits = a.exits or list(model.exits)
         dims = a.dims or sorted(model.dims)
@@ -176,8 +184,10 @@ def main(argv=None) -> int:
                 for m in dims:
                     model.check(r, e, m, a.allow_untrained)
         t0 = time.time()
-        rows = run_grid(model, sets, ranks, exits, dims, allow_untrained=a.allow_untrained,
-                        batch_tokens=a.batch_tokens, progress=not a.quiet)
+        point = cli.encode_settings(a)
+        rows = run_grid(model, sets, ranks, exits, dims,
+                        allow_untrained=point.allow_untrained,
+                        batch_tokens=point.batch_tokens, progress=point.progress)
     except (ValueError, OSError) as e:  # EncodeError (NaN embeddings too), CheckpointError
         remove_empty(made)
         print(f"error: {e}", file=sys.stderr)
@@ -188,11 +198,11 @@ def main(argv=None) -> int:
                                         if isinstance(v, (int, float, str))}} for s in sets],
            "metrics": list(METRICS), "ranks": ranks, "exits": exits, "dims": dims,
            "grid": rows, "seconds": time.time() - t0}
-    os.makedirs(a.out_dir, exist_ok=True)
-    json_path = os.path.join(a.out_dir, "matryoshka.json")
+    os.makedirs(a.output_dir, exist_ok=True)
+    json_path = os.path.join(a.output_dir, "matryoshka.json")
     with open(json_path, "w") as f:
         json.dump(out, f, indent=1)
-    png_path = os.path.join(a.out_dir, "matryoshka.png")
+    png_path = os.path.join(a.output_dir, "matryoshka.png")
     step = f" step {model.step}" if model.step is not None else ""
     plot(rows, png_path, f"{os.path.basename(os.path.normpath(a.model))}{step} on {names}")
     if a.png:

@@ -72,7 +72,7 @@ def choose_cut(enc: EncoderConfig, mrl_min_dim: int, rank=None, layers=None, dim
     rank set, a width that is no MRL dim): recipe.resolve_point decides which is which.
     """
     check = resolve_point(TrainedPoints.of(enc, mrl_min_dim), rank, layers, dim)
-    flag = {"rank": f"--rank {rank}", "exit": f"--layers {layers}", "dim": f"--dim {dim}"}
+    flag = {"rank": f"--rank {rank}", "exit": f"--exit {layers}", "dim": f"--dim {dim}"}
     if check.impossible:
         raise ExportError("cannot export this size:\n  " + "\n  ".join(
             f"{flag[a]}: {m}" for a, m in check.impossible.items()))
@@ -110,7 +110,7 @@ def _check_finite(name: str, x: np.ndarray, reader: TrainedParams, how: str) -> 
         f"checkpoint {reader.step_dir} (step {reader.step}): {name} holds {n} of {x.size} "
         f"values that are inf or NaN {how} (its weights are too large: the run diverged); "
         "nothing was written; " + alternatives_hint(reader.ckpt_dir, reader.step,
-                                                    "--checkpoint"))
+                                                    "--model"))
 
 
 def hf_config(enc: EncoderConfig, layers: int, dtype: str, special: dict,
@@ -258,22 +258,23 @@ def _write_factors(out_dir, reader, cut, dtype) -> None:
 
 # ----------------------------------------------------------------------------- the export
 def _check_out_dir(out_dir: str, overwrite: bool, reader_dirs: list[str]) -> None:
-    storage.check_location(out_dir, "--out")
+    storage.check_location(out_dir, "--output_dir")
     out = storage.normalized(storage.absolute(out_dir))
     for d in reader_dirs:  # --overwrite must never delete the training run
         run = storage.normalized(storage.absolute(d))
         if run == out or run.startswith(out.rstrip("/") + "/"):
-            raise ExportError(f"--out {out_dir!r} is or contains the training run {d!r}; "
+            raise ExportError(f"--output_dir {out_dir!r} is or contains the training run {d!r}; "
                               "choose another directory")
     if not (storage.exists(out) or os.path.islink(out)):
         return
     if not overwrite:
-        raise ExportError(f"--out {out_dir!r} already exists; pass --overwrite to replace it")
+        raise ExportError(f"--output_dir {out_dir!r} already exists; pass --overwrite to "
+                          "replace it")
     if not storage.isdir(out):
-        raise ExportError(f"--out {out_dir!r} exists and is not a directory")
+        raise ExportError(f"--output_dir {out_dir!r} exists and is not a directory")
     entries = storage.listdir(out)
     if entries and not {"config.json", "modules.json"} & set(entries):
-        raise ExportError(f"--out {out_dir!r} is a non-empty directory that does not look "
+        raise ExportError(f"--output_dir {out_dir!r} is a non-empty directory that does not look "
                           "like an export (no config.json or modules.json); refusing to "
                           "delete it, even with --overwrite")
 
@@ -294,7 +295,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, rank: int | None = None,
     try:
         reader = ToolParams(checkpoint)
     except FileNotFoundError as e:
-        raise ExportError(f"--checkpoint: {e}") from None
+        raise ExportError(f"--model: {e}") from None
     config = reader.config
     enc = EncoderConfig.from_config(config.model)
     cut = choose_cut(enc, int(config.loss.mrl_min_dim), rank, layers, dim)
