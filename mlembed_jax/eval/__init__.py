@@ -1,2 +1,7 @@
-"""Retrieval evaluation: BEIR data, exact search and metrics (retrieval), and the evaluator
-the training loop calls every eval.every steps (periodic)."""
+"""Evaluation: BEIR data, exact search and metrics (retrieval), and the two evaluators the
+training loop runs: the held-out validation loss every train.validation_every steps
+(validation) and retrieval every eval.retrieval_every steps (periodic).
+
+An evaluator has `name` (its metrics prefix: "val", "eval"), `every` (steps), `at_start`
+(also at step 0 of a fresh run) and is called as evaluator(params, step) -> {metric: float}.
+"""
