@@ -94,7 +94,6 @@ def run(config, workdir: str, allow_config_change: bool = False,
     validate(config)
     workdir = writable_dir(workdir, "--workdir")
     primary, single = jax.process_index() == 0, jax.process_count() == 1
-    t = config.train
     try:
         with contextlib.ExitStack() as stack:  # closed in reverse, however the run ends
             preempt = stack.enter_context(Preemption())
@@ -102,7 +101,7 @@ def run(config, workdir: str, allow_config_change: bool = False,
             mesh = sharding.make_mesh(config.mesh)
             config, kernel = resolve_attention(config, mesh.devices.flat)
             _log(f"attention: {attention_line(kernel)}; remat {config.model.remat}")
-            rules = config.mesh.logical_axis_rules
+            rules, t = config.mesh.logical_axis_rules, config.train
             _log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} devices "
                  f"({jax.devices()[0].device_kind}), {jax.process_count()} process(es)")
 
@@ -116,7 +115,7 @@ def run(config, workdir: str, allow_config_change: bool = False,
                 make_train_iterator(config, packs, pack_range=pack_range, plan=plan)))
             # The evaluators before anything compiles: a bad eval.* setting fails in seconds.
             validation = make_validation_evaluator(config, plan, mesh, pack_range)
-            evaluators = [e for e in (validation, make_periodic_evaluator(config)) if e]
+            evaluators = [e for e in (validation, make_periodic_evaluator(config)) if e is not None]
             stack.enter_context(orbax_log(orbax_log_path(workdir) if primary else None))
 
             names = list(train_iter.dataset_names)
