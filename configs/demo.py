@@ -48,10 +48,10 @@ def get_config():
     t = c.train
     t.epochs = 7
     t.log_every = 20
-    t.eval_every = 500
+    t.validation_every = 500
     t.checkpoint_every = 1000
 
-    c.eval.every = 1000  # nDCG@10 / Recall@100 / MRR@10 on the held-out retrieval pairs
+    c.eval.retrieval_every = 1000  # nDCG@10 / Recall@100 / MRR@10 on the held-out retrieval pairs
     c.eval.heldout = True
     c.lock()
     return c

@@ -14,6 +14,9 @@ Modules:
   grad_cache         cached embedding gradients: a big batch at one chunk's memory
   train_step         the train state, the pure step functions, the one step builder
   train              `python -m mlembed_jax.train`: the training loop
+  train_report       what the loop logs: each interval's metrics, epoch lines
+  divergence         the parameter-norm divergence rule (train.divergence_factor)
+  preemption         SIGTERM: save at the next step boundary, on every process at once
   run_summary        what a run prints at its start and end
   cli                command-line pieces shared by training and the tools
   checkpoint         Orbax checkpoints: save, verified restore, reading trained params
@@ -27,7 +30,7 @@ Modules:
   mining             hard-negative mining with false-negative filters
   data/              prepare, load and pack the training data (see data/__init__.py)
   model/             the Qwen3 encoder with MEL and MLL (see model/__init__.py)
-  eval/              retrieval evaluation (see eval/__init__.py)
+  eval/              retrieval evaluation and the loop's evaluators (see eval/__init__.py)
   export/            Hugging Face / sentence-transformers export (see export/__init__.py)
   perf/              FLOPs, AOT compiles, benchmarks, profiles (see perf/__init__.py)
 """

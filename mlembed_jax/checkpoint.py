@@ -628,7 +628,7 @@ def init_params_from(path: str, enc, config) -> tuple[dict, str]:
 # it trains. Any other change (optim, loss, data, schedule length, ...) needs
 # --allow_config_change.
 RESUME_FREE = ("mesh.", "model.remat", "model.attention", "data.prefetch", "train.log_every",
-               "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.validation_every", "train.checkpoint_every", "train.keep_checkpoints",
                "train.max_nonfinite_steps", "train.divergence_factor",
                "train.divergence_window", "eval.")
 

@@ -56,6 +56,15 @@ class ConfigError(ValueError):
     """A configuration the run cannot use; the message names the field and the fix."""
 
 
+# Old field name -> new: each says what it evaluates (the validation loss, retrieval). A
+# config or override with an old name is an error naming the new one.
+RENAMED = {"train.eval_every": "train.validation_every", "eval.every": "eval.retrieval_every"}
+
+
+def _renamed(old: str) -> ConfigError:
+    return ConfigError(f"{old} was renamed to {RENAMED[old]}: set that instead")
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field a run has, with the recipe's defaults. Model files override the shape."""
     c = ml_collections.ConfigDict()
@@ -166,7 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.max_steps = -1  # -1 = epochs decide
     t.seed = 0
     t.log_every = 10
-    t.eval_every = 100
+    t.validation_every = 100  # steps between validation losses on the held-out split; 0 = off
     t.checkpoint_every = 500
     t.keep_checkpoints = 3
     # Cached embedding gradients (mlembed_jax/grad_cache.py): 0 = off; k = the step's packs
@@ -191,7 +200,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Retrieval evaluation during training (mlembed_jax/eval/periodic.py): nDCG@10,
     # Recall@100 and MRR@10 of one (rank, exit, dim) point on a local set.
     c.eval = ev = ml_collections.ConfigDict()
-    ev.every = 0  # steps between evaluations; 0 = off
+    ev.retrieval_every = 0  # steps between retrieval evaluations; 0 = off
     ev.beir_dir = ""  # BEIR layout (local or gs://): corpus.jsonl, queries.jsonl, qrels/<split>.tsv
     ev.split = "test"  # qrels/<split>.tsv
     ev.heldout = False  # also the held-out split of the retrieval datasets (data.*)
@@ -211,6 +220,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks the config and returns it; raises ConfigError naming every bad field."""
+    for old in RENAMED:  # a config file that sets an old name
+        section, leaf = old.split(".")
+        if section in c and leaf in c[section]:
+            raise _renamed(old)
     errs = []
     m = c.model
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -360,6 +373,8 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collect
     """Sets {"a.b": value} fields in place (unlocking if needed) and returns `c`. A string
     value for a non-string field is parsed as that field's type ("true", "3", "1e-4")."""
     for key, value in overrides.items():
+        if key in RENAMED:
+            raise _renamed(key)
         node = c
         *parents, leaf = key.split(".")
         try:

@@ -44,7 +44,7 @@ def config_summary(config, workdir: str) -> str:
         f"steps), wd {o.weight_decay:g}, clip {o.grad_clip:g}; loss: temperature "
         f"{ls.temperature:g}, MRL dims down to {ls.mrl_min_dim}{kd}",
         f"train: {length}, seed {t.seed}; log every {t.log_every}, validate every "
-        f"{t.eval_every}, checkpoint every {t.checkpoint_every} (keep {t.keep_checkpoints})",
+        f"{t.validation_every}, checkpoint every {t.checkpoint_every} (keep {t.keep_checkpoints})",
     ])
 
 

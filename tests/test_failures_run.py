@@ -182,16 +182,16 @@ def test_divergence_rule_against_hand_computed_medians():
     """The rule alone, on norms whose medians are worked out by hand: window 3, factor 10."""
     from ml_collections import ConfigDict
 
-    from mlembed_jax.train import _DivergenceRule
+    from mlembed_jax.divergence import DivergenceRule
 
-    rule = _DivergenceRule(ConfigDict({"divergence_factor": 10.0, "divergence_window": 3}),
+    rule = DivergenceRule(ConfigDict({"divergence_factor": 10.0, "divergence_window": 3}),
                            start_norm=2.0)
     assert rule(19.9) is None  # window [2]: median 2, limit 20
     assert rule(3.0) is None  # window [2, 19.9]: median 10.95
     # window [2, 19.9, 3]: median 3, limit 30; 31 is 10.3 times that
     assert "10.3 times the median of its last 3 readings (3;" in rule(31.0)
     assert rule(float("inf")).startswith("the parameter norm is inf")
-    off = _DivergenceRule(ConfigDict({"divergence_factor": 0.0, "divergence_window": 3}), 2.0)
+    off = DivergenceRule(ConfigDict({"divergence_factor": 0.0, "divergence_window": 3}), 2.0)
     assert off(1e30) is None and off(float("nan")) is not None  # off: only non-finite stops
 
 

@@ -26,7 +26,7 @@ STEPS = 16
 COMMON = {"train.max_steps": STEPS, "train.checkpoint_every": 1000,
           "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
           # The periodic retrieval eval at the last step runs on every process too.
-          "eval.every": STEPS, "eval.heldout": True}
+          "eval.retrieval_every": STEPS, "eval.heldout": True}
 
 
 def _free_port() -> int:

@@ -179,9 +179,9 @@ def test_periodic_evaluator_on_sharded_params_in_the_training_context(names_run)
     from mlembed_jax.sharding import activation_rules, logical_shardings, make_mesh
 
     work, config = names_run
-    assert make_periodic_evaluator(config) is None  # eval.every = 0: off
+    assert make_periodic_evaluator(config) is None  # eval.retrieval_every = 0: off
     config = config.copy_and_resolve_references()
-    config.eval.every, config.eval.heldout = 10, True
+    config.eval.retrieval_every, config.eval.heldout = 10, True
     config.eval.exit, config.eval.dim, config.eval.max_queries = 1, 32, 100
     evaluator = make_periodic_evaluator(config)
     _, host_params, _ = load_trained(work)

@@ -114,8 +114,8 @@ def test_cli_override_takes_effect_and_unknown_is_rejected(tmp_path):
 
 
 def test_demo_validation_loss_falls(tmp_path):
-    cfg = small_config(**{"train.max_steps": 150, "train.eval_every": 150,
-                          "train.checkpoint_every": 1000, "eval.every": 150,
+    cfg = small_config(**{"train.max_steps": 150, "train.validation_every": 150,
+                          "train.checkpoint_every": 1000, "eval.retrieval_every": 150,
                           "eval.heldout": True})
     assert run(cfg, str(tmp_path)) == 0
     logged = read_metrics(str(tmp_path))

@@ -64,9 +64,9 @@ def test_wheel_installed_outside_the_checkout_trains_the_demo_and_encodes(tmp_pa
 
     # The demo's training (make demo's command), cut to a few steps and one row bucket.
     _run([py, "-m", "mlembed_jax.train", "--config=demo.py", "--workdir=run",
-          "--config.train.max_steps=3", "--config.train.eval_every=0",
-          "--config.eval.every=0", "--config.data.num_shapes=1", "--config.data.prefetch=0",
-          "--config.mesh.num_devices=1"], cwd=user, env=env)
+          "--config.train.max_steps=3", "--config.train.validation_every=0",
+          "--config.eval.retrieval_every=0", "--config.data.num_shapes=1",
+          "--config.data.prefetch=0", "--config.mesh.num_devices=1"], cwd=user, env=env)
     (user / "texts.txt").write_text("Zürich\nМосква\n東京\n", encoding="utf-8")
     _run([py, "-m", "mlembed_jax.encode", "--model=run", "--input=texts.txt",
           "--output=emb.npy", "--dim=32"], cwd=user, env=env)

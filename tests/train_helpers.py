@@ -15,8 +15,8 @@ SMALL = {
     "model.hidden_size": 64, "model.intermediate_size": 128, "model.num_layers": 2,
     "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 16,
     "model.mel_r_max": 32, "model.mel_r_min": 8,
-    "train.log_every": 1, "train.eval_every": 0, "eval.every": 0, "data.prefetch": 0,
-    "data.num_shapes": 1,
+    "train.log_every": 1, "train.validation_every": 0, "eval.retrieval_every": 0,
+    "data.prefetch": 0, "data.num_shapes": 1,
 }
 
 

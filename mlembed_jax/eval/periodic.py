@@ -1,8 +1,8 @@
 """Retrieval evaluation inside the training loop, on a configured local set.
 
-    evaluator = make_periodic_evaluator(config)        # None unless eval.every > 0
+    evaluator = make_periodic_evaluator(config)  # None unless eval.retrieval_every > 0
     ...
-    if evaluator and step % config.eval.every == 0:
+    if evaluator and due(step, evaluator.every, total_steps):
         writer.write(step, evaluator(state.params, step))
 
 Settings live in the config's `eval` section (see config.base_config): a BEIR-layout
@@ -35,21 +35,48 @@ def _eval_settings(config):
     return e, unset(e.rank), unset(e.exit), unset(e.dim)
 
 
-def make_periodic_evaluator(config) -> Callable[[object, int], dict] | None:
-    """A callable(params, step) -> {"eval/<set>/<metric>": float, ...}, or None when
-    eval.every <= 0 or the config has no eval section.
+class RetrievalEvaluator:
+    """callable(params, step) -> {"eval/<set>/<metric>": float, ...}: embeds every set with
+    `params` at the configured point and searches it."""
+
+    name = "eval"  # the metrics prefix
+    at_start = False  # not at step 0: a random model's retrieval says nothing
+
+    def __init__(self, every: int, sets: list, point: dict,
+                 embed: Callable[[object, object], object]):
+        self.every, self.sets, self.point, self._embed = every, sets, point, embed
+
+    def __call__(self, params, step: int) -> dict:
+        del step  # the caller logs under its own step
+        t0 = time.time()
+        out, sums = {}, {}
+        for s in self.sets:
+            m = rev.evaluate_embeddings(s, self._embed(params, s.queries),
+                                        self._embed(params, s.docs))
+            for k in ("ndcg@10", "recall@100", "mrr@10"):
+                out[f"eval/{s.name}/{k}"] = float(m[k])
+                sums[k] = sums.get(k, 0.0) + float(m[k])
+        if len(self.sets) > 1:
+            out.update({f"eval/{k}": v / len(self.sets) for k, v in sums.items()})
+        out["eval/seconds"] = time.time() - t0
+        return out
+
+
+def make_periodic_evaluator(config) -> RetrievalEvaluator | None:
+    """The retrieval evaluator of a run, or None when eval.retrieval_every <= 0 or the config
+    has no eval section.
 
     Metrics per set: ndcg@10, recall@100, mrr@10 (eval/retrieval.py), plus eval/seconds.
     With several sets, eval/<metric> is their mean. Raises ConfigError for settings the
     model or the data cannot serve (unknown rank/exit/dim, missing BEIR directory...),
     so a bad setting fails before training starts rather than at the first evaluation.
     """
-    if "eval" not in config or int(config.eval.every) <= 0:
+    if "eval" not in config or int(config.eval.retrieval_every) <= 0:
         return None
     e, rank, exit, dim = _eval_settings(config)
     if not e.beir_dir and not e.heldout:
-        raise ConfigError("eval.every > 0 needs something to evaluate: set eval.beir_dir to a "
-                          "BEIR-layout directory and/or eval.heldout=True")
+        raise ConfigError("eval.retrieval_every > 0 needs something to evaluate: set "
+                          "eval.beir_dir to a BEIR-layout directory and/or eval.heldout=True")
     cfg = EncoderConfig.from_config(config.model)
     check = resolve_point(TrainedPoints.of(cfg, int(config.loss.mrl_min_dim)), rank, exit, dim)
     problems = check.problems(bool(e.allow_untrained))
@@ -80,24 +107,8 @@ def make_periodic_evaluator(config) -> Callable[[object, int], dict] | None:
                                  rules=rules)
         return normalize(pooled[0], dim)
 
-    def evaluate(params, step: int) -> dict:
-        """Embeds every set with `params` at the configured point; returns scalars."""
-        del step  # the caller logs under its own step
-        t0 = time.time()
-        out, sums = {}, {}
-        for s in sets:
-            m = rev.evaluate_embeddings(s, embed(params, s.queries), embed(params, s.docs))
-            for k in ("ndcg@10", "recall@100", "mrr@10"):
-                out[f"eval/{s.name}/{k}"] = float(m[k])
-                sums[k] = sums.get(k, 0.0) + float(m[k])
-        if len(sets) > 1:
-            out.update({f"eval/{k}": v / len(sets) for k, v in sums.items()})
-        out["eval/seconds"] = time.time() - t0
-        return out
-
-    evaluate.sets = sets  # for logging / tests: what is evaluated
-    evaluate.point = {"rank": rank, "exit": exit, "dim": dim}
-    return evaluate
+    return RetrievalEvaluator(int(e.retrieval_every), sets,
+                              {"rank": rank, "exit": exit, "dim": dim}, embed)
 
 
 def _beir_set(config, e) -> "rev.RetrievalSet":

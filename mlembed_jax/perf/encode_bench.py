@@ -125,8 +125,8 @@ def make_model(workdir: str, out_dir: str, overrides: dict, config_path: str) ->
         raise FileNotFoundError(f"config file {config_path!r} not found; pass the path of a "
                                 "training config such as configs/demo.py")
     config = load_config_file(config_path, {
-        "train.max_steps": 1, "train.eval_every": 0, "eval.every": 0, "train.log_every": 1,
-        "mesh.num_devices": 1, "data.prefetch": 0, **overrides})
+        "train.max_steps": 1, "train.validation_every": 0, "eval.retrieval_every": 0,
+        "train.log_every": 1, "mesh.num_devices": 1, "data.prefetch": 0, **overrides})
     if run(config, workdir) != 0:
         raise RuntimeError(f"training the benchmark model in {workdir} failed")
     return export_checkpoint(workdir, out_dir, dtype="fp32", overwrite=True)["out_dir"]
