@@ -1,0 +1,193 @@
+"""MTEB scores of a model at one or more (MEL rank, MLL exit, MRL dim) points.
+
+    python tools/eval_mteb.py --model=runs/demo --tasks=SciFact,STS22 --points=r8:e2:d16,full
+    python tools/eval_mteb.py --model=runs/0.6b --benchmark="MTEB(Multilingual, v2)" \
+        --points=full,d256 --output_dir=mteb_results
+    python tools/eval_mteb.py --model=runs/demo --tasks=tasks/cldr_names_retrieval   # local
+
+--model: a training workdir, WORKDIR/checkpoints/<step>, or an HF/exported directory.
+--tasks: mteb task names and/or local task directories (mlembed_jax/eval/mteb_tasks.py: a
+BEIR-layout retrieval set, or an STS test.jsonl). --benchmark: an mteb benchmark's tasks.
+--points: comma-separated points, each "full" or parts r<rank>:e<exit>:d<dim> (a part left
+out is the full model's); each must be a trained point unless --allow_untrained.
+--prompts FILE: JSON of mteb prompt keys ("SciFact-query", "Retrieval-document", ...) ->
+prompt; otherwise the training manifest's prefixes per task type, an export's own prompts,
+or the paper's "Instruct: {task instruction}\\nQuery:" on queries (see eval/mteb_adapter.py).
+
+Writes, under --output_dir (default mteb_results):
+  results/<name>-<point>/<revision>/<Task>.json   mteb's own result files (one model name
+      per point, e.g. mlembed_jax__demo-r8-e2-d16/step500/SciFact.json; the revision is the
+      checkpoint step), which mteb.ResultCache and the leaderboard tooling read
+  summary.json, summary.md   main score of every task at every point, and the prompts used
+Task data of mteb tasks comes from the Hugging Face Hub when first used (then from the local
+datasets cache); every task's data is loaded before any encoding starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from mlembed_jax import encode as encode_lib
+from mlembed_jax import storage
+from mlembed_jax.cli import missing_dirs, remove_empty, writable_dir
+from mlembed_jax.eval import mteb_adapter as ma
+from mlembed_jax.eval import mteb_tasks as mt
+
+
+def resolve_tasks(tasks: str, benchmark: str) -> list:
+    """mteb AbsTask objects for --tasks / --benchmark; MTEBError for unknown names."""
+    mteb = ma.require_mteb()
+    if bool(tasks) == bool(benchmark):
+        raise ma.MTEBError("give exactly one of --tasks=NAME,... or --benchmark=NAME")
+    if benchmark:
+        try:
+            return list(mteb.get_benchmark(benchmark).tasks)
+        except KeyError as e:
+            raise ma.MTEBError(f"unknown MTEB benchmark {benchmark!r} (mteb "
+                               f"{mteb.__version__}): {e.args[0] if e.args else e}; list them "
+                               "with python -c \"import mteb; print([b.name for b in "
+                               "mteb.get_benchmarks()])\"") from None
+    out = []
+    for name in (x.strip() for x in tasks.split(",")):
+        if not name:
+            continue
+        if mt.is_local_task(name):
+            out.append(mt.local_task(name))
+            continue
+        try:
+            out.extend(mteb.get_tasks(tasks=[name]))
+        except KeyError as e:
+            why = str(e.args[0] if e.args else e).removeprefix("KeyError: ")
+            raise ma.MTEBError(f"unknown MTEB task {name!r} (mteb {mteb.__version__}): {why} "
+                               "(a local task is a directory path, e.g. ./tasks/my_task)"
+                               ) from None
+    if not out:
+        raise ma.MTEBError("--tasks is empty")
+    return out
+
+
+def load_task_data(tasks) -> None:
+    """Loads every task's data now, so a missing download fails before hours of encoding."""
+    for t in tasks:
+        try:
+            t.load_data()
+        except (ConnectionError, OSError) as e:
+            ds = t.metadata.dataset or {}
+            raise ma.MTEBError(
+                f"task {t.metadata.name}: cannot load its dataset {ds.get('path')!r} "
+                f"(revision {ds.get('revision')}) from the Hugging Face Hub: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; run where the Hub "
+                "is reachable once (datasets caches it), or use a local task directory"
+            ) from None
+
+
+def evaluate_points(model, tasks, points, *, prompts_file="", name=None, output_dir=None,
+                    allow_untrained=False, batch_tokens=encode_lib.DEFAULT_BATCH_TOKENS,
+                    overwrite=False, progress=True) -> tuple[list[dict], dict]:
+    """Runs mteb.evaluate for every point. Returns (rows, prompts used): a row per (point,
+    task) with main_score and the result file's path (None without output_dir)."""
+    import mteb
+
+    resolved = ma.resolve_points(model, points, allow_untrained)  # all checked up front
+    prompts = ma.TaskPrompts.of(model, prompts_file)
+    cache = mteb.ResultCache(cache_path=output_dir) if output_dir else None
+    rows = []
+    for point, (r, e, d) in resolved:
+        enc = ma.MTEBEncoder(model, ma.Point(r, e, d), prompts, name=name,
+                             allow_untrained=allow_untrained, batch_tokens=batch_tokens,
+                             progress=progress)
+        result = mteb.evaluate(enc, tasks, cache=cache, show_progress_bar=progress,
+                               overwrite_strategy="always" if overwrite else "only-missing")
+        if result.exceptions:
+            raise ma.MTEBError(f"point {point.text}: {result.exceptions[0]}")
+        for tr in result.task_results:
+            path = (str(cache.get_task_result_path(tr.task_name, enc.mteb_model_meta))
+                    if cache else None)
+            rows.append({"point": point.text, "rank": r, "exit": e, "dim": d,
+                         "model_name": enc.mteb_model_meta.name,
+                         "revision": enc.mteb_model_meta.revision, "task": tr.task_name,
+                         "main_score": float(tr.get_score()), "result_file": path})
+    used = {f"{task}/{pt or 'symmetric'}": {"prompt": p, "source": s}
+            for (task, pt), (p, s) in sorted(prompts.used.items(), key=str)}
+    return rows, used
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """Points down, tasks across, main scores (x100, as the leaderboard shows them)."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    points = list(dict.fromkeys((r["point"], r["model_name"]) for r in rows))
+    score = {(r["model_name"], r["task"]): r["main_score"] for r in rows}
+    lines = ["| point | model name | " + " | ".join(tasks) + " | mean |",
+             "|---|---|" + "---|" * (len(tasks) + 1)]
+    for p, m in points:
+        vals = [score[(m, t)] for t in tasks]
+        lines.append(f"| {p} | {m} | " + " | ".join(f"{100 * v:.2f}" for v in vals)
+                     + f" | {100 * sum(vals) / len(vals):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="training workdir, checkpoints/<step>, or "
+                    "HF/exported directory")
+    ap.add_argument("--tasks", default="", help="comma-separated mteb task names and/or local "
+                    "task directories")
+    ap.add_argument("--benchmark", default="", help="an mteb benchmark name, e.g. "
+                    "'MTEB(Multilingual, v2)'")
+    ap.add_argument("--points", default="full", help="e.g. r8:e2:d16,full (default: full)")
+    ap.add_argument("--prompts", default="", help="JSON file: mteb prompt key -> prompt")
+    ap.add_argument("--output_dir", default="mteb_results")
+    ap.add_argument("--name", default=None, help="mteb model name (default mlembed_jax/<run "
+                    "directory>); the point is appended")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="rerun tasks whose result files exist (default: keep them)")
+    ap.add_argument("--batch_tokens", type=int, default=encode_lib.DEFAULT_BATCH_TOKENS)
+    ap.add_argument("--tokenizer_dir", default=None)
+    ap.add_argument("--max_seq_length", type=int, default=None)
+    ap.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default=None)
+    ap.add_argument("--allow_untrained", action="store_true",
+                    help="allow rank/exit/dim values the model was not trained at")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = ap.parse_args(argv)
+    made = missing_dirs(a.output_dir)
+    try:
+        writable_dir(a.output_dir, "--output_dir")
+        points = ma.parse_points(a.points)
+        tasks = resolve_tasks(a.tasks, a.benchmark)
+        if a.prompts:
+            ma.read_prompts_file(a.prompts)
+        model = encode_lib.load(a.model, tokenizer_dir=a.tokenizer_dir,
+                                max_seq_length=a.max_seq_length, compute_dtype=a.compute_dtype)
+        ma.resolve_points(model, points, a.allow_untrained)
+        load_task_data(tasks)
+        t0 = time.time()
+        rows, used = evaluate_points(model, tasks, points, prompts_file=a.prompts, name=a.name,
+                                     output_dir=a.output_dir,
+                                     allow_untrained=a.allow_untrained,
+                                     batch_tokens=a.batch_tokens, overwrite=a.overwrite,
+                                     progress=not a.quiet)
+    except (ValueError, OSError) as e:  # MTEBError, EncodeError, CheckpointError, data errors
+        remove_empty(made)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import mteb
+
+    out = {"model": os.path.abspath(a.model), "step": model.step,
+           "mteb_version": mteb.__version__, "rows": rows, "prompts": used,
+           "seconds": time.time() - t0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    storage.write_text_atomic(json.dumps(out, indent=1), os.path.join(a.output_dir,
+                                                                      "summary.json"))
+    table = summary_markdown(rows)
+    storage.write_text_atomic(table, os.path.join(a.output_dir, "summary.md"))
+    print(table, end="")
+    print(f"wrote {len(rows)} results under {os.path.join(a.output_dir, 'results')} and "
+          f"{os.path.join(a.output_dir, 'summary.md')} (.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
