@@ -145,8 +145,10 @@ def model_revision(model) -> str:
     files' names and sizes (a re-export with other weights gets another revision)."""
     if model.step is not None:
         return f"step{model.step}"
-    h = hashlib.sha256()
     path = model.source
+    if not path or not storage.isdir(path):  # built from params in memory
+        return "no_revision_available"  # mteb's own word for it
+    h = hashlib.sha256()
     for name in sorted(storage.listdir(path)):
         full = os.path.join(path, name)
         if storage.isfile(full):
@@ -159,6 +161,8 @@ def model_revision(model) -> str:
 
 def default_name(model) -> str:
     """mlembed_jax/<run directory name> (a checkpoints/<step> path names its run)."""
+    if not model.source:
+        return "mlembed_jax/model"
     path = os.path.normpath(storage.normalized(model.source))
     parts = path.split(os.sep)
     if len(parts) >= 2 and parts[-2] == "checkpoints":
