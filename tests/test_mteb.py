@@ -250,10 +250,14 @@ def test_export_scored_through_sentence_transformers_equals_the_adapter(names_ru
     got = run_mteb(ours, tasks)
     out = str(tmp_path / "export")
     export_checkpoint(work, out, rank=16, layers=1, dim=32, mode="compat", dtype="fp32")
-    # The prompts the adapter used, as mteb keys (the manifest's empty retrieval prefixes,
-    # the instruction for STS): the wrapper puts them before the texts as the adapter did.
-    prompts = {(f"{t}-{pt}" if pt else t): p for (t, pt), (p, _) in ours.prompts.used.items()}
-    assert prompts["cldr_names_retrieval-query"] == ""
+    # The prompts the adapter used (the manifest's empty retrieval prefixes, the instruction
+    # for STS), keyed by task type (mteb accepts only its registry's task names as keys):
+    # the wrapper puts them before the texts as the adapter did.
+    kind = {"cldr_names_retrieval": "Retrieval", "cldr_names_sts": "STS"}
+    prompts = {(f"{kind[t]}-{pt}" if pt else kind[t]): p
+               for (t, pt), (p, _) in ours.prompts.used.items()}
+    assert prompts == {"Retrieval-query": "", "Retrieval-document": "",
+                       "STS": "Instruct: Retrieve semantically similar text.\nQuery:"}
     st = SentenceTransformerEncoderWrapper(SentenceTransformer(out, device="cpu"),
                                            model_prompts=prompts)
     want = run_mteb(st, tasks)

@@ -38,53 +38,6 @@ from mlembed_jax.eval import mteb_adapter as ma
 from mlembed_jax.eval import mteb_tasks as mt
 
 
-def resolve_tasks(tasks: str, benchmark: str) -> list:
-    """mteb AbsTask objects for --tasks / --benchmark; MTEBError for unknown names."""
-    mteb = ma.require_mteb()
-    if bool(tasks) == bool(benchmark):
-        raise ma.MTEBError("give exactly one of --tasks=NAME,... or --benchmark=NAME")
-    if benchmark:
-        try:
-            return list(mteb.get_benchmark(benchmark).tasks)
-        except KeyError as e:
-            raise ma.MTEBError(f"unknown MTEB benchmark {benchmark!r} (mteb "
-                               f"{mteb.__version__}): {e.args[0] if e.args else e}; list them "
-                               "with python -c \"import mteb; print([b.name for b in "
-                               "mteb.get_benchmarks()])\"") from None
-    out = []
-    for name in (x.strip() for x in tasks.split(",")):
-        if not name:
-            continue
-        if mt.is_local_task(name):
-            out.append(mt.local_task(name))
-            continue
-        try:
-            out.extend(mteb.get_tasks(tasks=[name]))
-        except KeyError as e:
-            why = str(e.args[0] if e.args else e).removeprefix("KeyError: ")
-            raise ma.MTEBError(f"unknown MTEB task {name!r} (mteb {mteb.__version__}): {why} "
-                               "(a local task is a directory path, e.g. ./tasks/my_task)"
-                               ) from None
-    if not out:
-        raise ma.MTEBError("--tasks is empty")
-    return out
-
-
-def load_task_data(tasks) -> None:
-    """Loads every task's data now, so a missing download fails before hours of encoding."""
-    for t in tasks:
-        try:
-            t.load_data()
-        except (ConnectionError, OSError) as e:
-            ds = t.metadata.dataset or {}
-            raise ma.MTEBError(
-                f"task {t.metadata.name}: cannot load its dataset {ds.get('path')!r} "
-                f"(revision {ds.get('revision')}) from the Hugging Face Hub: "
-                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; run where the Hub "
-                "is reachable once (datasets caches it), or use a local task directory"
-            ) from None
-
-
 def evaluate_points(model, tasks, points, *, prompts_file="", name=None, output_dir=None,
                     allow_untrained=False, batch_tokens=encode_lib.DEFAULT_BATCH_TOKENS,
                     overwrite=False, progress=True) -> tuple[list[dict], dict]:
@@ -157,13 +110,13 @@ def main(argv=None) -> int:
     try:
         writable_dir(a.output_dir, "--output_dir")
         points = ma.parse_points(a.points)
-        tasks = resolve_tasks(a.tasks, a.benchmark)
+        tasks = mt.resolve_tasks(a.tasks, a.benchmark)
         if a.prompts:
             ma.read_prompts_file(a.prompts)
         model = encode_lib.load(a.model, tokenizer_dir=a.tokenizer_dir,
                                 max_seq_length=a.max_seq_length, compute_dtype=a.compute_dtype)
         ma.resolve_points(model, points, a.allow_untrained)
-        load_task_data(tasks)
+        mt.load_task_data(tasks)
         t0 = time.time()
         rows, used = evaluate_points(model, tasks, points, prompts_file=a.prompts, name=a.name,
                                      output_dir=a.output_dir,

@@ -145,6 +145,56 @@ def _sts_task(path: str, info: dict):
     return LocalSTS()
 
 
+# --------------------------------------------------------------------------- task lists
+
+def resolve_tasks(tasks: str, benchmark: str) -> list:
+    """mteb AbsTask objects for --tasks / --benchmark; MTEBError for unknown names."""
+    mteb = require_mteb()
+    if bool(tasks) == bool(benchmark):
+        raise MTEBError("give exactly one of --tasks=NAME,... or --benchmark=NAME")
+    if benchmark:
+        try:
+            return list(mteb.get_benchmark(benchmark).tasks)
+        except KeyError as e:
+            raise MTEBError(f"unknown MTEB benchmark {benchmark!r} (mteb "
+                               f"{mteb.__version__}): {e.args[0] if e.args else e}; list them "
+                               "with python -c \"import mteb; print([b.name for b in "
+                               "mteb.get_benchmarks()])\"") from None
+    out = []
+    for name in (x.strip() for x in tasks.split(",")):
+        if not name:
+            continue
+        if is_local_task(name):
+            out.append(local_task(name))
+            continue
+        try:
+            out.extend(mteb.get_tasks(tasks=[name]))
+        except KeyError as e:
+            why = str(e.args[0] if e.args else e).removeprefix("KeyError: ")
+            raise MTEBError(f"unknown MTEB task {name!r} (mteb {mteb.__version__}): {why} "
+                               "(a local task is a directory path, e.g. ./tasks/my_task)"
+                               ) from None
+    if not out:
+        raise MTEBError("--tasks is empty")
+    return out
+
+
+def load_task_data(tasks) -> None:
+    """Loads every task's data now, so a missing download fails before hours of encoding."""
+    for t in tasks:
+        try:
+            t.load_data()
+        except (ConnectionError, OSError) as e:
+            ds = t.metadata.dataset or {}
+            raise MTEBError(
+                f"task {t.metadata.name}: cannot load its dataset {ds.get('path')!r} "
+                f"(revision {ds.get('revision')}) from the Hugging Face Hub: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; run where the Hub "
+                "is reachable once (datasets caches it), or use a local task directory"
+            ) from None
+
+
+
 # --------------------------------------------------------------------------- the demo's tasks
 
 def write_demo_tasks(out_dir: str, max_queries: int = 300, seed: int = 0) -> list[str]:
