@@ -207,6 +207,16 @@ def test_tool_writes_mteb_result_files_per_point(hf_dir, task_dirs, tmp_path, ca
     assert summary["prompts"]["months_retrieval/document"]["prompt"] == ""
 
 
+def test_load_wraps_a_directory_at_one_point(hf_dir):
+    e = ma.MTEBEncoder.load(hf_dir, "e1:d16")
+    meta = e.mteb_model_meta
+    assert meta.name == f"mlembed_jax/{os.path.basename(hf_dir)}-e1-d16"
+    assert meta.revision.startswith("export-") and meta.embed_dim == 16
+    assert (e.rank, e.exit, e.dim) == (None, 1, 16)
+    with pytest.raises(ma.MTEBError, match="serves one point"):
+        ma.MTEBEncoder.load(hf_dir, "full,d8")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks=NoSuchTask"], "unknown MTEB task 'NoSuchTask'"),
     (["--benchmark=NoSuchBenchmark"], "unknown MTEB benchmark 'NoSuchBenchmark'"),

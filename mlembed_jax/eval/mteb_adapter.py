@@ -1,12 +1,10 @@
 """MTEB at any (MEL rank, MLL exit, MRL dim) point of a model, without exporting it.
 
     import mteb
-    from mlembed_jax import encode
-    from mlembed_jax.eval.mteb_adapter import MTEBEncoder, TaskPrompts, parse_points
+    from mlembed_jax.eval.mteb_adapter import MTEBEncoder
 
-    model = encode.load("runs/demo")             # workdir, checkpoints/<step> or HF/export dir
-    [point] = parse_points("r16:e1:d32")
-    enc = MTEBEncoder(model, point, TaskPrompts.of(model))
+    enc = MTEBEncoder.load("runs/demo", "r16:e1:d32")   # workdir, checkpoints/<step>, export
+    # or, from a loaded model: MTEBEncoder(encode.load(...), Point(16, 1, 32), TaskPrompts.of(m))
     mteb.evaluate(enc, mteb.get_tasks(tasks=["SciFact"]), cache=mteb.ResultCache("results"))
 
 `MTEBEncoder` satisfies the installed mteb's `EncoderProtocol` (mteb 2.x: `encode(inputs:
@@ -17,7 +15,8 @@ revision, so the result files of different points never overwrite each other.
 
 Instruction prompts (`TaskPrompts`), first match wins, for each task and prompt type:
   1. a prompts file: mteb's own key format ("<TaskName>-query", "<TaskName>", "<TaskType>-
-     document", "<TaskType>", "query", "document"; first match in that order);
+     document", "<TaskType>", "query", "document"; first match in that order; mteb accepts
+     only its registry's task names, so local tasks are keyed by their type);
   2. the training manifest: the prefixes of the datasets of the matching task type
      (Retrieval/Reranking -> retrieval, *Classification -> classification, Clustering ->
      clustering); queries (and both sides of a symmetric task) get the query prefix,
@@ -320,6 +319,22 @@ class MTEBEncoder(_Base):
         self.label = point_label(self.rank, self.exit, self.dim)
         self.base_name = name or default_name(model)
         self.mteb_model_meta = self._meta()
+
+    @classmethod
+    def load(cls, path: str, point: str = "full", *, prompts_file: str = "",
+             allow_untrained: bool = False, name: str | None = None, **load_kwargs
+             ) -> "MTEBEncoder":
+        """An MTEBEncoder for a training workdir, checkpoints/<step> or HF/exported directory
+        at one point ("full", "r8:e2:d16", ...); load_kwargs go to encode.load."""
+        from mlembed_jax import encode as encode_lib
+
+        points = parse_points(point)
+        if len(points) != 1:
+            raise MTEBError(f"point {point!r}: an MTEBEncoder serves one point; make one per "
+                            "point")
+        model = encode_lib.load(path, **load_kwargs)
+        return cls(model, points[0], TaskPrompts.of(model, prompts_file), name=name,
+                   allow_untrained=allow_untrained)
 
     def _meta(self):
         from mteb.models.model_meta import ModelMeta, ScoringFunction
