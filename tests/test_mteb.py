@@ -166,8 +166,31 @@ def test_prompt_sources_and_bad_prompts_file(model, tmp_path):
     assert p.prompt(meta, q).startswith("Instruct: ") and p.prompt(meta, d) == ""
     bad = tmp_path / "p.json"
     bad.write_text(json.dumps({"NoSuchKind-query": "x"}))
-    with pytest.raises(ma.MTEBError, match="p.json"):
+    with pytest.raises(ma.MTEBError, match="p.json: 'NoSuchKind-query' is not an mteb prompt key"):
         ma.read_prompts_file(str(bad))
+
+
+def test_prompts_from_a_training_manifest(tmp_path):
+    """Per manifest task type: the shared prefixes of its datasets, or, when they differ,
+    an error that asks for a choice; --prompts=instruct ignores the manifest."""
+    import types
+
+    import ml_collections
+
+    manifest = {"a": {"task_type": "retrieval", "query_prefix": "q: ", "document_prefix": "d: "},
+                "b": {"task_type": "retrieval", "query_prefix": "q: ", "document_prefix": "d: "},
+                "c": {"task_type": "classification", "query_prefix": "x: "},
+                "e": {"task_type": "clustering", "query_prefix": "1: "},
+                "f": {"task_type": "clustering", "query_prefix": "2: "}}
+    (tmp_path / "prepared.json").write_text(json.dumps({"manifest": manifest}))
+    run = types.SimpleNamespace(prefixes={}, train_config=ml_collections.ConfigDict(
+        {"data": {"prepared_dir": str(tmp_path), "manifest": ""}}))
+    p = ma.TaskPrompts.of(run)
+    assert p.by_type["retrieval"] == {"query": "q: ", "document": "d: "}
+    assert p.by_type["classification"] == {"query": "x: ", "document": ""}
+    assert "clustering datasets different prefixes (e: query '1: '" in p.by_type["clustering"]
+    assert "--prompts=instruct" in p.by_type["clustering"]
+    assert ma.TaskPrompts.of(run, "instruct").by_type == {}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ BEIR-layout retrieval set, or an STS test.jsonl). --benchmark: an mteb benchmark
 out is the full model's); each must be a trained point unless --allow_untrained.
 --prompts FILE: JSON of mteb prompt keys ("SciFact-query", "Retrieval-document", ...) ->
 prompt; otherwise the training manifest's prefixes per task type, an export's own prompts,
-or the paper's "Instruct: {task instruction}\\nQuery:" on queries (see eval/mteb_adapter.py).
+or the paper's "Instruct: {task instruction}\\nQuery:" on queries (see eval/mteb_adapter.py);
+--prompts=instruct: that instruction for every task.
 
 Writes, under --output_dir (default mteb_results):
   results/<name>-<point>/<revision>/<Task>.json   mteb's own result files (one model name
@@ -92,7 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--benchmark", default="", help="an mteb benchmark name, e.g. "
                     "'MTEB(Multilingual, v2)'")
     ap.add_argument("--points", default="full", help="e.g. r8:e2:d16,full (default: full)")
-    ap.add_argument("--prompts", default="", help="JSON file: mteb prompt key -> prompt")
+    ap.add_argument("--prompts", default="", help="JSON file: mteb prompt key -> prompt; "
+                    "'instruct': every task's instruction, not the manifest's prefixes")
     ap.add_argument("--output_dir", default="mteb_results")
     ap.add_argument("--name", default=None, help="mteb model name (default mlembed_jax/<run "
                     "directory>); the point is appended")
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
         writable_dir(a.output_dir, "--output_dir")
         points = ma.parse_points(a.points)
         tasks = mt.resolve_tasks(a.tasks, a.benchmark)
-        if a.prompts:
+        if a.prompts and a.prompts != ma.INSTRUCT:
             ma.read_prompts_file(a.prompts)
         model = encode_lib.load(a.model, tokenizer_dir=a.tokenizer_dir,
                                 max_seq_length=a.max_seq_length, compute_dtype=a.compute_dtype)

@@ -25,7 +25,8 @@ Instruction prompts (`TaskPrompts`), first match wins, for each task and prompt 
   4. the paper's evaluation prompt: the task's instruction from mteb's task metadata as
      "Instruct: {instruction}\\nQuery:" on queries and symmetric inputs, nothing on documents
      (the template mteb uses for Qwen3-Embedding).
-Every prompt used is recorded with its source (`TaskPrompts.used`) for the summary.
+`--prompts=instruct` (TaskPrompts.of(model, "instruct")) skips 1-3: the instruction for every
+task. Every prompt used is recorded with its source (`TaskPrompts.used`) for the summary.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -180,6 +182,9 @@ MANIFEST_TYPE = {
 }
 
 
+INSTRUCT = "instruct"  # --prompts=instruct: rule 4 for every task
+
+
 def instruction_prompt(instruction: str) -> str:
     """The paper's query prompt around a task instruction (mteb's Qwen3-Embedding template,
     mteb/models/model_implementations/qwen3_models.py)."""
@@ -203,7 +208,10 @@ class TaskPrompts:
     @classmethod
     def of(cls, model, prompts_file: str = "") -> "TaskPrompts":
         """From a loaded encode.Encoder (its training manifest, or an export's prompts) and an
-        optional JSON prompts file."""
+        optional JSON prompts file; prompts_file="instruct": the task instructions (rule 4)
+        for every task, whatever the manifest says."""
+        if prompts_file == INSTRUCT:
+            return cls()
         custom = read_prompts_file(prompts_file) if prompts_file else {}
         by_type: dict = {}
         if model.train_config is not None:
@@ -223,7 +231,8 @@ class TaskPrompts:
                         "prefixes (" + "; ".join(f"{', '.join(v)}: query {q!r}, document "
                                                  f"{d!r}" for (q, d), v in pairs.items())
                         + "); choose with --prompts=FILE (keys as mteb's, e.g. "
-                        "\"Retrieval-query\")")
+                        "\"Retrieval-query\"), or --prompts=instruct for the tasks' "
+                        "instructions")
         default = model.prefixes.get("default") if model.prefixes else None
         return cls(custom=custom, by_type=by_type, default=default)
 
@@ -283,9 +292,15 @@ def read_prompts_file(path: str) -> dict:
                         "{\"Retrieval-query\": \"Instruct: ...\\nQuery:\"}")
     from mteb.models.abs_encoder import AbsEncoder
 
-    _, problems = AbsEncoder.validate_task_to_prompt_name(data, raise_for_invalid_keys=False)
-    if problems:
-        raise MTEBError(f"--prompts {path}: " + "; ".join(sorted(problems)))
+    with warnings.catch_warnings():  # mteb warns per bad key; one error line says it here
+        warnings.simplefilter("ignore")
+        valid, _ = AbsEncoder.validate_task_to_prompt_name(data, raise_for_invalid_keys=False)
+    bad = sorted(set(data) - set(valid or {}))
+    if bad:
+        what = "is not an mteb prompt key" if len(bad) == 1 else "are not mteb prompt keys"
+        raise MTEBError(f"--prompts {path}: {', '.join(map(repr, bad))} {what} (an mteb task "
+                        "name or task type, optionally with -query/-document, or query/document; "
+                        "local tasks are keyed by their type, e.g. Retrieval-query)")
     return data
 
 
