@@ -263,6 +263,19 @@ def test_tool_bad_input_is_one_error_line(hf_dir, task_dirs, tmp_path, capsys, m
     assert not out.exists()  # the output directory it made is taken back
 
 
+def test_report_with_mteb_tasks_refuses_a_second_score_and_unknown_tasks(hf_dir, task_dirs,
+                                                                        tmp_path, capsys):
+    tool = load_tool("matryoshka_report")
+    args = [f"--model={hf_dir}", f"--out_dir={tmp_path / 'r'}", "--quiet"]
+    assert tool.main(args + [f"--mteb_tasks={task_dirs[1]}", "--heldout"]) == 2
+    assert "error: --mteb_tasks replaces --beir_dir/--heldout" in capsys.readouterr().err
+    assert tool.main(args + ["--mteb_tasks=NoSuchTask"]) == 2
+    assert "error: unknown MTEB task 'NoSuchTask'" in capsys.readouterr().err
+    assert tool.main(args + [f"--mteb_tasks={task_dirs[1]}", "--exits=3"]) == 2
+    assert "exit=3 is not one of the model's MLL exits" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 # ----------------------------------------------------------------------------- trained model
 
 
