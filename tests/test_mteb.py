@@ -263,6 +263,30 @@ def test_tool_bad_input_is_one_error_line(hf_dir, task_dirs, tmp_path, capsys, m
     assert not out.exists()  # the output directory it made is taken back
 
 
+def test_tool_refuses_nan_embeddings_and_writes_no_result_files(hf_dir, task_dirs, tmp_path,
+                                                                 capsys):
+    """A model whose weights hold NaN (bytes rewritten in its safetensors file): one error
+    line, exit 2, and no mteb result file that a leaderboard could pick up."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan_model"
+    shutil.copytree(hf_dir, bad)
+    [weights] = [f for f in os.listdir(bad) if f.endswith(".safetensors")]
+    tensors = load_file(str(bad / weights))
+    name = next(k for k in tensors if k.endswith("layers.0.mlp.down_proj.weight"))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(bad / weights), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert load_tool("eval_mteb").main([f"--model={bad}", f"--tasks={task_dirs[1]}",
+                                        f"--output_dir={out}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "gives NaN/inf" in errors[0], err
+    files = [f for _, _, fs in os.walk(out) for f in fs] if out.exists() else []
+    assert files == [], files
+
+
 def test_report_with_mteb_tasks_refuses_a_second_score_and_unknown_tasks(hf_dir, task_dirs,
                                                                         tmp_path, capsys):
     tool = load_tool("matryoshka_report")
