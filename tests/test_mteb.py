@@ -248,6 +248,7 @@ def test_load_wraps_a_directory_at_one_point(hf_dir):
     (["--tasks={sts}", "--points=q1"], "--points: 'q1' is not a point"),
     (["--tasks={sts}", "--benchmark=MTEB(eng, v2)"], "exactly one of --tasks"),
     (["--tasks=./no/such/dir"], "is not a directory"),
+    (["--tasks={sts}", "--output_dir=gs://bucket/x"], "must be a local directory"),
 ])
 def test_tool_bad_input_is_one_error_line(hf_dir, task_dirs, tmp_path, capsys, monkeypatch,
                                           args, message):

@@ -108,6 +108,10 @@ def main(argv=None) -> int:
                     help="allow rank/exit/dim values the model was not trained at")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
+    if storage.is_url(a.output_dir):  # mteb's ResultCache is pathlib-only
+        print(f"error: --output_dir {a.output_dir!r} must be a local directory (mteb writes its "
+              "result files there); copy them to the bucket afterwards", file=sys.stderr)
+        return 2
     made = missing_dirs(a.output_dir)
     try:
         writable_dir(a.output_dir, "--output_dir")
