@@ -13,15 +13,21 @@ import pytest
 from retrieval_helpers import write_beir
 from tool_helpers import load_tool
 
-mteb = pytest.importorskip("mteb")
+from mlembed_jax import encode as enc
+from mlembed_jax.data.text_encoding import load_tokenizer
+from mlembed_jax.eval import retrieval as rev
+from mlembed_jax.model.encoder import init_params
+from mlembed_jax.model.qwen3 import EncoderConfig
 
-from mlembed_jax import encode as enc  # noqa: E402
-from mlembed_jax.data.text_encoding import load_tokenizer  # noqa: E402
-from mlembed_jax.eval import mteb_adapter as ma  # noqa: E402
-from mlembed_jax.eval import mteb_tasks as mt  # noqa: E402
-from mlembed_jax.eval import retrieval as rev  # noqa: E402
-from mlembed_jax.model.encoder import init_params  # noqa: E402
-from mlembed_jax.model.qwen3 import EncoderConfig  # noqa: E402
+
+def mods():
+    """(mteb, eval.mteb_adapter, eval.mteb_tasks), imported when a test runs: importing mteb
+    takes ~4 s, which every test session would otherwise pay at collection."""
+    import mteb
+
+    from mlembed_jax.eval import mteb_adapter, mteb_tasks
+
+    return mteb, mteb_adapter, mteb_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "mlembed_jax", "demo_data", "tokenizer")
@@ -66,6 +72,7 @@ def task_dirs(tmp_path_factory):
 
 
 def run_mteb(encoder, paths):
+    mteb, _, mt = mods()
     tasks = [mt.local_task(p) for p in paths]
     result = mteb.evaluate(encoder, tasks, cache=None, show_progress_bar=False)
     assert not result.exceptions
@@ -73,6 +80,7 @@ def run_mteb(encoder, paths):
 
 
 def test_retrieval_scores_equal_pytrec_eval_and_ours_on_the_same_embeddings(model, task_dirs):
+    mteb, ma, _ = mods()
     import pytrec_eval
 
     beir, _ = task_dirs
@@ -106,6 +114,7 @@ def test_retrieval_scores_equal_pytrec_eval_and_ours_on_the_same_embeddings(mode
 
 
 def test_sts_score_equals_scipy_spearman_on_the_same_embeddings(model, task_dirs):
+    _, ma, _ = mods()
     from scipy.stats import spearmanr
 
     _, sts = task_dirs
@@ -126,6 +135,7 @@ def test_sts_score_equals_scipy_spearman_on_the_same_embeddings(model, task_dirs
 def test_grid_sharing_gives_the_single_point_numbers(model, task_dirs):
     """The report's shared encode (one pass of all exits per text list, dims as prefixes)
     scores exactly as separate encoders do."""
+    _, ma, _ = mods()
     shared = {}
     for exit, dim in ((1, 16), (2, 32)):
         grid = ma.MTEBEncoder(model, ma.Point(16, exit, dim), ma.TaskPrompts(), name="t/g",
@@ -139,6 +149,7 @@ def test_grid_sharing_gives_the_single_point_numbers(model, task_dirs):
 
 
 def test_points_parse_and_check(model):
+    _, ma, _ = mods()
     assert ma.parse_points("r8:e2:d16, full,d32") == [ma.Point(8, 2, 16), ma.Point(),
                                                       ma.Point(dim=32)]
     for bad in ("r8:r16", "x3", "e1:", ""):
@@ -153,6 +164,7 @@ def test_points_parse_and_check(model):
 
 
 def test_prompt_sources_and_bad_prompts_file(model, tmp_path):
+    mteb, ma, mt = mods()
     meta = mt.local_task(write_beir(tmp_path / "r", CORPUS, QUERIES, QRELS)).metadata
     q, d = mteb.types.PromptType.query, mteb.types.PromptType.document
     # The training manifest's prefixes for the task type; a disagreeing manifest is an error.
@@ -173,6 +185,7 @@ def test_prompt_sources_and_bad_prompts_file(model, tmp_path):
 def test_prompts_from_a_training_manifest(tmp_path):
     """Per manifest task type: the shared prefixes of its datasets, or, when they differ,
     an error that asks for a choice; --prompts=instruct ignores the manifest."""
+    _, ma, _ = mods()
     import types
 
     import ml_collections
@@ -206,6 +219,7 @@ def hf_dir(tmp_path_factory):
 
 
 def test_tool_writes_mteb_result_files_per_point(hf_dir, task_dirs, tmp_path, capsys):
+    mteb, _, _ = mods()
     tool = load_tool("eval_mteb")
     out = tmp_path / "out"
     tasks = ",".join(task_dirs)
@@ -231,6 +245,7 @@ def test_tool_writes_mteb_result_files_per_point(hf_dir, task_dirs, tmp_path, ca
 
 
 def test_load_wraps_a_directory_at_one_point(hf_dir):
+    _, ma, _ = mods()
     e = ma.MTEBEncoder.load(hf_dir, "e1:d16")
     meta = e.mteb_model_meta
     assert meta.name == f"mlembed_jax/{os.path.basename(hf_dir)}-e1-d16"
@@ -309,6 +324,7 @@ def test_export_scored_through_sentence_transformers_equals_the_adapter(names_ru
     """The export of a point, scored by mteb's own sentence-transformers wrapper with the
     same prompts, gives the adapter's numbers at that point (measured: equal to the 5
     digits mteb keeps; 1e-4 leaves a margin for a near-tie flipping)."""
+    _, ma, mt = mods()
     from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
     from sentence_transformers import SentenceTransformer
 
@@ -350,6 +366,7 @@ def test_export_scored_through_sentence_transformers_equals_the_adapter(names_ru
 def test_tool_on_the_demo_tasks_and_the_report(names_run, tmp_path):
     """The README's offline command on the trained run, and matryoshka_report scoring the
     same tasks: a report grid point equals the eval_mteb score at that point."""
+    _, _, mt = mods()
     work, _ = names_run
     tasks = mt.write_demo_tasks(str(tmp_path / "tasks"), max_queries=100)
     out = tmp_path / "mteb"
