@@ -3,6 +3,8 @@
     python tools/matryoshka_report.py --model=runs/demo --heldout --output_dir=reports/demo
     python tools/matryoshka_report.py --model=runs/0.6b --beir_dir=/data/beir/scifact \
         --output_dir=reports/scifact [--ranks=64,256,512] [--exits=4,8,28] [--dims=64,256,1024]
+    python tools/matryoshka_report.py --model=runs/0.6b --mteb_tasks=SciFact,STS22 \
+        --output_dir=reports/mteb
 
 Evaluates every grid point (defaults: the model's trained ranks, exits and dims) and writes
   OUT/matryoshka.json  one row per (rank, exit, dim): nDCG@10, Recall@100, MRR@10, the
@@ -12,6 +14,10 @@ Evaluates every grid point (defaults: the model's trained ranks, exits and dims)
                        parameter count (full dim); nDCG@10 against embedding bytes (full rank)
 Cost: one forward pass per rank (all exits come out of one pass of the deepest one), and the
 dims are prefixes of the same embeddings, so the grid costs len(ranks) passes + searches.
+
+--mteb_tasks: MTEB tasks (names or local task directories, see tools/eval_mteb.py) are the
+score instead: each row holds every task's main score ("mteb") and their mean ("mteb_mean",
+the plotted value); prompts as in tools/eval_mteb.py (--mteb_prompts for a prompts file).
 
 Parameter count at (r, e): MEL in efficiency mode (U[:, :r] and V[:r] kept as two factors:
 vocab*r + r*d), plus e decoder layers and the final norm. A model without MEL counts its
@@ -78,8 +84,8 @@ def run_grid(model, sets, ranks, exits, dims, *,
     return rows
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
-    """Writes the heatmaps and the two trade-off panels to one PNG."""
+def plot(rows: list[dict], path: str, title: str, metric: str = "ndcg@10") -> None:
+    """Writes the heatmaps and the two trade-off panels of `metric` to one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +94,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ranks = sorted({r["rank"] for r in rows}, key=lambda x: -1 if x is None else x)
     exits = sorted({r["exit"] for r in rows})
     dims = sorted({r["dim"] for r in rows})
-    value = {(r["rank"], r["exit"], r["dim"]): r["ndcg@10"] for r in rows}
+    value = {(r["rank"], r["exit"], r["dim"]): r[metric] for r in rows}
     vmin, vmax = min(value.values()), max(value.values())
     ncols = max(len(ranks), 2)
     fig = plt.figure(figsize=(3.6 * ncols, 7.6), layout="constrained")
@@ -109,13 +115,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                 v = z[y, x]
                 ax.text(x, y, f"{v:.3f}", ha="center", va="center", fontsize=7,
                         color="white" if v < (vmin + vmax) / 2 else "black")
-    fig.colorbar(image, ax=fig.axes, shrink=0.8, label="nDCG@10", location="right")
+    label = {"ndcg@10": "nDCG@10"}.get(metric, metric)
+    fig.colorbar(image, ax=fig.axes, shrink=0.8, label=label, location="right")
 
     half = ncols
     ax = fig.add_subplot(grid[1, :half])
     full_dim = max(dims)
     for r in ranks:
-        pts = sorted((row["params"], row["ndcg@10"], row["exit"]) for row in rows
+        pts = sorted((row["params"], row[metric], row["exit"]) for row in rows
                      if row["rank"] == r and row["dim"] == full_dim)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
                 label=f"rank {r if r is not None else 'full'}")
@@ -123,7 +130,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             ax.annotate(f"{e}L", (p, v), textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("parameters (MEL factors kept, layers up to the exit)")
-    ax.set_ylabel(f"nDCG@10 (dim {full_dim})")
+    ax.set_ylabel(f"{label} (dim {full_dim})")
     ax.set_title("quality vs model size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -131,12 +138,12 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax = fig.add_subplot(grid[1, half:])
     top = ranks[-1]
     for e in exits:
-        pts = sorted((row["embedding_bytes"], row["ndcg@10"]) for row in rows
+        pts = sorted((row["embedding_bytes"], row[metric]) for row in rows
                      if row["rank"] == top and row["exit"] == e)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"exit {e}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bytes per embedding (float32)")
-    ax.set_ylabel(f"nDCG@10 (rank {top if top is not None else 'full'})")
+    ax.set_ylabel(f"{label} (rank {top if top is not None else 'full'})")
     ax.set_title("quality vs index size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -144,6 +151,88 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- MTEB as the score
+
+def run_mteb_grid(model, tasks, ranks, exits, dims, *, prompts_file="", allow_untrained=False,
+                  batch_tokens=16384, progress=True) -> list[dict]:
+    """MTEB main scores of every (rank, exit, dim): row["mteb"] = {task: main score},
+    row["mteb_mean"] their mean. Per rank, each text list is encoded once for all exits and
+    the dims are prefixes of those embeddings, as in run_grid; mteb scores every point."""
+    import mteb
+
+    from mlembed_jax.eval import mteb_adapter as ma
+
+    prompts = ma.TaskPrompts.of(model, prompts_file)
+    rows = []
+    for r in ranks:
+        shared: dict = {}  # this rank's embeddings, all exits, full dim
+        for e in exits:
+            for m in dims:
+                encoder = ma.MTEBEncoder(model, ma.Point(r, e, m), prompts,
+                                         allow_untrained=allow_untrained,
+                                         batch_tokens=batch_tokens, progress=progress,
+                                         shared=shared, grid_exits=tuple(exits))
+                result = mteb.evaluate(encoder, tasks, cache=None, show_progress_bar=False)
+                if result.exceptions:
+                    raise ma.MTEBError(f"rank {r}, exit {e}, dim {m}: {result.exceptions[0]}")
+                scores = {t.task_name: float(t.get_score()) for t in result.task_results}
+                rows.append({"rank": r, "exit": e, "dim": m, "mteb": scores,
+                             "mteb_mean": float(np.mean(list(scores.values()))),
+                             "params": point_params(model, r, e), "embedding_bytes": 4 * m})
+    return rows
+
+
+def mteb_main(a) -> int:
+    """The report scored by MTEB tasks (--mteb_tasks) instead of a retrieval set."""
+    from mlembed_jax.eval import mteb_tasks as mt
+
+    if a.beir_dir or a.heldout:
+        print("error: --mteb_tasks replaces --beir_dir/--heldout; give one of them",
+              file=sys.stderr)
+        return 2
+    made = missing_dirs(a.output_dir)
+    try:
+        writable_dir(a.output_dir, "--output_dir")
+        tasks = mt.resolve_tasks(a.mteb_tasks, "")
+        model = cli.model_settings(a).load()
+        ranks = a.ranks or (list(model.ranks) if model.cfg.mel else [None])
+        exits = a.exits or list(model.exits)
+        dims = a.dims or sorted(model.dims)
+        for r in ranks:  # every value checked up front, before any download or encoding
+            for e in exits:
+                for m in dims:
+                    model.check(r, e, m, a.allow_untrained)
+        mt.load_task_data(tasks)
+        t0 = time.time()
+        rows = run_mteb_grid(model, tasks, ranks, exits, dims, prompts_file=a.mteb_prompts,
+                             allow_untrained=a.allow_untrained, batch_tokens=a.batch_tokens,
+                             progress=not a.quiet)
+    except (ValueError, OSError) as e:  # MTEBError, EncodeError, CheckpointError
+        remove_empty(made)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = [t.metadata.name for t in tasks]
+    out = {"model": os.path.abspath(a.model), "step": model.step, "mteb_tasks": names,
+           "metrics": ["mteb_mean"], "ranks": ranks, "exits": exits, "dims": dims,
+           "grid": rows, "seconds": time.time() - t0}
+    json_path = os.path.join(a.output_dir, "matryoshka.json")
+    with open(json_path, "w") as f:
+        json.dump(out, f, indent=1)
+    png_path = os.path.join(a.output_dir, "matryoshka.png")
+    step = f" step {model.step}" if model.step is not None else ""
+    plot(rows, png_path, f"{os.path.basename(os.path.normpath(a.model))}{step} on MTEB "
+         f"{', '.join(names)}", metric="mteb_mean")
+    if a.png:
+        import shutil
+
+        os.makedirs(os.path.dirname(os.path.abspath(a.png)), exist_ok=True)
+        shutil.copyfile(png_path, a.png)
+    full = max(rows, key=lambda r: (r["params"], r["dim"]))
+    print(f"{len(rows)} points on MTEB {', '.join(names)}; full model mean main score "
+          f"{full['mteb_mean']:.4f}; wrote {json_path} and {png_path}")
+    return 0
 
 
 def _int_list(text: str) -> list[int] | None:
@@ -167,11 +256,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--exits", type=_int_list, default=None, help="default: trained exits")
     ap.add_argument("--dims", type=_int_list, default=None, help="default: trained MRL dims")
     cli.add_untrained_flag(ap)
+    ap.add_argument("--mteb_tasks", default="", help="score with these MTEB tasks (names or "
+                    "local task directories) instead of --beir_dir/--heldout")
+    ap.add_argument("--mteb_prompts", default="", help="with --mteb_tasks: JSON prompts file "
+                    "(tools/eval_mteb.py --prompts)")
     return ap
 
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    if a.mteb_tasks:
+        return mteb_main(a)
     made = missing_dirs(a.output_dir)
     try:
         writable_dir(a.output_dir, "--output_dir")

@@ -9,4 +9,6 @@ Modules:
   retrieval   BEIR-layout data, exact blocked search, nDCG@10 / Recall@100 / MRR@10
   periodic    the retrieval evaluator the training loop calls on its schedule
   validation  the held-out validation-loss evaluator
+  mteb_adapter  an mteb encoder over the packed encode, at any (rank, exit, dim) point
+  mteb_tasks  local MTEB tasks from files (BEIR layout, STS jsonl); task resolution
 """
