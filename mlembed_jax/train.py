@@ -38,17 +38,14 @@ from jax.experimental import multihost_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mlembed_jax.batch import text_lengths  # noqa: E402
-from mlembed_jax.checkpoint import (  # noqa: E402
+from mlembed_jax.checkpoint.manager import (  # noqa: E402
     Checkpointer,
-    CheckpointError,
     CheckpointSaveError,
     DataStateBox,
-    check_resume_changes,
-    init_params_from,
-    orbax_log,
-    orbax_log_path,
-    resume_changes,
 )
+from mlembed_jax.checkpoint.orbax_logs import orbax_log, orbax_log_path  # noqa: E402
+from mlembed_jax.checkpoint.resume import ResumeOptions, restore_or_init  # noqa: E402
+from mlembed_jax.checkpoint.verify import CheckpointError  # noqa: E402
 from mlembed_jax.cli import run_absl_main, writable_dir  # noqa: E402
 from mlembed_jax.config import ConfigError, validate  # noqa: E402
 from mlembed_jax.data.manifest import ManifestError  # noqa: E402
@@ -158,36 +155,6 @@ def _geometry_line(g) -> str:
             f"{g.max_negatives} negatives per sample at most")
 
 
-def _restore_or_init(config, ckpt, step_fns, train_iter, enc, flags_):
-    """(state, nonfinite_total): the newest intact checkpoint, train.init_from (an HF
-    directory or another run's checkpoint) or random. flags_: (--allow_config_change,
-    --restart_from_scratch)."""
-    allow_config_change, restart_from_scratch = flags_
-    found = ckpt.restore_latest(step_fns.abstract_state, config, DataStateBox, _log,
-                                restart_from_scratch)
-    if found is not None:
-        step, state, data_box, integrity = found
-        note = check_resume_changes(resume_changes(ckpt.saved_config(step), config),
-                                    allow_config_change, ckpt.step_dir(step))
-        if note:
-            _log(note)
-        train_iter.set_state(data_box.state)
-        ckpt.track(step)  # its first step's loss shows whether it is sound
-        _log(f"resumed from {ckpt.step_dir(step)}")
-        if integrity is None:
-            _log(f"note: checkpoint {step} has no fingerprints (saved by an older mlembed_jax): "
-                 "checked for NaN/inf only")
-        return state, (integrity.nonfinite_total if integrity else 0)
-    if config.train.init_from:
-        host, what = init_params_from(config.train.init_from, enc, config)
-        state = step_fns.init_state(host)
-        del host
-        _log(what)
-        return state, 0
-    _log("initialised from scratch (random weights)")
-    return step_fns.init_state(), 0
-
-
 def _train(config, workdir, mesh, train_iter, pack_range, preempt,
            resume_flags) -> int:
     plan = train_iter.plan
@@ -224,10 +191,11 @@ def _loop(config, workdir, mesh, train_iter, preempt, resume_flags, ckpt, step_f
     """Restore (or init), compile, then step / log / validate / save until the end."""
     primary = jax.process_index() == 0
     single = jax.process_count() == 1
-    rules, enc, plan = config.mesh.logical_axis_rules, step_fns.setup.enc, train_iter.plan
+    rules, plan = config.mesh.logical_axis_rules, train_iter.plan
     t_start = time.time()
-    state, nonfinite_total = _restore_or_init(config, ckpt, step_fns, train_iter, enc,
-                                              resume_flags)
+    state, nonfinite_total = restore_or_init(
+        ckpt, config, step_fns.abstract_state, step_fns.init_state, train_iter,
+        ResumeOptions(*resume_flags, log=_log))
     if primary:
         write_config(config, workdir)  # once the config is accepted (a resume may refuse it)
     # One compiled step per row bucket, all before the first step (a step of another shape

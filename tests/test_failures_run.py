@@ -15,7 +15,8 @@ import pytest
 from fault_helpers import full_tmpfs, state_data_files, with_file_size_limit, write_random_bytes
 from train_helpers import ROOT, cli_args, small_config, subprocess_env, train_losses
 
-from mlembed_jax.checkpoint import Checkpointer, CheckpointError, human_bytes
+from mlembed_jax.checkpoint.manager import Checkpointer, human_bytes
+from mlembed_jax.checkpoint.verify import CheckpointError
 from mlembed_jax.config import ConfigError, validate
 from mlembed_jax.train import run
 
@@ -201,7 +202,7 @@ def test_orbax_log_on_a_full_disk_neither_prints_nor_replaces_the_runs_error(tmp
     and the run's own exception is what leaves the block."""
     import logging
 
-    from mlembed_jax.checkpoint import orbax_log
+    from mlembed_jax.checkpoint.orbax_logs import orbax_log
 
     with full_tmpfs(str(tmp_path / "disk"), size_kib=64) as disk:
         with pytest.raises(KeyError, match="the run's own"):
