@@ -245,7 +245,7 @@ def _loop(config, workdir, mesh, train_iter, preempt, resume_flags, ckpt, step_f
             step += 1
             stopping = preempt.check(step)  # one reading per step: SIGTERM may come any time
             if single:
-                ckpt.poll()  # a failed background save stops the run here, one step late
+                ckpt.poll(metrics)  # a failed background save stops the run 1-2 steps late
             lengths = text_lengths(batch)
             interval_tokens += int(lengths.sum())
             interval_flops += flops_lib.train_flops(config.model, lengths)

@@ -141,6 +141,7 @@ class Checkpointer:
             item_names=ITEMS,
         )
         self._pending: int | None = None  # the step of the background save in flight
+        self._ahead = None  # while it is in flight: the last step's output (see poll)
         self.unverified: list[int] = []  # saved (or resumed from), no finite loss after yet
 
     # ------------------------------------------------------------------------- soundness
@@ -233,9 +234,24 @@ class Checkpointer:
             self.track(step)
         return saved
 
-    def poll(self) -> None:
-        """Cheap; raises CheckpointSaveError once the background save in flight has failed."""
-        if self._pending is not None and not self.manager.is_saving_in_progress():
+    def poll(self, step_output=None) -> None:
+        """Called every step; raises CheckpointSaveError once the background save in flight
+        has failed.
+
+        step_output: any array the step just produced (its metrics). While a save is in
+        flight, poll first waits for the *previous* step's output: the host then runs at most
+        one step ahead of the device, so a failure is seen one or two steps after it happens.
+        Otherwise the host queues every step up to the next log step within milliseconds
+        of the save, polls each time before the write can fail, and only learns of it at
+        the next sync (a log or checkpoint step). Step N+1 is already queued when step N is
+        waited for, so the device never idles; without a save in flight nothing waits."""
+        if self._pending is None:
+            self._ahead = None
+            return
+        if self._ahead is not None:
+            jax.block_until_ready(self._ahead)
+        self._ahead = step_output
+        if not self.manager.is_saving_in_progress():
             self.wait()
 
     def poll_all(self) -> None:
@@ -251,7 +267,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Waits for the save in flight; CheckpointSaveError if it failed."""
-        step, self._pending = self._pending, None
+        step, self._pending, self._ahead = self._pending, None, None
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - whatever the background write raised
