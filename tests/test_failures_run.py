@@ -5,6 +5,7 @@ step, a full tmpfs, a per-process file-size limit, random bytes in the state fil
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -95,6 +96,39 @@ def test_rotation_keeps_the_newest_sound_checkpoint(tmp_path, capsys):
     assert f"Newest checkpoint on disk: step 4 ({work}/checkpoints/4)" in errors[0]
     assert Checkpointer(work).steps() == [4]
     assert [n.split("-")[0] for n in os.listdir(f"{work}/unsound_checkpoints")] == ["8"]
+
+
+def test_a_resume_from_an_unconfirmed_checkpoint_is_its_confirmation(tmp_path, capsys):
+    """A finished run's last checkpoint (6) has no finite loss after it yet: the same state
+    on disk as a SIGKILL between a save and the next step. The resumed run's first steps
+    compute their loss with exactly its params; here they are NaN (steps 7-9, a streak over
+    max_nonfinite_steps=2), so the stop sets 6 aside, and a rerun resumes from 4, the
+    newest sound one."""
+    kw = {"train.max_steps": 6, "train.checkpoint_every": 2, "mesh.num_devices": 1}
+    work = str(tmp_path / "run")
+    assert run(small_config(**kw), work) == 0
+    with open(f"{work}/sound_checkpoints.json") as f:
+        assert json.load(f) == {"sound": [2, 4]}  # 6: saved, never confirmed
+    kw.update({"train.max_steps": 12, "train.max_nonfinite_steps": 2})
+    poisoned = small_config(**kw, **{"train.debug_nan_steps": tuple(range(7, 13))})
+    capsys.readouterr()
+    assert run(poisoned, work, allow_config_change=True) == 1
+    out = capsys.readouterr()
+    assert f"resumed from {work}/checkpoints/6" in out.out
+    errors = _errors(out.err)
+    assert len(errors) == 1 and errors[0].startswith("error: step 9: 3 steps in a row"), out.err
+    assert "Checkpoint 6 was never shown sound" in errors[0]
+    assert f"Newest checkpoint on disk: step 4 ({work}/checkpoints/4)" in errors[0]
+    # 8 holds 6's params (step 7 was skipped), saved before the streak stopped the run: set
+    # aside too. Its save rotated 2 out (keep 3: 4, 6, 8); 4 is kept as the newest sound.
+    assert "Checkpoint 8 was never shown sound" in errors[0]
+    assert Checkpointer(work).steps() == [4]
+    assert sorted(n.split("-")[0] for n in os.listdir(f"{work}/unsound_checkpoints")) == \
+        ["6", "8"]
+
+    assert run(small_config(**kw), work, allow_config_change=True) == 0
+    assert f"resumed from {work}/checkpoints/4" in capsys.readouterr().out
+    assert max(train_losses(work)) == 12
 
 
 def test_full_disk_at_start_is_one_line_and_leaves_no_temp_file(tmp_path):
