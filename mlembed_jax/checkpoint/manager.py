@@ -10,15 +10,16 @@ cannot be verified.
 
 Saves are asynchronous. A state holding NaN/inf is never saved; a save that would not fit
 the free disk space is refused; a background save that fails is reported by `poll()` (called
-every step) and its temporary directory removed, so the previous checkpoint stays the
-newest. Rotation (an Orbax preservation policy) keeps the newest `keep` checkpoints and the
-newest one a later finite loss has shown sound (WORKDIR/sound_checkpoints.json); a run
-stopped by a fault moves those never shown sound to WORKDIR/unsound_checkpoints. Restores go
-through an abstract target carrying the *current* mesh's shardings, so a
-run resumes on another mesh or device count, then check the fingerprints; a checkpoint that
-does not read back as saved is `CheckpointDamaged`, and `restore_latest` sets it aside and
-falls back to the next older one. A checkpoint of another model shape is caught by comparing
-the saved config first, with one clear error.
+every step, one or two steps after the failure) and its temporary directory removed, so the
+previous checkpoint stays the newest. Rotation (an Orbax preservation policy) keeps the
+newest `keep` checkpoints and the newest one a later finite loss has shown sound
+(WORKDIR/sound_checkpoints.json); a run stopped by a fault moves those never shown sound to
+WORKDIR/unsound_checkpoints. Restores go through an abstract target carrying the *current*
+mesh's shardings, so a run resumes on another mesh or device count, then check the
+fingerprints; a checkpoint that does not read back as saved is `CheckpointDamaged`, and
+`restore_latest` sets it aside and falls back to the next older one. A checkpoint of another
+model shape is caught by comparing the saved config first, with one clear error. Reading a
+step without training (the tools): reader.py.
 """
 
 from __future__ import annotations
