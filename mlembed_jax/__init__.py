@@ -19,8 +19,6 @@ Modules:
   preemption         SIGTERM: save at the next step boundary, on every process at once
   run_summary        what a run prints at its start and end
   cli                command-line pieces shared by training and the tools
-  checkpoint         Orbax checkpoints: save, verified restore, reading trained params
-  checkpoint_verify  per-tensor fingerprints and the check of a restore against them
   distributed        starting JAX's distributed runtime on a pod or cluster
   metrics_log        metrics.jsonl and TensorBoard
   storage            local or gs:// paths; every durable write (temp, fsync, rename)
@@ -30,6 +28,7 @@ Modules:
   mining             hard-negative mining with false-negative filters
   data/              prepare, load and pack the training data (see data/__init__.py)
   model/             the Qwen3 encoder with MEL and MLL (see model/__init__.py)
+  checkpoint/        Orbax checkpoints: reader (what tools import), manager, resume, verify
   eval/              retrieval evaluation and the loop's evaluators (see eval/__init__.py)
   export/            Hugging Face / sentence-transformers export (see export/__init__.py)
   perf/              FLOPs, AOT compiles, benchmarks, profiles (see perf/__init__.py)

@@ -45,7 +45,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlembed_jax import checkpoint, storage
+from mlembed_jax import storage
+from mlembed_jax.checkpoint import reader as checkpoint
 from mlembed_jax.cli import missing_dirs, remove_empty, writable_file
 from mlembed_jax.data.jsonl import iter_jsonl
 from mlembed_jax.data.prepared import training_text

@@ -28,17 +28,10 @@ from absl import logging as absl_logging
 from tqdm import tqdm
 
 from mlembed_jax import distributed, sharding, storage
-from mlembed_jax.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    CheckpointSaveError,
-    DataStateBox,
-    check_resume_changes,
-    init_params_from,
-    orbax_log,
-    orbax_log_path,
-    resume_changes,
-)
+from mlembed_jax.checkpoint.manager import Checkpointer, CheckpointSaveError, DataStateBox
+from mlembed_jax.checkpoint.orbax_logs import orbax_log, orbax_log_path
+from mlembed_jax.checkpoint.resume import ResumeOptions, restore_or_init
+from mlembed_jax.checkpoint.verify import CheckpointError
 from mlembed_jax.cli import run_absl_main, writable_dir
 from mlembed_jax.config import ConfigError, validate
 from mlembed_jax.data.manifest import ManifestError
@@ -135,9 +128,9 @@ def run(config, workdir: str, allow_config_change: bool = False,
             ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
             stack.callback(_close_checkpointer, ckpt)
             t_start = time.time()
-            state, nonfinite_total = _restore_or_init(
-                config, ckpt, step_fns, train_iter, enc,
-                (allow_config_change, restart_from_scratch))
+            state, nonfinite_total = restore_or_init(
+                ckpt, config, step_fns.abstract_state, step_fns.init_state, train_iter,
+                ResumeOptions(allow_config_change, restart_from_scratch, log=_log))
             if primary:
                 write_config(config, workdir)  # once accepted (a resume may refuse it)
             # One compiled step per row bucket, all before the first step (a step of another
@@ -182,7 +175,7 @@ def run(config, workdir: str, allow_config_change: bool = False,
                         step += 1
                         stopping = preempt.check(step)  # once per step: SIGTERM may come any time
                         if single:
-                            ckpt.poll()  # a failed background save stops the run, one step late
+                            ckpt.poll(metrics)  # a failed background save stops the run soon
                         interval.add(metrics, stats, batch)
                         if "epoch_end" in stats:
                             writer.write(step, epoch_values(stats["epoch_end"]))
@@ -235,36 +228,6 @@ def run(config, workdir: str, allow_config_change: bool = False,
     except _Stop as e:
         _log(f"error: {e}", err=True)
         return e.code
-
-
-def _restore_or_init(config, ckpt, step_fns, train_iter, enc, flags_):
-    """(state, nonfinite_total): the newest intact checkpoint, train.init_from (an HF
-    directory or another run's checkpoint) or random. flags_: (--allow_config_change,
-    --restart_from_scratch)."""
-    allow_config_change, restart_from_scratch = flags_
-    found = ckpt.restore_latest(step_fns.abstract_state, config, DataStateBox, _log,
-                                restart_from_scratch)
-    if found is not None:
-        step, state, data_box, integrity = found
-        note = check_resume_changes(resume_changes(ckpt.saved_config(step), config),
-                                    allow_config_change, ckpt.step_dir(step))
-        if note:
-            _log(note)
-        train_iter.set_state(data_box.state)
-        ckpt.track(step)  # its first step's loss shows whether it is sound
-        _log(f"resumed from {ckpt.step_dir(step)}")
-        if integrity is None:
-            _log(f"note: checkpoint {step} has no fingerprints (saved by an older mlembed_jax): "
-                 "checked for NaN/inf only")
-        return state, (integrity.nonfinite_total if integrity else 0)
-    if config.train.init_from:
-        host, what = init_params_from(config.train.init_from, enc, config)
-        state = step_fns.init_state(host)
-        del host
-        _log(what)
-        return state, 0
-    _log("initialised from scratch (random weights)")
-    return step_fns.init_state(), 0
 
 
 def _close_checkpointer(ckpt) -> None:

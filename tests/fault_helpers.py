@@ -88,7 +88,7 @@ def save_old_format(workdir: str, step: int, state, data_state: dict, config) ->
     import grain.python as grain
     import orbax.checkpoint as ocp
 
-    from mlembed_jax.checkpoint import DataStateBox
+    from mlembed_jax.checkpoint.manager import DataStateBox
     from mlembed_jax.config import config_json
 
     directory = os.path.join(workdir, "checkpoints")

@@ -217,7 +217,7 @@ def test_a_gpu_trained_checkpoint_encodes_here_with_the_portable_kernel(
     and gives the same embeddings; naming that kernel explicitly is a clear error."""
     from retrieval_helpers import trained_names_run
 
-    from mlembed_jax import checkpoint
+    from mlembed_jax.checkpoint import reader as checkpoint
 
     work, _ = trained_names_run(tmp_path_factory.getbasetemp())
     texts = demo_texts(8)
@@ -247,7 +247,7 @@ def test_a_tpu_trained_checkpoint_and_auto_encode_here(tmp_path_factory, monkeyp
     attention="auto" picks this platform's kernel as training would."""
     from retrieval_helpers import trained_names_run
 
-    from mlembed_jax import checkpoint
+    from mlembed_jax.checkpoint import reader as checkpoint
 
     work, _ = trained_names_run(tmp_path_factory.getbasetemp())
     texts = demo_texts(8)

@@ -47,7 +47,7 @@ EXPORTS = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Trains the tiny model (a few steps) and exports it at every size in EXPORTS."""
-    from mlembed_jax.checkpoint import load_trained
+    from mlembed_jax.checkpoint.reader import load_trained
     from mlembed_jax.data import text_encoding
     from mlembed_jax.export import ExportWarning, export_checkpoint
     from mlembed_jax.model.qwen3 import EncoderConfig
@@ -284,7 +284,7 @@ def test_depth_that_is_no_exit_warns(trained):
 def test_streaming_reader_matches_load_trained(trained):
     import jax
 
-    from mlembed_jax.checkpoint import TrainedParams
+    from mlembed_jax.checkpoint.reader import TrainedParams
 
     # Every spelling of --checkpoint: WORKDIR, WORKDIR/STEP, WORKDIR/checkpoints/STEP.
     step = str(trained.step)

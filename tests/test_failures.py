@@ -24,15 +24,14 @@ from fault_helpers import (
 from tool_helpers import load_tool
 from train_helpers import cli_args, final_params, small_config, subprocess_env, train_losses
 
-from mlembed_jax.checkpoint import (
+from mlembed_jax.checkpoint.manager import Checkpointer, DataStateBox
+from mlembed_jax.checkpoint.reader import (
     CheckpointDamaged,
-    Checkpointer,
-    DataStateBox,
     TrainedParams,
     load_trained,
     read_integrity,
 )
-from mlembed_jax.checkpoint_verify import device_fingerprint
+from mlembed_jax.checkpoint.verify import device_fingerprint
 from mlembed_jax.config import ConfigError
 from mlembed_jax.metrics_log import read_metrics
 from mlembed_jax.train import run

@@ -5,7 +5,9 @@ step, a full tmpfs, a per-process file-size limit, random bytes in the state fil
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -15,7 +17,8 @@ import pytest
 from fault_helpers import full_tmpfs, state_data_files, with_file_size_limit, write_random_bytes
 from train_helpers import ROOT, cli_args, small_config, subprocess_env, train_losses
 
-from mlembed_jax.checkpoint import Checkpointer, CheckpointError, human_bytes
+from mlembed_jax.checkpoint.manager import Checkpointer, human_bytes
+from mlembed_jax.checkpoint.verify import CheckpointError
 from mlembed_jax.config import ConfigError, validate
 from mlembed_jax.train import run
 
@@ -95,6 +98,39 @@ def test_rotation_keeps_the_newest_sound_checkpoint(tmp_path, capsys):
     assert [n.split("-")[0] for n in os.listdir(f"{work}/unsound_checkpoints")] == ["8"]
 
 
+def test_a_resume_from_an_unconfirmed_checkpoint_is_its_confirmation(tmp_path, capsys):
+    """A finished run's last checkpoint (6) has no finite loss after it yet: the same state
+    on disk as a SIGKILL between a save and the next step. The resumed run's first steps
+    compute their loss with exactly its params; here they are NaN (steps 7-9, a streak over
+    max_nonfinite_steps=2), so the stop sets 6 aside, and a rerun resumes from 4, the
+    newest sound one."""
+    kw = {"train.max_steps": 6, "train.checkpoint_every": 2, "mesh.num_devices": 1}
+    work = str(tmp_path / "run")
+    assert run(small_config(**kw), work) == 0
+    with open(f"{work}/sound_checkpoints.json") as f:
+        assert json.load(f) == {"sound": [2, 4]}  # 6: saved, never confirmed
+    kw.update({"train.max_steps": 12, "train.max_nonfinite_steps": 2})
+    poisoned = small_config(**kw, **{"train.debug_nan_steps": tuple(range(7, 13))})
+    capsys.readouterr()
+    assert run(poisoned, work, allow_config_change=True) == 1
+    out = capsys.readouterr()
+    assert f"resumed from {work}/checkpoints/6" in out.out
+    errors = _errors(out.err)
+    assert len(errors) == 1 and errors[0].startswith("error: step 9: 3 steps in a row"), out.err
+    assert "Checkpoint 6 was never shown sound" in errors[0]
+    assert f"Newest checkpoint on disk: step 4 ({work}/checkpoints/4)" in errors[0]
+    # 8 holds 6's params (step 7 was skipped), saved before the streak stopped the run: set
+    # aside too. Its save rotated 2 out (keep 3: 4, 6, 8); 4 is kept as the newest sound.
+    assert "Checkpoint 8 was never shown sound" in errors[0]
+    assert Checkpointer(work).steps() == [4]
+    assert sorted(n.split("-")[0] for n in os.listdir(f"{work}/unsound_checkpoints")) == \
+        ["6", "8"]
+
+    assert run(small_config(**kw), work, allow_config_change=True) == 0
+    assert f"resumed from {work}/checkpoints/4" in capsys.readouterr().out
+    assert max(train_losses(work)) == 12
+
+
 def test_full_disk_at_start_is_one_line_and_leaves_no_temp_file(tmp_path):
     with full_tmpfs(str(tmp_path / "disk"), size_kib=256) as disk:
         out = subprocess.run(cli_args(f"{disk}/run", **{"train.max_steps": 2}),
@@ -109,12 +145,17 @@ def test_full_disk_at_start_is_one_line_and_leaves_no_temp_file(tmp_path):
 
 
 def test_failed_background_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
-    """A file-size limit under the state's data file (1 MB): the save at step 4 starts (the
-    free-space check passes) and its background write fails. Orbax's log goes to TMPDIR,
-    here a full tmpfs, so the log's own writes fail too: that is swallowed, and the run
-    prints exactly one error line and keeps checkpoint 2."""
+    """A file-size limit under the state's data file (1 MB): the save at step 20 starts (the
+    free-space check passes) and its background write fails on its first data file. Orbax's
+    log goes to TMPDIR, here a full tmpfs, so the log's own writes fail too: that is
+    swallowed, and the run prints exactly one error line and keeps checkpoint 2.
+
+    No log step between the saves (log_every 50), so nothing but the poll syncs the host
+    with the device: the failure must be reported soon after 20, not at the next save (40,
+    the last step)."""
     work = tmp_path / "run"
-    kw = {"train.max_steps": 12, "train.checkpoint_every": 2, "mesh.num_devices": 1}
+    kw = {"train.max_steps": 40, "train.checkpoint_every": 20, "train.log_every": 50,
+          "mesh.num_devices": 1}
     env = subprocess_env()
     ok = subprocess.run(cli_args(work, **{**kw, "train.max_steps": 2}), env=env,
                         capture_output=True, text=True, timeout=300)
@@ -126,14 +167,18 @@ def test_failed_background_save_is_one_line_and_keeps_the_previous_checkpoint(tm
                              timeout=300)
     assert out.returncode == 1, out.stderr[-3000:]
     errors = _errors(out.stderr)
-    assert len(errors) == 1 and errors[0].startswith("error: saving checkpoint 4 failed: "), \
+    assert len(errors) == 1 and errors[0].startswith("error: saving checkpoint 20 failed: "), \
         out.stderr[-3000:]
     assert errors[0].endswith(f"step 2 ({work}/checkpoints/2) stays the newest checkpoint, "
                               "which a rerun with the same --workdir resumes from"), errors
     assert "Traceback" not in out.stderr and "Logging error" not in out.stderr, out.stderr
-    # Polled every step: reported at the first step after the write gave up, and at the
-    # latest by the next save (step 6), which waits for the one in flight.
-    assert max(train_losses(work)) <= 6
+    # The progress bar's last count (tqdm redraws it when the run stops) is the last step
+    # done. The write itself takes ~1 s here, 5-10 of these small steps; without poll()'s
+    # wait the host had queued steps 21-40 before it failed and reported it at 40 (measured
+    # 2026-12-05). How close to the failure: tests/test_checkpoint_poll.py.
+    done = int(re.findall(r"\| (\d+)/40 ", out.stderr)[-1])
+    assert 20 <= done <= 35, out.stderr[-3000:]
+    assert sorted(train_losses(work)) == [2, 20]  # metrics rows: the first run's end, the save
     assert sorted(os.listdir(work / "checkpoints")) == ["2"]
 
 
@@ -201,7 +246,7 @@ def test_orbax_log_on_a_full_disk_neither_prints_nor_replaces_the_runs_error(tmp
     and the run's own exception is what leaves the block."""
     import logging
 
-    from mlembed_jax.checkpoint import orbax_log
+    from mlembed_jax.checkpoint.orbax_logs import orbax_log
 
     with full_tmpfs(str(tmp_path / "disk"), size_kib=64) as disk:
         with pytest.raises(KeyError, match="the run's own"):

@@ -11,6 +11,7 @@ one-line errors of a missing bucket or object and of bad credentials.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -37,6 +38,22 @@ def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+# absl/glog's C++ line format: severity letter, MMDD hh:mm:ss.micros, thread, file:line].
+_GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:[\d.]+\s+\d+ \S+:\d+\] ")
+# TensorStore logs, at INFO and once per process, which credentials it uses (every path of
+# its google_auth_provider.cc does: the testing token here, "Using credentials at ..." with
+# application-default credentials, "Running on GCE ..." on a VM). Its absl copy is linked
+# privately and reads no environment variable for the log level (TensorStore 0.1.86), so
+# this one line cannot be switched off from Python; any other glog line is a failure.
+_TENSORSTORE_AUTH = re.compile(r"google_auth_provider\.cc:\d+\] (Using |Running on GCE)")
+
+
+def _glog_noise(stderr: str) -> list[str]:
+    """The C++ log lines on a run's stderr, other than TensorStore's credentials line."""
+    return [ln for ln in stderr.splitlines()
+            if _GLOG.match(ln) and not (ln.startswith("I") and _TENSORSTORE_AUTH.search(ln))]
 
 
 def _leaves(tree) -> list[np.ndarray]:
@@ -82,12 +99,14 @@ def test_prepare_train_sigterm_resume_export_encode_all_on_gcs(gcs, tmp_path, ca
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
+    assert _glog_noise(err) == [], err[-3000:]
     stopped_at = max(int(d) for d in storage.listdir(f"{work}/checkpoints") if d.isdigit())
     assert stopped_at < steps, "SIGTERM must land mid-run for this test to mean anything"
 
     resumed = subprocess.run(cli_args(work, **kw), env=env, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _glog_noise(resumed.stderr) == [], resumed.stderr[-3000:]
     assert f"resumed from {work}/checkpoints/{stopped_at}" in resumed.stdout
     a, b = train_losses(tmp_path / "straight"), train_losses(work)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))

@@ -171,7 +171,7 @@ def test_eval_cli_writes_json_and_reports_unknown_ids(names_run, tmp_path, capsy
 
 @pytest.mark.integration
 def test_periodic_evaluator_on_sharded_params_in_the_training_context(names_run):
-    from mlembed_jax.checkpoint import load_trained
+    from mlembed_jax.checkpoint.reader import load_trained
     from mlembed_jax.config import ConfigError
     from mlembed_jax.eval.periodic import make_periodic_evaluator
     from mlembed_jax.model.encoder import param_logical_axes

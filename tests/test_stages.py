@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from train_helpers import ROOT, final_params, small_config, train_losses
 
-from mlembed_jax.checkpoint import init_params_from
+from mlembed_jax.checkpoint.reader import init_params_from
 from mlembed_jax.config import ConfigError, load_config_file
 from mlembed_jax.metrics_log import read_metrics
 from mlembed_jax.model.qwen3 import EncoderConfig

@@ -43,7 +43,7 @@ def test_no_test_module_imports_another_and_helpers_share_one_name_style():
 # ---------------------------------------------------------------------- the package's map
 ROOT = os.path.dirname(HERE)
 PACKAGE = os.path.join(ROOT, "mlembed_jax")
-SUBPACKAGES = ("data", "eval", "export", "model", "perf")
+SUBPACKAGES = ("checkpoint", "data", "eval", "export", "model", "perf")
 
 
 def _modules(package_dir: str) -> set[str]:

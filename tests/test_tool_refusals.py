@@ -37,7 +37,7 @@ def _rewrite_params(work: str, cfg, step: int, change) -> None:
     """Checkpoint `step` of `work` replaced by its state with params `change(params)`,
     saved by the Checkpointer training uses (fingerprints of the new values included)."""
     from mlembed_jax.batch import geometry_from_config
-    from mlembed_jax.checkpoint import Checkpointer, DataStateBox
+    from mlembed_jax.checkpoint.manager import Checkpointer, DataStateBox
     from mlembed_jax.sharding import make_mesh
     from mlembed_jax.train_step import build_step
 
@@ -318,7 +318,7 @@ def test_tools_take_params_whose_only_damage_is_the_data_file(runs, tmp_path, ca
     from safetensors.numpy import load_file
 
     from mlembed_jax import encode
-    from mlembed_jax.checkpoint import CheckpointDamaged
+    from mlembed_jax.checkpoint.reader import CheckpointDamaged
 
     work = copy_run(runs[0], str(tmp_path / "run"))
     os.remove(f"{work}/{CKPTS}/6/data/process_0-of-1.json")

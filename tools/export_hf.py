@@ -13,7 +13,7 @@ import argparse
 import sys
 import warnings
 
-from mlembed_jax.checkpoint import CheckpointError
+from mlembed_jax.checkpoint.reader import CheckpointError
 from mlembed_jax.export import ExportError, ExportWarning, export_checkpoint
 from mlembed_jax.storage import StorageError
 

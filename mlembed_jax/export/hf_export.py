@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from mlembed_jax import storage
-from mlembed_jax.checkpoint import ToolParams, TrainedParams, alternatives_hint
+from mlembed_jax.checkpoint.reader import ToolParams, TrainedParams, alternatives_hint
 from mlembed_jax.export.errors import ExportError, ExportWarning
 from mlembed_jax.export.model_card import final_metrics, render
 from mlembed_jax.export.sentence_transformers_files import (
