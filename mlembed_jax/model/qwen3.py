@@ -141,6 +141,9 @@ def matmul(x, w, contract: int = 1):
 def _dense(module, name, shape, axes, dtype, param_dtype, fan_in):
     init = nn.initializers.normal(stddev=fan_in ** -0.5)
     kernel = module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype)
+    if module.has_variable("lora", name):  # W + A @ B, B pre-scaled (model/lora.py)
+        ad = module.get_variable("lora", name)
+        kernel = kernel + jnp.tensordot(ad["A"], ad["B"], axes=1)
     return kernel.astype(dtype)
 
 
@@ -248,7 +251,7 @@ class Qwen3Encoder(nn.Module):
             layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(c.remat), prevent_cse=False)
         stack = nn.scan(
             layer_cls,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
