@@ -333,15 +333,15 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.loss.in_batch_gradient not in ("full", "queries"):
         errs.append(f"loss.in_batch_gradient={c.loss.in_batch_gradient!r} must be 'full' or "
                     "'queries'")
-    errs += _lora_problems(m)
+    errs += _lora_problems(c)
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     return c
 
 
-def _lora_problems(m) -> list[str]:
+def _lora_problems(c) -> list[str]:
     """model.lora's problems, one line each."""
-    lora = m.get("lora")
+    lora = c.model.get("lora")
     if lora is None:
         return []
     errs = []
@@ -359,6 +359,9 @@ def _lora_problems(m) -> list[str]:
     if lora.dropout != 0:
         errs.append(f"model.lora.dropout={lora.dropout!r}: adapter dropout is not "
                     "implemented; set model.lora.dropout=0")
+    if c.optim.mel_lr >= 0 and c.optim.mel_lr != c.optim.lr:
+        errs.append(f"optim.mel_lr={c.optim.mel_lr} has no effect with LoRA (the MEL factors "
+                    "are frozen with the base); set optim.mel_lr=-1")
     return errs
 
 

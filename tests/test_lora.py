@@ -1,6 +1,8 @@
 """LoRA (model/lora.py): the adapted forward against peft's, merging, config refusals, and the
 train step with the base frozen."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,12 +10,18 @@ import peft
 import pytest
 import torch
 from hf_helpers import make_hf_qwen3
+from train_helpers import small_config
 
 from mlembed_jax.config import LORA_TARGETS, ConfigError, apply_overrides, base_config, validate
+from mlembed_jax.data.pipeline import make_train_iterator
+from mlembed_jax.loss import config_kwargs
 from mlembed_jax.model import lora
 from mlembed_jax.model.encoder import encode, init_params
 from mlembed_jax.model.hf_import import encoder_config_from_hf, load_hf_params
 from mlembed_jax.model.qwen3 import EncoderConfig, padded_inputs
+from mlembed_jax.optim import make_optimizer
+from mlembed_jax.sharding import make_mesh, to_global_batch
+from mlembed_jax.train_step import StepSetup, build_step, fresh_state, loss_and_grads, train_step
 
 TOL = 1e-5  # fp32 bound set by the issue for adapted and merged forwards
 
@@ -161,3 +169,128 @@ def test_lora_is_off_by_default_and_reads_its_block():
     apply_overrides(c, {"model.lora.rank": "8", "model.lora.targets": "('q_proj', 'v_proj')"})
     validate(c)
     assert lora.LoraConfig.from_config(c.model) == lora.LoraConfig(8, 8.0, ("q_proj", "v_proj"))
+
+
+# ------------------------------------------------------------------------------------------
+# The train step with LoRA: demo data, the small model of the training tests (MEL on, MLL
+# exits 1 and 2, MRL dims), adapters on every projection.
+
+LORA = {"model.lora.rank": 4, "model.lora.alpha": 8.0}
+
+
+@pytest.fixture(scope="module")
+def lora_parts():
+    config = small_config(**LORA, **{"data.packs_per_step": 4, "optim.warmup_steps": 0,
+                                     "optim.lr": 1e-3})
+    it = make_train_iterator(config, 4, prefetch=0)
+    batch = next(b for b, _ in (next(it) for _ in range(20))
+                 if (b["in_batch"] & b["sample_valid"]).any())
+    enc = EncoderConfig.from_config(config.model)
+    return config, it.global_geometry, batch, enc
+
+
+def _lora_setup(config, geometry, enc, chunks=0, teacher=None):
+    tx, schedule = make_optimizer(config.optim, 100)
+    kw = config_kwargs(config.loss)
+    if teacher is not None:
+        kw["kd_weight"] = 1.0
+    return StepSetup(enc=enc, geometry=geometry, tx=tx, schedule=schedule, loss_kwargs=kw,
+                     num_datasets=3, teacher=teacher, grad_cache_chunks=chunks,
+                     lora=lora.LoraConfig.from_config(config.model))
+
+
+def test_lora_steps_move_only_the_adapters_and_the_loss_falls(lora_parts):
+    config, geometry, batch, enc = lora_parts
+    setup = _lora_setup(config, geometry, enc)
+    assert enc.mel and enc.exits == (1, 2) and setup.loss_kwargs["mrl_min_dim"] < enc.hidden_size
+    base = init_params(enc, jax.random.key(0))
+    base_before = jax.tree_util.tree_map(np.array, base)
+    adapters = lora.init_adapters(base, setup.lora, jax.random.key(1))
+    state = fresh_state(setup, adapters, 0)
+    # The optimizer holds the adapters' moments only: no leaf of a base param's size.
+    adapter_shapes = {x.shape for x in jax.tree_util.tree_leaves(adapters)}
+    assert {x.shape for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim} \
+        == adapter_shapes
+    step = jax.jit(lambda s, b, base: train_step(setup, s, b, base_params=base))
+    losses = []
+    for _ in range(8):  # one batch, repeated
+        state, m = step(state, batch, base)
+        assert float(m["nonfinite"]) == 0 and "mel_rank" in m
+        losses.append(float(m["total"]))
+    assert losses[-1] < 0.9 * losses[0], losses
+    jax.tree_util.tree_map(np.testing.assert_array_equal, base, base_before)  # bit-identical
+    for path, new in jax.tree_util.tree_leaves_with_path(state.params):
+        old = adapters
+        for k in path:
+            old = old[k.key]
+        assert not np.allclose(new, old), jax.tree_util.keystr(path)
+
+
+def _max_rel_diff(got, want):
+    return max(float(np.abs(np.asarray(g) - np.asarray(w)).max() / np.abs(np.asarray(w)).max())
+               for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
+
+
+def test_lora_cached_gradients_equal_the_plain_step_with_kd(lora_parts):
+    config, geometry, batch, enc = lora_parts
+    teacher_cfg = dataclasses.replace(enc, mel=False)  # the student's exits, paired by index
+    teacher = init_params(teacher_cfg, jax.random.key(7))
+    base = init_params(enc, jax.random.key(0))
+    setup = _lora_setup(config, geometry, enc, teacher=teacher_cfg)
+    adapters = _random_adapters(base, setup.lora)  # B != 0, so A has gradients too
+
+    def grads(chunks):
+        s = dataclasses.replace(setup, grad_cache_chunks=chunks)
+        fn = jax.jit(lambda a: loss_and_grads(s, a, batch, teacher, rank=16, base_params=base))
+        return jax.device_get(fn(adapters))
+
+    (loss, metrics), want = grads(0)
+    assert metrics["kd"] > 0 and metrics["in_batch"] > 0
+    assert jax.tree_util.tree_structure(want) == jax.tree_util.tree_structure(adapters)
+    assert all(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(want))
+    for chunks in (2, 4):
+        (c_loss, c_metrics), got = grads(chunks)
+        assert abs(c_loss - loss) <= 1e-5 * abs(loss)
+        np.testing.assert_allclose(c_metrics["kd"], metrics["kd"], rtol=1e-5)
+        assert _max_rel_diff(got, want) <= 1e-5, chunks
+
+
+def test_built_lora_step_shards_adapters_like_their_weights_and_keeps_the_base(lora_parts):
+    """build_step with model.lora: the state is adapters + their moments, sharded by the
+    weights' logical axes; the jitted step takes the base last and leaves it as it was."""
+    config, geometry, batch, _ = lora_parts
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.mesh.update({"num_devices": 8, "data": 2, "fsdp": 2, "tensor": 2})
+    mesh = make_mesh(config.mesh)
+    built = build_step(config, mesh, total_steps=10, geometries=geometry)
+    sh = built.state_shardings
+    q = sh.params["layers"]["self_attn"]["q_proj"]
+    w_spec = built.base_shardings["layers"]["self_attn"]["q_proj"].spec
+    # A [L, embed, r] follows the weight's embed placement, B [L, r, heads, head_dim] its heads.
+    assert q["A"].spec[:2] == w_spec[:2] and q["A"].spec[2] is None
+    assert q["B"].spec[1] is None and q["B"].spec[2:] == w_spec[2:]
+    assert "fsdp" in str(w_spec) and "tensor" in str(w_spec)
+    moments = [s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh.opt_state)
+               if jax.tree_util.keystr(p).endswith("['q_proj']['B']")]
+    assert moments == [q["B"].spec] * 2  # Adam's mu and nu
+
+    host_base = jax.tree_util.tree_map(np.asarray, init_params(built.setup.enc,
+                                                               jax.random.key(0)))
+    base = built.place_base(host_base)
+    state = built.init_state()
+    with built.rules_context():
+        gb = to_global_batch(batch, geometry, mesh, built.rules)
+        for _ in range(2):
+            state, m = built.train(state, gb, None, base)
+        metrics = built.eval(state.params, gb, None, base)
+    assert int(state.step) == 2 and np.isfinite(float(m["total"]))
+    assert np.isfinite(float(metrics["acc_hard"]))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(base), host_base)
+    b = jax.device_get(state.params["layers"]["mlp"]["down_proj"]["B"])
+    assert np.abs(b).max() > 0  # B left zero init: the adapters trained
+
+
+def test_lora_refuses_a_separate_mel_learning_rate():
+    with pytest.raises(ConfigError, match="optim.mel_lr=0.0001 has no effect with LoRA"):
+        validate(apply_overrides(base_config(), {**LORA, "optim.mel_lr": 1e-4}))

@@ -36,6 +36,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from mlembed_jax.model.encoder import truncate_params
+from mlembed_jax.model.qwen3 import Qwen3Encoder
+
 # target name -> (module under layers/, number of input axes of its kernel after `layers`)
 TARGETS = {
     "q_proj": ("self_attn", 1), "k_proj": ("self_attn", 1), "v_proj": ("self_attn", 1),
@@ -131,9 +134,6 @@ def encode(base, adapters, lora_cfg: LoraConfig, cfg, tokens, segment_ids, posit
            return_hidden: bool = False):
     """encoder.encode with adapters: the same inputs and outputs (see Qwen3Encoder), the
     base params frozen by the caller (they are not differentiated here unless asked)."""
-    from mlembed_jax.model.encoder import truncate_params
-    from mlembed_jax.model.qwen3 import Qwen3Encoder
-
     if num_layers is not None and num_layers != cfg.num_layers:
         cfg = cfg.truncated(num_layers)
         base = truncate_params(base, num_layers)
