@@ -248,7 +248,7 @@ def test_lora_cached_gradients_equal_the_plain_step_with_kd(lora_parts):
     assert metrics["kd"] > 0 and metrics["in_batch"] > 0
     assert jax.tree_util.tree_structure(want) == jax.tree_util.tree_structure(adapters)
     assert all(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(want))
-    for chunks in (2, 4):
+    for chunks in (4,):  # one pack per chunk
         (c_loss, c_metrics), got = grads(chunks)
         assert abs(c_loss - loss) <= 1e-5 * abs(loss)
         np.testing.assert_allclose(c_metrics["kd"], metrics["kd"], rtol=1e-5)
