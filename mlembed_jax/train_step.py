@@ -351,8 +351,7 @@ def init_state(setup: StepSetup, state_sh: TrainState, seed: int,
     """A sharded train state: random params (host_params None) or the given host params.
     With LoRA: fresh adapters; the base is not state (`BuiltStep.place_base`)."""
     if setup.lora is not None and host_params is not None:
-        raise ValueError("with LoRA the state holds only adapters; place the base params "
-                         "with BuiltStep.place_base")
+        raise ConfigError(_LORA_NEEDS_BASE)
     if host_params is None:
         make = lambda: fresh_state(setup, _fresh_trained(setup, seed), seed)
         return jax.jit(make, out_shardings=state_sh)()
@@ -431,6 +430,12 @@ def teacher_config(config, enc: EncoderConfig):
     return pair_teacher(enc, teacher, str(config.loss.get("kd_exit_pairing", "position")))
 
 
+# A LoRA step takes the frozen base as its own argument (BuiltStep.place_base); a caller that
+# builds a state from host params or compiles without the base gets this line.
+_LORA_NEEDS_BASE = ("model.lora.rank > 0: the train loop does not run LoRA yet (the step's "
+                    "frozen base params are not passed to it); set model.lora.rank=0")
+
+
 @dataclasses.dataclass
 class BuiltStep:
     """A run's step, built once from the config (see `build_step`).
@@ -469,6 +474,8 @@ class BuiltStep:
                 for k, (shape, dtype) in (geometry or self.geometry).shapes().items()}
 
     def _compile(self, fn, first, teacher_params, rows, base_params=None) -> dict:
+        if self.setup.lora is not None and base_params is None:
+            raise ConfigError(_LORA_NEEDS_BASE)
         extra = () if self.setup.lora is None else (base_params,)
         with self.rules_context():
             lowered = {g.rows_per_pack: fn.lower(first, self.abstract_batch(g), teacher_params,
