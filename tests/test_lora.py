@@ -121,6 +121,12 @@ def test_merged_forward_equals_adapted_forward(mel):
     base = encode(params, enc, tokens, seg, pos, pool, rank=rank)
     assert np.abs(np.asarray(adapted["pooled"]) - np.asarray(merged["pooled"])).max() <= TOL
     assert np.abs(np.asarray(adapted["pooled"]) - np.asarray(base["pooled"])).max() > 1e-3
+    # A truncated model (an MLL point) cuts the adapters with the layers.
+    short = lora.encode(params, adapters, lcfg, enc, tokens, seg, pos, pool, rank=rank,
+                        num_layers=2)["pooled"][-1]
+    want = encode(merged_params, enc, tokens, seg, pos, pool, rank=rank,
+                  num_layers=2)["pooled"][-1]
+    assert np.abs(np.asarray(short) - np.asarray(want)).max() <= TOL
     # Merging leaves the base untouched and changes exactly the targeted kernels.
     for target in LORA_TARGETS:
         module, _ = lora.TARGETS[target]
