@@ -302,3 +302,10 @@ def test_built_lora_step_shards_adapters_like_their_weights_and_keeps_the_base(l
 def test_lora_refuses_a_separate_mel_learning_rate():
     with pytest.raises(ConfigError, match="optim.mel_lr=0.0001 has no effect with LoRA"):
         validate(apply_overrides(base_config(), {**LORA, "optim.mel_lr": 1e-4}))
+
+
+def test_lora_config_refuses_what_it_cannot_do():
+    for bad in (dict(rank=0, alpha=1.0), dict(rank=2, alpha=1.0, targets=("lm_head",)),
+                dict(rank=2, alpha=1.0, dropout=0.1)):
+        with pytest.raises(ValueError, match="LoraConfig needs rank >= 1"):
+            lora.LoraConfig(**bad)

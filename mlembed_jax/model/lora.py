@@ -55,10 +55,18 @@ RANK_AXIS = "lora_rank"
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
+    """model.lora, on: rank r >= 1, scale alpha / r, the adapted projections."""
+
     rank: int
     alpha: float
     targets: tuple[str, ...] = tuple(TARGETS)
     dropout: float = 0.0
+
+    def __post_init__(self):
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if self.rank < 1 or not self.targets or unknown or self.dropout != 0:
+            raise ValueError(f"LoraConfig needs rank >= 1, targets among {tuple(TARGETS)} "
+                             f"and dropout 0 (not implemented); got {self}")
 
     @property
     def scale(self) -> float:
@@ -137,8 +145,8 @@ def merge_adapters(params, adapters, lora_cfg: LoraConfig):
 def encode(base, adapters, lora_cfg: LoraConfig, cfg, tokens, segment_ids, positions,
            pool_index, *, rank=None, num_layers: int | None = None,
            return_hidden: bool = False):
-    """encoder.encode with adapters: the same inputs and outputs (see Qwen3Encoder), the
-    base params frozen by the caller (they are not differentiated here unless asked)."""
+    """encoder.encode with adapters: the same inputs and outputs (see Qwen3Encoder). The
+    base stays frozen when only `adapters` is differentiated (as train_step does)."""
     if num_layers is not None and num_layers != cfg.num_layers:
         cfg = cfg.truncated(num_layers)
         base = truncate_params(base, num_layers)
