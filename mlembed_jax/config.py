@@ -52,6 +52,10 @@ LR_SCHEDULES = ("cosine", "cosine_to_min_lr", "constant_with_warmup")
 KD_EXIT_PAIRINGS = ("position", "layer")  # train_step.teacher_exit_layers
 
 
+# The projections model.lora.targets may name (model/lora.py TARGETS).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class ConfigError(ValueError):
     """A configuration the run cannot use; the message names the field and the fix."""
 
@@ -94,6 +98,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Layers per iteration of the compiled layer loop; num_layers unrolls it (no stacked
     # per-layer buffers to fill and slice: faster on CPU for small models, slower to compile).
     m.scan_unroll = 1
+    # LoRA (model/lora.py): rank > 0 trains low-rank adapters on `targets`, the base weights
+    # (MEL factors included) frozen and out of the optimizer state. 0 = full fine-tuning.
+    m.lora = ml_collections.ConfigDict()
+    m.lora.rank = 0
+    m.lora.alpha = 8.0  # scale alpha / rank (peft's default alpha)
+    m.lora.targets = LORA_TARGETS
+    m.lora.dropout = 0.0  # only 0: adapter dropout is not implemented
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices not used by the other axes
@@ -335,9 +346,36 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.loss.in_batch_gradient not in ("full", "queries"):
         errs.append(f"loss.in_batch_gradient={c.loss.in_batch_gradient!r} must be 'full' or "
                     "'queries'")
+    errs += _lora_problems(c)
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     return c
+
+
+def _lora_problems(c) -> list[str]:
+    """model.lora's problems, one line each."""
+    lora = c.model.get("lora")
+    if lora is None:
+        return []
+    errs = []
+    if not isinstance(lora.rank, int) or isinstance(lora.rank, bool) or lora.rank < 0:
+        return [f"model.lora.rank={lora.rank!r} must be an integer >= 0 (0 = LoRA off)"]
+    if lora.rank == 0:
+        return []
+    if not lora.alpha > 0:
+        errs.append(f"model.lora.alpha={lora.alpha!r} must be > 0 (the scale is alpha / rank)")
+    targets = tuple(lora.targets) if isinstance(lora.targets, (tuple, list)) else ()
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets or len(set(targets)) != len(targets):
+        errs.append(f"model.lora.targets={lora.targets!r} must list distinct projections "
+                    f"among {', '.join(LORA_TARGETS)}")
+    if lora.dropout != 0:
+        errs.append(f"model.lora.dropout={lora.dropout!r}: adapter dropout is not "
+                    "implemented; set model.lora.dropout=0")
+    if c.optim.mel_lr >= 0 and c.optim.mel_lr != c.optim.lr:
+        errs.append(f"optim.mel_lr={c.optim.mel_lr} has no effect with LoRA (the MEL factors "
+                    "are frozen with the base); set optim.mel_lr=-1")
+    return errs
 
 
 def config_json(c: ml_collections.ConfigDict) -> dict:

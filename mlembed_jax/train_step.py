@@ -15,6 +15,9 @@ jitted train and eval steps (one trace per bucket; `compile_train` / `compile_ev
 them all before the first step). `tools/aot_compile.py` lowers what it returns on shapes
 alone (the largest bucket, for memory); `tools/benchmark.py` times it;
 `python -m mlembed_jax.train` runs it.
+With LoRA (model.lora.rank > 0, model/lora.py) the state's params are the adapters alone:
+the base params are one more argument of the step, like the teacher's, never differentiated
+and never updated, so the optimizer state holds only the adapters' moments.
 State creation never builds anything whole on one device: random init runs under jit with
 the state's out_shardings, and host weights go to devices shard by shard.
 """
@@ -48,6 +51,7 @@ from mlembed_jax.loss import (
     nested_contrastive_loss,
     pack_local_take,
 )
+from mlembed_jax.model import lora as lora_lib
 from mlembed_jax.model.encoder import abstract_params, encode, init_params, param_logical_axes
 from mlembed_jax.model.factorized_embed import sample_mel_rank
 from mlembed_jax.model.hf_import import encoder_config_from_hf, load_hf_params
@@ -89,9 +93,18 @@ class StepSetup:
     grad_cache_chunks: int = 0  # 0: plain step; k: cached embedding gradients, k chunks
     batch_shards: int = 1  # shards of the batch axes (chunks keep every device busy)
     debug_nan_steps: tuple[int, ...] = ()  # train.debug_nan_steps (test/debug hook)
+    # LoRA: params are the adapters, the base params a frozen argument (None = off).
+    lora: lora_lib.LoraConfig | None = None
 
 
-def pooled_embeddings(setup: StepSetup, params, batch, rank):
+def pooled_embeddings(setup: StepSetup, params, batch, rank, base_params=None):
+    """[E, X, d] pooled embeddings; with LoRA `params` are the adapters of `base_params`."""
+    if setup.lora is not None:
+        if base_params is None:
+            raise ValueError("a LoRA step needs the base params (base_params)")
+        return lora_lib.encode(base_params, params, setup.lora, setup.enc, batch["tokens"],
+                               batch["segment_ids"], batch["positions"], batch["pool_index"],
+                               rank=rank)["pooled"]
     return encode(params, setup.enc, batch["tokens"], batch["segment_ids"], batch["positions"],
                   batch["pool_index"], rank=rank)["pooled"]
 
@@ -115,12 +128,13 @@ def step_rank(setup: StepSetup, state: TrainState):
     return sample_mel_rank(key, setup.enc.mel_r_min, setup.enc.mel_r_max)
 
 
-def step_loss(setup: StepSetup, params, batch: dict, teacher_params=None, rank=None):
+def step_loss(setup: StepSetup, params, batch: dict, teacher_params=None, rank=None,
+              base_params=None):
     """(total loss, metrics) of the student `params` on a batch: what train_step
     differentiates. The teacher's embeddings pass through stop_gradient."""
     slots = globalize_slots(batch, setup.geometry)
     teacher = _teacher_pooled(setup, teacher_params, batch)
-    pooled = pooled_embeddings(setup, params, batch, rank)
+    pooled = pooled_embeddings(setup, params, batch, rank, base_params)
     return nested_contrastive_loss(pooled, slots, teacher_pooled=teacher,
                                    num_datasets=setup.num_datasets, **setup.loss_kwargs)
 
@@ -133,10 +147,10 @@ def _debug_nan_factor(setup: StepSetup, step):
     return jnp.where(hit, jnp.float32(jnp.nan), jnp.float32(1.0))
 
 
-def _chunked_pooled(setup: StepSetup, params, chunked: dict, rank):
+def _chunked_pooled(setup: StepSetup, params, chunked: dict, rank, base_params=None):
     """[E, P*T, d] pooled embeddings of a chunked batch, one chunk's activations at a time."""
-    pooled = chunked_forward(lambda p, ch: pooled_embeddings(setup, p, ch, rank), params,
-                             chunked)
+    pooled = chunked_forward(lambda p, ch: pooled_embeddings(setup, p, ch, rank, base_params),
+                             params, chunked)
     return unchunk_texts(pooled, setup.batch_shards, setup.grad_cache_chunks)
 
 
@@ -150,19 +164,20 @@ def _chunked_teacher(setup: StepSetup, teacher_params, chunked: dict):
 
 
 def loss_and_grads(setup: StepSetup, params, batch: dict, teacher_params=None, rank=None,
-                   loss_factor=None):
+                   loss_factor=None, base_params=None):
     """((total loss, metrics), grads) of `step_loss` on a batch: one plain backward pass, or
     with setup.grad_cache_chunks > 0 the cached-embedding gradients of grad_cache.py (the
     same values, at one chunk's activation memory and one extra forward pass).
     loss_factor (a traced scalar or None) multiplies the total inside the differentiated
-    function, so a NaN there reaches the gradients as a real one would."""
+    function, so a NaN there reaches the gradients as a real one would.
+    With LoRA, `params` (and so the grads) are the adapters; base_params is held fixed."""
     def scaled(result):
         total, metrics = result
         return (total if loss_factor is None else total * loss_factor), metrics
 
     if not setup.grad_cache_chunks:
         return jax.value_and_grad(
-            lambda p: scaled(step_loss(setup, p, batch, teacher_params, rank)),
+            lambda p: scaled(step_loss(setup, p, batch, teacher_params, rank, base_params)),
             has_aux=True)(params)
     shards, chunks = setup.batch_shards, setup.grad_cache_chunks
     chunked = chunk_batch(batch, shards, chunks)
@@ -174,16 +189,19 @@ def loss_and_grads(setup: StepSetup, params, batch: dict, teacher_params=None, r
             unchunk_texts(emb, shards, chunks), slots, teacher_pooled=teacher,
             num_datasets=setup.num_datasets, **setup.loss_kwargs))
 
-    return cached_value_and_grad(lambda p, ch: pooled_embeddings(setup, p, ch, rank), loss_fn,
-                                 params, chunked)
+    return cached_value_and_grad(
+        lambda p, ch: pooled_embeddings(setup, p, ch, rank, base_params), loss_fn, params,
+        chunked)
 
 
-def train_step(setup: StepSetup, state: TrainState, batch: dict, teacher_params=None):
+def train_step(setup: StepSetup, state: TrainState, batch: dict, teacher_params=None,
+               base_params=None):
     """One update, or none if the loss or gradient norm is not finite (module docstring).
+    With LoRA, state.params are the adapters and base_params the frozen base.
     Returns (new state, metrics: scalars and small arrays, fp32)."""
     rank = step_rank(setup, state)
     (total, metrics), grads = loss_and_grads(setup, state.params, batch, teacher_params, rank,
-                                             _debug_nan_factor(setup, state.step))
+                                             _debug_nan_factor(setup, state.step), base_params)
     grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
@@ -202,7 +220,8 @@ def train_step(setup: StepSetup, state: TrainState, batch: dict, teacher_params=
     return new_state, metrics
 
 
-def eval_step(setup: StepSetup, params, batch: dict, teacher_params=None, rank=None):
+def eval_step(setup: StepSetup, params, batch: dict, teacher_params=None, rank=None,
+              base_params=None):
     """Loss metrics on a batch at a fixed MEL rank (default r_max), plus retrieval accuracy at
     the last exit and full width: `acc_in_batch` (own positive ranks first among all
     positives of the batch; retrieval samples only, since clustering/classification
@@ -210,10 +229,10 @@ def eval_step(setup: StepSetup, params, batch: dict, teacher_params=None, rank=N
     slots = globalize_slots(batch, setup.geometry)
     if setup.grad_cache_chunks:  # the forward a chunk at a time, as the train step does
         chunked = chunk_batch(batch, setup.batch_shards, setup.grad_cache_chunks)
-        pooled = _chunked_pooled(setup, params, chunked, rank)
+        pooled = _chunked_pooled(setup, params, chunked, rank, base_params)
         teacher = _chunked_teacher(setup, teacher_params, chunked)
     else:
-        pooled = pooled_embeddings(setup, params, batch, rank)
+        pooled = pooled_embeddings(setup, params, batch, rank, base_params)
         teacher = _teacher_pooled(setup, teacher_params, batch)
     _, metrics = nested_contrastive_loss(
         pooled, slots, teacher_pooled=teacher, num_datasets=setup.num_datasets,
@@ -250,7 +269,7 @@ def state_shardings(setup: StepSetup, mesh: Mesh, rules, abstract_state: TrainSt
     A moment is matched to its param by the param's path ending its own path, with the same
     shape; this holds however optax nests its state (chain, multi_transform masks, ...).
     """
-    param_sh = logical_shardings(param_logical_axes(setup.enc), mesh, rules)
+    param_sh = logical_shardings(_trained_logical_axes(setup), mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     by_path = {}
     for path, sh in jax.tree_util.tree_leaves_with_path(param_sh):
@@ -270,15 +289,31 @@ def state_shardings(setup: StepSetup, mesh: Mesh, rules, abstract_state: TrainSt
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
 
 
+def _trained_logical_axes(setup: StepSetup):
+    """Logical axes of what the state trains: the params, or with LoRA the adapters."""
+    axes = param_logical_axes(setup.enc)
+    return axes if setup.lora is None else lora_lib.adapter_logical_axes(axes, setup.lora)
+
+
 def batch_shardings(mesh: Mesh, rules, geometry: BatchGeometry) -> dict:
     return {k: batch_sharding(mesh, rules, len(shape))
             for k, (shape, _) in geometry.shapes().items()}
 
 
-def jit_steps(setup: StepSetup, mesh: Mesh, rules, state_sh, teacher_sh=None):
-    """(train_step, eval_step) jitted with explicit shardings; the train state is donated."""
+def jit_steps(setup: StepSetup, mesh: Mesh, rules, state_sh, teacher_sh=None, base_sh=None):
+    """(train_step, eval_step) jitted with explicit shardings; the train state is donated.
+    With LoRA both take the base params last: train(s, b, t, base), eval(p, b, t, base)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     b_sh = batch_shardings(mesh, rules, setup.geometry)
+    if setup.lora is not None:
+        train = jax.jit(
+            lambda s, b, t, base: train_step(setup, s, b, t, base),
+            in_shardings=(state_sh, b_sh, teacher_sh, base_sh),
+            out_shardings=(state_sh, replicated), donate_argnums=(0,))
+        evaluate = jax.jit(
+            lambda p, b, t, base: eval_step(setup, p, b, t, base_params=base),
+            in_shardings=(state_sh.params, b_sh, teacher_sh, base_sh), out_shardings=replicated)
+        return train, evaluate
     train = jax.jit(
         lambda s, b, t: train_step(setup, s, b, t),
         in_shardings=(state_sh, b_sh, teacher_sh), out_shardings=(state_sh, replicated),
@@ -299,17 +334,26 @@ def fresh_state(setup: StepSetup, params, seed: int) -> TrainState:
                       opt_state=setup.tx.init(params), rng=rng)
 
 
+def _fresh_trained(setup: StepSetup, seed: int):
+    """Random params, or with LoRA fresh adapters (B = 0: the step-0 model is the base)."""
+    if setup.lora is None:
+        return init_params(setup.enc, jax.random.key(seed))
+    return lora_lib.init_adapters(abstract_params(setup.enc), setup.lora, jax.random.key(seed))
+
+
 def abstract_state(setup: StepSetup, seed: int = 0) -> TrainState:
     """ShapeDtypeStructs of the whole state (params, optimizer moments, step, rng)."""
-    return jax.eval_shape(
-        lambda: fresh_state(setup, init_params(setup.enc, jax.random.key(seed)), seed))
+    return jax.eval_shape(lambda: fresh_state(setup, _fresh_trained(setup, seed), seed))
 
 
 def init_state(setup: StepSetup, state_sh: TrainState, seed: int,
                host_params: dict | None = None) -> TrainState:
-    """A sharded train state: random params (host_params None) or the given host params."""
+    """A sharded train state: random params (host_params None) or the given host params.
+    With LoRA: fresh adapters; the base is not state (`BuiltStep.place_base`)."""
+    if setup.lora is not None and host_params is not None:
+        raise ConfigError(_LORA_NEEDS_BASE)
     if host_params is None:
-        make = lambda: fresh_state(setup, init_params(setup.enc, jax.random.key(seed)), seed)
+        make = lambda: fresh_state(setup, _fresh_trained(setup, seed), seed)
         return jax.jit(make, out_shardings=state_sh)()
     params = place_params(host_params, state_sh.params, setup.enc.param_dtype)
     return jax.jit(lambda p: fresh_state(setup, p, seed), out_shardings=state_sh,
@@ -386,13 +430,20 @@ def teacher_config(config, enc: EncoderConfig):
     return pair_teacher(enc, teacher, str(config.loss.get("kd_exit_pairing", "position")))
 
 
+# A LoRA step takes the frozen base as its own argument (BuiltStep.place_base); a caller that
+# builds a state from host params or compiles without the base gets this line.
+_LORA_NEEDS_BASE = ("model.lora.rank > 0: the train loop does not run LoRA yet (the step's "
+                    "frozen base params are not passed to it); set model.lora.rank=0")
+
+
 @dataclasses.dataclass
 class BuiltStep:
     """A run's step, built once from the config (see `build_step`).
 
     train(state, batch, teacher_params) -> (state, metrics) and
     eval(params, batch, teacher_params) -> metrics are jitted with explicit shardings;
-    call or lower them under `self.rules_context()`.
+    call or lower them under `self.rules_context()`. With LoRA (setup.lora) both take the
+    frozen base params as one more, last argument, placed by `base_shardings`.
     """
 
     config: Any
@@ -406,6 +457,7 @@ class BuiltStep:
     teacher_shardings: Any  # None without a teacher
     train: Callable
     eval: Callable
+    base_shardings: Any = None  # LoRA: the frozen base params' shardings; None without LoRA
 
     @property
     def geometry(self) -> BatchGeometry:
@@ -421,23 +473,38 @@ class BuiltStep:
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_shardings[k])
                 for k, (shape, dtype) in (geometry or self.geometry).shapes().items()}
 
-    def _compile(self, fn, first, teacher_params, rows) -> dict:
+    def _compile(self, fn, first, teacher_params, rows, base_params=None) -> dict:
+        if self.setup.lora is not None and base_params is None:
+            raise ConfigError(_LORA_NEEDS_BASE)
+        extra = () if self.setup.lora is None else (base_params,)
         with self.rules_context():
-            lowered = {g.rows_per_pack: fn.lower(first, self.abstract_batch(g), teacher_params)
+            lowered = {g.rows_per_pack: fn.lower(first, self.abstract_batch(g), teacher_params,
+                                                 *extra)
                        for g in self.geometries if rows is None or g.rows_per_pack in rows}
         # XLA compiles outside the GIL: the buckets compile side by side.
         with concurrent.futures.ThreadPoolExecutor(max(1, len(lowered))) as pool:
             done = {r: pool.submit(low.compile) for r, low in lowered.items()}
             return {r: f.result() for r, f in done.items()}
 
-    def compile_train(self, state, teacher_params=None, rows=None) -> dict:
+    def compile_train(self, state, teacher_params=None, rows=None, base_params=None) -> dict:
         """{rows per pack: compiled train step} for the buckets `rows` (default: all).
-        Calling a compiled step with another shape is an error, never a recompile."""
-        return self._compile(self.train, state, teacher_params, rows)
+        Calling a compiled step with another shape is an error, never a recompile.
+        base_params: the LoRA base (arrays or `abstract_base()`); unused without LoRA."""
+        return self._compile(self.train, state, teacher_params, rows, base_params)
 
-    def compile_eval(self, params, teacher_params=None, rows=None) -> dict:
+    def compile_eval(self, params, teacher_params=None, rows=None, base_params=None) -> dict:
         """{rows per pack: compiled eval step} for the buckets `rows` (default: all)."""
-        return self._compile(self.eval, params, teacher_params, rows)
+        return self._compile(self.eval, params, teacher_params, rows, base_params)
+
+    def abstract_base(self):
+        """ShapeDtypeStructs of the LoRA base params with their shardings (None without)."""
+        if self.setup.lora is None:
+            return None
+        return with_shardings(abstract_params(self.setup.enc), self.base_shardings)
+
+    def place_base(self, host_params: dict):
+        """The LoRA base's host params placed by their shardings, shard by shard."""
+        return place_params(host_params, self.base_shardings, self.setup.enc.param_dtype)
 
     def abstract_teacher(self):
         """ShapeDtypeStructs of the teacher's params (None without a teacher)."""
@@ -499,15 +566,19 @@ def build_step(config, mesh: Mesh, *, total_steps: int, num_datasets: int | None
                       loss_kwargs=config_kwargs(config.loss, packs=geometry.packs),
                       num_datasets=num_datasets, teacher=teacher, teacher_pairs=pairs,
                       grad_cache_chunks=chunks, batch_shards=shards,
-                      debug_nan_steps=tuple(config.train.get("debug_nan_steps", ())))
+                      debug_nan_steps=tuple(config.train.get("debug_nan_steps", ())),
+                      lora=lora_lib.LoraConfig.from_config(config.model))
     abstract = abstract_state(setup, int(config.train.seed))
     state_sh = state_shardings(setup, mesh, rules, abstract)
     teacher_sh = (logical_shardings(param_logical_axes(teacher), mesh, rules)
                   if teacher is not None else None)
-    train, evaluate = jit_steps(setup, mesh, rules, state_sh, teacher_sh)
+    base_sh = (logical_shardings(param_logical_axes(enc), mesh, rules)
+               if setup.lora is not None else None)
+    train, evaluate = jit_steps(setup, mesh, rules, state_sh, teacher_sh, base_sh)
     return BuiltStep(config=config, mesh=mesh, rules=rules, setup=setup,
                      geometries=geometries, abstract_state=with_shardings(abstract, state_sh),
                      state_shardings=state_sh,
                      batch_shardings=batch_shardings(mesh, rules, geometry),
-                     teacher_shardings=teacher_sh, train=train, eval=evaluate)
+                     teacher_shardings=teacher_sh, train=train, eval=evaluate,
+                     base_shardings=base_sh)
 

@@ -10,4 +10,5 @@ Modules:
   hf_names          the one table between HF Qwen3 tensor names and our param paths
   hf_import         a local HF Qwen3 directory -> our params
   safetensors_io    a memory-mapped safetensors reader, tensor by tensor
+  lora              LoRA: low-rank adapters on the projections, the base frozen
 """

@@ -144,6 +144,17 @@ def _dense(module, name, shape, axes, dtype, param_dtype, fan_in):
     return kernel.astype(dtype)
 
 
+def _linear(module, x, name, shape, axes, dtype, param_dtype, contract=1):
+    """x @ W for the param `name` (see matmul), plus x @ A @ B when the `lora` collection
+    adapts it (model/lora.py: B pre-scaled by alpha / r)."""
+    fan_in = math.prod(shape[:contract])
+    y = matmul(x, _dense(module, name, shape, axes, dtype, param_dtype, fan_in), contract)
+    if module.has_variable("lora", name):
+        ad = module.get_variable("lora", name)
+        y = y + matmul(matmul(x, ad["A"].astype(dtype), contract), ad["B"].astype(dtype))
+    return y
+
+
 class Attention(nn.Module):
     cfg: EncoderConfig
 
@@ -151,9 +162,9 @@ class Attention(nn.Module):
     def __call__(self, x, segment_ids, positions):
         c, dt, pdt = self.cfg, _DTYPES[self.cfg.compute_dtype], _DTYPES[self.cfg.param_dtype]
         d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        q = matmul(x, self._proj("q_proj", (d, h, hd), ("embed", "heads", "head_dim")))
-        k = matmul(x, self._proj("k_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim")))
-        v = matmul(x, self._proj("v_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim")))
+        q = _linear(self, x, "q_proj", (d, h, hd), ("embed", "heads", "head_dim"), dt, pdt)
+        k = _linear(self, x, "k_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt, pdt)
+        v = _linear(self, x, "v_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt, pdt)
         q = RMSNorm(hd, c.rms_norm_eps, "head_dim", pdt, name="q_norm")(q)
         k = RMSNorm(hd, c.rms_norm_eps, "head_dim", pdt, name="k_norm")(k)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
@@ -164,13 +175,8 @@ class Attention(nn.Module):
             attend = with_named_residuals(attend)
         out = attend(q, k, v, segment_ids).astype(dt)
         out = checkpoint_name(out, "attn_out")
-        wo = _dense(self, "o_proj", (h, hd, d), ("heads", "head_dim", "embed"), dt, pdt, h * hd)
-        return matmul(out, wo, contract=2)
-
-    def _proj(self, name, shape, axes):
-        c = self.cfg
-        return _dense(self, name, shape, axes, _DTYPES[c.compute_dtype], _DTYPES[c.param_dtype],
-                      shape[0])
+        return _linear(self, out, "o_proj", (h, hd, d), ("heads", "head_dim", "embed"), dt, pdt,
+                       contract=2)
 
 
 class MLP(nn.Module):
@@ -180,10 +186,10 @@ class MLP(nn.Module):
     def __call__(self, x):
         c, dt, pdt = self.cfg, _DTYPES[self.cfg.compute_dtype], _DTYPES[self.cfg.param_dtype]
         d, f = c.hidden_size, c.intermediate_size
-        gate = matmul(x, _dense(self, "gate_proj", (d, f), ("embed", "mlp"), dt, pdt, d))
-        up = matmul(x, _dense(self, "up_proj", (d, f), ("embed", "mlp"), dt, pdt, d))
+        gate = _linear(self, x, "gate_proj", (d, f), ("embed", "mlp"), dt, pdt)
+        up = _linear(self, x, "up_proj", (d, f), ("embed", "mlp"), dt, pdt)
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return matmul(hidden, _dense(self, "down_proj", (f, d), ("mlp", "embed"), dt, pdt, f))
+        return _linear(self, hidden, "down_proj", (f, d), ("mlp", "embed"), dt, pdt)
 
 
 class DecoderLayer(nn.Module):
@@ -248,7 +254,7 @@ class Qwen3Encoder(nn.Module):
             layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(c.remat), prevent_cse=False)
         stack = nn.scan(
             layer_cls,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
