@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -217,22 +218,26 @@ def mteb_main(a) -> int:
     out = {"model": os.path.abspath(a.model), "step": model.step, "mteb_tasks": names,
            "metrics": ["mteb_mean"], "ranks": ranks, "exits": exits, "dims": dims,
            "grid": rows, "seconds": time.time() - t0}
+    json_path, png_path = _write_report(a, model, out, f"MTEB {', '.join(names)}", "mteb_mean")
+    full = max(rows, key=lambda r: (r["params"], r["dim"]))
+    print(f"{len(rows)} points on MTEB {', '.join(names)}; full model mean main score "
+          f"{full['mteb_mean']:.4f}; wrote {json_path} and {png_path}")
+    return 0
+
+
+def _write_report(a, model, out: dict, scored_on: str, metric: str | None) -> tuple[str, str]:
+    """Writes OUT/matryoshka.json and .png (and --png); returns their paths."""
     json_path = os.path.join(a.output_dir, "matryoshka.json")
     with open(json_path, "w") as f:
         json.dump(out, f, indent=1)
     png_path = os.path.join(a.output_dir, "matryoshka.png")
     step = f" step {model.step}" if model.step is not None else ""
-    plot(rows, png_path, f"{os.path.basename(os.path.normpath(a.model))}{step} on MTEB "
-         f"{', '.join(names)}", metric="mteb_mean")
+    title = f"{os.path.basename(os.path.normpath(a.model))}{step} on {scored_on}"
+    plot(out["grid"], png_path, title, **({"metric": metric} if metric else {}))
     if a.png:
-        import shutil
-
         os.makedirs(os.path.dirname(os.path.abspath(a.png)), exist_ok=True)
         shutil.copyfile(png_path, a.png)
-    full = max(rows, key=lambda r: (r["params"], r["dim"]))
-    print(f"{len(rows)} points on MTEB {', '.join(names)}; full model mean main score "
-          f"{full['mteb_mean']:.4f}; wrote {json_path} and {png_path}")
-    return 0
+    return json_path, png_path
 
 
 def _int_list(text: str) -> list[int] | None:
@@ -294,17 +299,7 @@ def main(argv=None) -> int:
            "metrics": list(METRICS), "ranks": ranks, "exits": exits, "dims": dims,
            "grid": rows, "seconds": time.time() - t0}
     os.makedirs(a.output_dir, exist_ok=True)
-    json_path = os.path.join(a.output_dir, "matryoshka.json")
-    with open(json_path, "w") as f:
-        json.dump(out, f, indent=1)
-    png_path = os.path.join(a.output_dir, "matryoshka.png")
-    step = f" step {model.step}" if model.step is not None else ""
-    plot(rows, png_path, f"{os.path.basename(os.path.normpath(a.model))}{step} on {names}")
-    if a.png:
-        import shutil
-
-        os.makedirs(os.path.dirname(os.path.abspath(a.png)), exist_ok=True)
-        shutil.copyfile(png_path, a.png)
+    json_path, png_path = _write_report(a, model, out, names, None)
     full = max(rows, key=lambda r: (r["params"], r["dim"]))
     print(f"{len(rows)} points on {names}; full model nDCG@10 {full['ndcg@10']:.4f}; "
           f"wrote {json_path} and {png_path}")
