@@ -37,6 +37,7 @@ from absl import logging as absl_logging  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from mlembed_jax.attention_choice import resolve_attention  # noqa: E402
 from mlembed_jax.batch import text_lengths  # noqa: E402
 from mlembed_jax.checkpoint import (  # noqa: E402
     Checkpointer,
@@ -59,7 +60,6 @@ from mlembed_jax.data.text_encoding import TokenizerError  # noqa: E402
 from mlembed_jax.eval.periodic import make_periodic_evaluator  # noqa: E402
 from mlembed_jax.metrics_log import MetricsWriter, flatten  # noqa: E402
 from mlembed_jax.model.encoder import abstract_params  # noqa: E402
-from mlembed_jax.model.kernel_check import resolve_attention  # noqa: E402
 from mlembed_jax.model.qwen3 import param_count  # noqa: E402
 from mlembed_jax.perf import flops as flops_lib  # noqa: E402
 from mlembed_jax.perf.hlo import memory_line  # noqa: E402

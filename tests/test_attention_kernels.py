@@ -117,8 +117,8 @@ def test_local_kernels_under_a_mesh_run_per_shard(name):
 @pytest.mark.skipif(ON_GPU, reason="checks the error a non-GPU run gets")
 @pytest.mark.parametrize("name", sorted(GPU_ONLY))
 def test_gpu_kernels_refuse_other_platforms_with_a_clear_error(name):
+    from mlembed_jax.attention_choice import resolve_attention
     from mlembed_jax.config import ConfigError, base_config
-    from mlembed_jax.model.kernel_check import resolve_attention
 
     c = base_config()
     c.model.attention = name

@@ -210,7 +210,7 @@ assert set(ATTENTION_IMPLS) == set(KERNELS), "kernel_choice.KERNELS lists every 
 def get_attention(name: str) -> AttentionFn:
     if name == AUTO:
         raise ValueError("model.attention='auto' must be resolved to a kernel for the run's "
-                         "devices first (kernel_check.resolve_attention)")
+                         "devices first (attention_choice.resolve_attention)")
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {name!r}; "
                          f"choose one of {sorted(ATTENTION_IMPLS)}")

@@ -33,9 +33,9 @@ import jaxlib
 import numpy as np
 from jax.experimental import topologies
 
+from mlembed_jax.attention_choice import resolve_attention
 from mlembed_jax.batch import geometry_from_config, row_buckets
 from mlembed_jax.model.encoder import abstract_params
-from mlembed_jax.model.kernel_check import resolve_attention
 from mlembed_jax.model.kernel_choice import Choice
 from mlembed_jax.model.qwen3 import param_count
 from mlembed_jax.perf import flops as flops_lib
