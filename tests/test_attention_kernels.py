@@ -35,6 +35,10 @@ def _packed_inputs(seq, rows=2, h=4, kv=2, d=32, seed=0):
 
 def _kernels():
     out = [("xla_sdpa", attention.ATTENTION_IMPLS["xla_sdpa"], 1e-5)]
+    # Blocks of 40 over rows of 96: three query blocks, the last one short, so both the
+    # skipped upper half and an uneven split are checked.
+    out.append(("dense_blocks", functools.partial(attention.dense_blocks_attention, block=40),
+                1e-5))
     # Pallas' interpreter runs the real splash kernel code on CPU (slowly), so its masking
     # and segment handling are checked here, not only on a TPU.
     out.append(("splash", functools.partial(attention.splash_attention, block=128,

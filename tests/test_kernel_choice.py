@@ -54,7 +54,11 @@ def test_auto_picks_the_platforms_kernel_and_says_why():
     odd = kc.choose("auto", "tpu", 1000)
     assert odd.kernel == "dense"
     assert "passed over splash" in odd.line() and "data.seq_len to e.g. 1024" in odd.line()
-    assert kc.choose("auto", "cpu", 64).kernel == "dense"
+    # CPU: dense with the causal upper half skipped, where rows have more than one block.
+    assert kc.choose("auto", "cpu", 1024).kernel == "dense_blocks"
+    short = kc.choose("auto", "cpu", 64)
+    assert short.kernel == "dense" and "passed over dense_blocks: rows of 64 tokens are one " \
+        "block of 128: nothing to skip" in short.line()
     # GPUs: tokamax's Mosaic kernel on Hopper (tokamax is a test dependency), else cuDNN; a
     # kernel that fails its check is passed over, loudly.
     assert kc.choose("auto", "gpu", 1024, compute_capability="9.0").kernel == "tokamax_mosaic"
