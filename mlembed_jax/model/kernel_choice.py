@@ -46,9 +46,8 @@ SPLASH_LANES = 128
 SPLASH_BLOCK = 512  # the largest block tried: big enough to amortise, small enough for VMEM
 
 
-# dense_blocks' query block: on CPU (tiny shapes, 21 rows of 1024) one layer's forward and
-# backward took 0.34x dense's time with blocks of 128 and 0.43x with 256 (README
-# "Performance").
+# dense_blocks' query block. Blocks of 128 beat 256 on CPU (README "Performance" has
+# tools/bench_attention.py's figures against dense).
 DENSE_BLOCK = 128
 
 
