@@ -12,6 +12,7 @@ Modules:
   loss               the nested 3D-ML contrastive loss (exits x dims, hard, in-batch, KD)
   optim              AdamW and its learning-rate schedule
   grad_cache         cached embedding gradients: a big batch at one chunk's memory
+  attention_choice   model.attention resolved for the devices at hand (auto's choice, checked)
   train_step         the train state, the pure step functions, the one step builder
   train              `python -m mlembed_jax.train`: the training loop
   train_report       what the loop logs: each interval's metrics, epoch lines

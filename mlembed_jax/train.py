@@ -28,6 +28,7 @@ from absl import logging as absl_logging
 from tqdm import tqdm
 
 from mlembed_jax import distributed, sharding, storage
+from mlembed_jax.attention_choice import resolve_attention
 from mlembed_jax.checkpoint.manager import Checkpointer, CheckpointSaveError, DataStateBox
 from mlembed_jax.checkpoint.orbax_logs import orbax_log, orbax_log_path
 from mlembed_jax.checkpoint.resume import ResumeOptions, restore_or_init
@@ -44,7 +45,6 @@ from mlembed_jax.eval.periodic import make_periodic_evaluator
 from mlembed_jax.eval.validation import make_validation_evaluator
 from mlembed_jax.metrics_log import MetricsWriter
 from mlembed_jax.model.encoder import abstract_params
-from mlembed_jax.model.kernel_check import resolve_attention
 from mlembed_jax.model.qwen3 import param_count
 from mlembed_jax.perf.hlo import memory_line
 from mlembed_jax.preemption import Preemption

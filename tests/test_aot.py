@@ -93,6 +93,9 @@ def test_gpu_planning_on_fake_cpu_devices():
     assert "mesh: data=1 fsdp=8 tensor=1" in out
     assert gb(out, "arguments") > 0 and gb(out, "temporaries") > 0
     assert "DOES NOT FIT" in out and "(indicative only: XLA:CPU)" in out
+    # The relayout work of the compiled program, every layer counted (perf/hlo.copy_ops).
+    assert re.search(r"^copy/transpose ops in the compiled HLO: \d+ \(\d+ in loops\), run "
+                     r"\d+ times per step, [\d.]+ [MG]B written per step", out, re.M), out
 
 
 def test_bad_topology_is_a_usage_error():

@@ -35,6 +35,10 @@ def _packed_inputs(seq, rows=2, h=4, kv=2, d=32, seed=0):
 
 def _kernels():
     out = [("xla_sdpa", attention.ATTENTION_IMPLS["xla_sdpa"], 1e-5)]
+    # Blocks of 40 over rows of 96: three query blocks, the last one short, so both the
+    # skipped upper half and an uneven split are checked.
+    out.append(("dense_blocks", functools.partial(attention.dense_blocks_attention, block=40),
+                1e-5))
     # Pallas' interpreter runs the real splash kernel code on CPU (slowly), so its masking
     # and segment handling are checked here, not only on a TPU.
     out.append(("splash", functools.partial(attention.splash_attention, block=128,
@@ -117,8 +121,8 @@ def test_local_kernels_under_a_mesh_run_per_shard(name):
 @pytest.mark.skipif(ON_GPU, reason="checks the error a non-GPU run gets")
 @pytest.mark.parametrize("name", sorted(GPU_ONLY))
 def test_gpu_kernels_refuse_other_platforms_with_a_clear_error(name):
+    from mlembed_jax.attention_choice import resolve_attention
     from mlembed_jax.config import ConfigError, base_config
-    from mlembed_jax.model.kernel_check import resolve_attention
 
     c = base_config()
     c.model.attention = name

@@ -128,12 +128,13 @@ def test_size_configs_take_the_fast_path_by_default(size):
     c = load_config_file(os.path.join(CONFIGS, f"{size}.py"))
     assert c.model.attention == "auto"
     # On TPU: splash at the recipe's 1024-token rows, keeping its residuals except where the
-    # AOT compile says they do not fit (4B on v6e-64, presets.QWEN3_LAYOUT); on CPU: dense.
+    # AOT compile says they do not fit (4B on v6e-64, presets.QWEN3_LAYOUT); on CPU: dense
+    # with the causal upper half skipped (rows of 1024 hold 8 blocks).
     tpu = choose(c.model.attention, "tpu", c.data.seq_len)
     assert tpu.kernel == "splash"
     assert remat_for(c.model.remat, tpu.kernel) == ("full" if size == "4b" else "attention")
     cpu = choose(c.model.attention, "cpu", c.data.seq_len)
-    assert (cpu.kernel, remat_for(c.model.remat, cpu.kernel)) == ("dense", "full")
+    assert (cpu.kernel, remat_for(c.model.remat, cpu.kernel)) == ("dense_blocks", "full")
 
 
 def test_base_config_stays_dense():

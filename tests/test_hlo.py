@@ -83,3 +83,45 @@ def test_megascale_sends_are_the_cross_slice_collectives():
     assert reduce.slices == [[0, 2], [1, 3]]
     # A single-slice program has no megascale sends.
     assert hlo.dcn_transfers(MODULE.replace("xla_megascale_runtime", "other")) == []
+
+
+# Shaped like XLA:GPU's 0.6B step: a layer loop with a known trip count holding a transpose
+# fusion, a nested loop inside it, a plain copy in the entry and fusions of other kinds.
+COPY_MODULE = "\n".join([
+    "HloModule jit_step",
+    "",
+    "%fused_transpose (p0: s8[2,4,8]) -> s8[2,8,4] {",
+    "  %p0 = s8[2,4,8]{2,1,0} parameter(0)",
+    "  ROOT %transpose.1 = s8[2,8,4]{2,1,0} transpose(%p0), dimensions={0,2,1}",
+    "}",
+    "",
+    "%inner (q: f32[16]) -> f32[16] {",
+    "  %q = f32[16]{0} parameter(0)",
+    "  ROOT %copy.9 = f32[16]{0} copy(%q)",
+    "}",
+    "",
+    "%body (p: s8[2,4,8]) -> s8[2,4,8] {",
+    "  %p = s8[2,4,8]{2,1,0} parameter(0)",
+    "  %input_convert_transpose_fusion = s8[2,8,4]{2,1,0} fusion(%p), kind=kInput, "
+    "calls=%fused_transpose",
+    "  %w2 = f32[16]{0} while(%z), condition=%cond, body=%inner, "
+    'backend_config={"known_trip_count":{"n":"5"}}',
+    "  ROOT %loop_add_fusion = s8[2,4,8]{2,1,0} fusion(%p), kind=kLoop, calls=%fused_add",
+    "}",
+    "",
+    "ENTRY %main (a: s8[2,4,8]) -> s8[2,4,8] {",
+    "  %a = s8[2,4,8]{2,1,0} parameter(0)",
+    "  %copy.1 = s8[2,4,8]{2,1,0} copy(%a)",
+    "  ROOT %w = s8[2,4,8]{2,1,0} while(%copy.1), condition=%cond, body=%body, "
+    'backend_config={"known_trip_count":{"n":"28"}}',
+    "}",
+])
+
+
+def test_copy_ops_count_loop_bodies_times_their_trip_count():
+    c = hlo.copy_ops(COPY_MODULE)
+    # By hand: the entry's copy once (64 B); the transpose fusion 28 times (64 B each); the
+    # inner loop's copy 28 x 5 times (64 B each); the add fusion and the fused transpose
+    # inside the fusion's own computation are not counted.
+    assert (c.ops, c.in_loop, c.per_step, c.unknown_trips) == (3, 2, 1 + 28 + 140, 0)
+    assert c.bytes_per_step == 64 + 28 * 64 + 140 * 64

@@ -3,12 +3,16 @@ splash's block sizes for every seq_len, the start-up check on real devices, mode
 never traces a kernel, and training through `train.run` with splash in Pallas' interpreter."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from train_helpers import small_config, train_losses
 
+from mlembed_jax import attention_choice
 from mlembed_jax.config import ConfigError, validate
 from mlembed_jax.model import kernel_check
 from mlembed_jax.model import kernel_choice as kc
@@ -50,7 +54,11 @@ def test_auto_picks_the_platforms_kernel_and_says_why():
     odd = kc.choose("auto", "tpu", 1000)
     assert odd.kernel == "dense"
     assert "passed over splash" in odd.line() and "data.seq_len to e.g. 1024" in odd.line()
-    assert kc.choose("auto", "cpu", 64).kernel == "dense"
+    # CPU: dense with the causal upper half skipped, where rows have more than one block.
+    assert kc.choose("auto", "cpu", 1024).kernel == "dense_blocks"
+    short = kc.choose("auto", "cpu", 64)
+    assert short.kernel == "dense" and "passed over dense_blocks: rows of 64 tokens are one " \
+        "block of 128: nothing to skip" in short.line()
     # GPUs: tokamax's Mosaic kernel on Hopper (tokamax is a test dependency), else cuDNN; a
     # kernel that fails its check is passed over, loudly.
     assert kc.choose("auto", "gpu", 1024, compute_capability="9.0").kernel == "tokamax_mosaic"
@@ -87,11 +95,11 @@ def test_remat_auto_keeps_flash_kernel_residuals_only():
 def test_resolve_on_cpu_is_dense_and_unchanged_for_the_demo():
     c = small_config()
     assert (c.model.attention, c.model.remat) == ("dense", "none")  # the demo's own
-    resolved, choice = kernel_check.resolve_attention(c, jax.devices())
+    resolved, choice = attention_choice.resolve_attention(c, jax.devices())
     assert (resolved.model.attention, resolved.model.remat, choice.kernel) == \
         ("dense", "none", "dense")
     auto = small_config(**{"model.attention": "auto", "model.remat": "auto"})
-    resolved, choice = kernel_check.resolve_attention(auto, jax.devices())
+    resolved, choice = attention_choice.resolve_attention(auto, jax.devices())
     assert (resolved.model.attention, resolved.model.remat) == ("dense", "full")
     assert auto.model.attention == "auto"  # the caller's config is left as it was
     assert resolved.is_locked
@@ -137,3 +145,26 @@ def test_train_run_with_splash_in_the_interpreter_matches_dense(tmp_path, monkey
     assert sorted(a) == sorted(b) == [1, 2]
     for step in a:  # fp32: splash agrees with dense to ~1e-6 per element
         assert abs(a[step] - b[step]) <= 1e-4, (step, a[step], b[step])
+
+
+def test_model_and_perf_packages_do_not_reach_back_into_the_run_config():
+    # The model knows kernels, not run configs (attention_choice.py applies a choice to one);
+    # perf reads compiled programs, not the training loop or config files.
+    code = """
+import importlib, pkgutil, sys
+import mlembed_jax.model as m
+for mod in pkgutil.walk_packages(m.__path__, 'mlembed_jax.model.'):
+    importlib.import_module(mod.name)
+assert 'mlembed_jax.config' not in sys.modules, 'model imports config'
+import mlembed_jax.perf as p
+for mod in pkgutil.walk_packages(p.__path__, 'mlembed_jax.perf.'):
+    importlib.import_module(mod.name)
+assert 'mlembed_jax.train' not in sys.modules, 'perf imports train'
+import mlembed_jax.config as c
+assert not any(hasattr(sys.modules[n], 'load_config_file') and
+               getattr(sys.modules[n], 'load_config_file') is c.load_config_file
+               for n in list(sys.modules) if n.startswith('mlembed_jax.perf')), 'perf loads configs'
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -25,6 +25,18 @@ def test_per_step_arithmetic_by_hand():
     assert (c.model.num_layers, tuple(c.model.exits), c.model.scan_unroll) == (3, (3,), 3)
 
 
+def test_bookkeeping_custom_calls_are_counted_and_kernels_are_not():
+    # As libtpu 0.0.42 prints them in the 0.6B v6e step: a ConcatBitcast joining two async
+    # slices, a ZeroCrop, and splash's kernel (tpu_custom_call, which carries its own cost).
+    text = "\n".join([
+        '  %custom-call.52 = bf16[21,1024,1,128]{3,1,0,2} custom-call(%slice-done.146, '
+        '%slice-done.147), custom_call_target="ConcatBitcast"',
+        '  %zc = f32[8]{0} custom-call(%x), custom_call_target="ZeroCrop"',
+        '  %splash = f32[8]{0} custom-call(%q), custom_call_target="tpu_custom_call"',
+    ])
+    assert tpu_cost.unknown_cost_calls(text) == 2
+
+
 def _target(spec):
     target = aot_target.parse_target(spec)
     aot_target.prepare_environment(target)

@@ -28,6 +28,26 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+def make_model(workdir: str, out_dir: str, overrides: dict, config_path: str) -> str:
+    """An exported model of the training config at `config_path` (e.g. configs/demo.py),
+    changed by `overrides`: one training step from random weights on that config's data,
+    then tools/export_hf's export in fp32. Only its speed matters here; the export path is
+    the one users run."""
+    from mlembed_jax.config import load_config_file
+    from mlembed_jax.export import export_checkpoint
+    from mlembed_jax.train import run
+
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"config file {config_path!r} not found; pass the path of a "
+                                "training config such as configs/demo.py")
+    config = load_config_file(config_path, {
+        "train.max_steps": 1, "train.validation_every": 0, "eval.retrieval_every": 0,
+        "train.log_every": 1, "mesh.num_devices": 1, "data.prefetch": 0, **overrides})
+    if run(config, workdir) != 0:
+        raise RuntimeError(f"training the benchmark model in {workdir} failed")
+    return export_checkpoint(workdir, out_dir, dtype="fp32", overwrite=True)["out_dir"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="exported model directory (default: make one)")
@@ -62,7 +82,7 @@ def main(argv=None) -> int:
         model_dir = a.model
         try:
             if not model_dir:
-                model_dir = eb.make_model(os.path.join(tmp, "run"), os.path.join(tmp, "export"),
+                model_dir = make_model(os.path.join(tmp, "run"), os.path.join(tmp, "export"),
                                           overrides, DEMO_CONFIG)
             ours = encode.load(model_dir, max_seq_length=a.max_seq_length,
                                compute_dtype="float32")

@@ -23,10 +23,10 @@ import flax
 import jax
 from absl import flags
 
+from mlembed_jax.attention_choice import resolve_attention
 from mlembed_jax.batch import text_lengths
 from mlembed_jax.cli import run_absl_main
 from mlembed_jax.config import ConfigError, apply_overrides, validate
-from mlembed_jax.model.kernel_check import resolve_attention
 from mlembed_jax.perf import flops as flops_lib
 from mlembed_jax.perf.benchmark import make_batches, plain_variant, run_jax
 from mlembed_jax.sharding import make_mesh, packs_per_step

@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mlembed_jax.model.kernel_choice import (
     AUTO,
+    DENSE_BLOCK,
     KERNELS,
     SPLASH_BLOCK,
     TOKAMAX_MISSING,
@@ -46,23 +47,58 @@ def packed_causal_mask(segment_ids: jax.Array) -> jax.Array:
     return (same & causal)[:, None]
 
 
+def _attend(q, k, v, seg_q, seg_k, offset: int = 0):
+    """Masked softmax attention of queries at columns offset.. of their rows over keys at
+    columns 0..: q [b, sq, h, d], k, v [b, sk, kv, d], seg_q [b, sq], seg_k [b, sk] ->
+    [b, sq, h, d]. Logits [b, h, sq, sk] in fp32."""
+    b, sq, h, d = q.shape
+    sk, kv = k.shape[1], k.shape[2]
+    groups = h // kv
+    # Grouped-query attention without copying k/v: a kv head's query group is one [g*sq]
+    # row dim, so both matmuls are plain batched [rows, d] x [d, cols] products. With (g, q)
+    # as two free dims XLA:CPU relaid the [sq, sk] logits out between the ops, twice a layer.
+    qg = q.reshape(b, sq, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * sq, d)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, sk, d]
+    logits = jnp.einsum("bkmd,bksd->bkms", qg, kt, preferred_element_type=jnp.float32)
+    # The mask as an additive bias, not a select: its gradient is the identity, so the
+    # backward pass needs no mask pass over the scores (masked probabilities are exactly 0
+    # either way; every query sees at least itself, so no row is all masked).
+    same = seg_q[:, :, None] == seg_k[:, None, :]
+    causal = jnp.arange(offset, offset + sq)[:, None] >= jnp.arange(sk)[None, :]
+    bias = jnp.where(same & causal, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
+    logits = logits.reshape(b, kv, groups, sq, sk) * (d ** -0.5) + bias
+    # Softmax normalised after the value product: the division runs over [sq, d] outputs
+    # instead of [sq, sk] probabilities. The max is a constant for the gradient (as in
+    # jax.nn.softmax): the normalised result does not depend on it.
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits - top)
+    total = jnp.sum(weights, axis=-1).reshape(b, kv, groups * sq, 1)
+    weights = weights.astype(v.dtype).reshape(b, kv, groups * sq, sk)
+    out = jnp.einsum("bkms,bksd->bkmd", weights, vt, preferred_element_type=jnp.float32)
+    out = (out / total).astype(v.dtype)  # [b, kv, g*sq, d]
+    return out.reshape(b, kv, groups, sq, d).transpose(0, 3, 1, 2, 4).reshape(b, sq, h, d)
+
+
 def dense_masked_attention(q, k, v, segment_ids):
     """Reference attention: materialises [batch, heads, seq, seq] logits in fp32."""
-    b, s, h, d = q.shape
-    kv = k.shape[2]
-    groups = h // kv
-    # Grouped-query attention without copying k/v: a kv head's query group is one [g*s]
-    # row dim, so both matmuls are plain batched [rows, d] x [d, cols] products. With (g, q)
-    # as two free dims XLA:CPU relaid the [s, s] logits out between the ops, twice a layer.
-    qg = q.reshape(b, s, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * s, d)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, s, d]
-    logits = jnp.einsum("bkmd,bksd->bkms", qg, kt, preferred_element_type=jnp.float32)
-    logits = logits.reshape(b, kv, groups, s, s) * (d ** -0.5)
-    mask = packed_causal_mask(segment_ids)[:, :, None]  # [b, 1, 1, q, s]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, groups * s, s)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, vt)  # [b, kv, g*s, d]
-    return out.reshape(b, kv, groups, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+    return _attend(q, k, v, segment_ids, segment_ids)
+
+
+def dense_blocks_attention(q, k, v, segment_ids, *, block: int = DENSE_BLOCK):
+    """`dense` with the causal upper half skipped: query block i (`block` columns) scores
+    only the keys of blocks 0..i, so about half of the [seq, seq] logits are never formed.
+    Exact (the skipped logits are masked in `dense`); at seq <= block it is `dense`. The
+    skip is static, so it holds for every row; keys of other texts inside the lower half
+    are still masked, not skipped (which blocks those are differs per row)."""
+    s = q.shape[1]
+    if s <= block:
+        return dense_masked_attention(q, k, v, segment_ids)
+    outs = []
+    for lo in range(0, s, block):
+        hi = min(lo + block, s)
+        outs.append(_attend(q[:, lo:hi], k[:, :hi], v[:, :hi], segment_ids[:, lo:hi],
+                            segment_ids[:, :hi], lo))
+    return jnp.concatenate(outs, axis=1)
 
 
 def sdpa_attention(implementation: str | None):
@@ -196,6 +232,7 @@ def with_named_residuals(fn: AttentionFn, name: str = "attn_res") -> AttentionFn
 
 ATTENTION_IMPLS: dict[str, AttentionFn] = {
     "dense": dense_masked_attention,
+    "dense_blocks": dense_blocks_attention,
     "xla_sdpa": sdpa_attention("xla"),
     "cudnn": sdpa_attention("cudnn"),
     "splash": splash_attention,
@@ -210,7 +247,7 @@ assert set(ATTENTION_IMPLS) == set(KERNELS), "kernel_choice.KERNELS lists every 
 def get_attention(name: str) -> AttentionFn:
     if name == AUTO:
         raise ValueError("model.attention='auto' must be resolved to a kernel for the run's "
-                         "devices first (kernel_check.resolve_attention)")
+                         "devices first (attention_choice.resolve_attention)")
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {name!r}; "
                          f"choose one of {sorted(ATTENTION_IMPLS)}")

@@ -1,5 +1,5 @@
-"""The start-up check of an attention kernel on a run's own devices, and the resolution of
-model.attention="auto" (and model.remat="auto") for a run.
+"""The start-up check of an attention kernel on a run's own devices, and the kernel chosen
+with it for those devices (mlembed_jax/attention_choice.py applies the choice to a run config).
 
 The check ("probe") runs the kernel and the `dense` reference on the same packed rows (two
 rows of the run's seq_len, several texts each, then padding), with the run's heads, kv
@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlembed_jax.config import ConfigError, apply_overrides
 from mlembed_jax.model import attention
-from mlembed_jax.model.kernel_choice import AUTO, Choice, auto_candidates, choose, remat_for
+from mlembed_jax.model.kernel_choice import AUTO, Choice, Probe, auto_candidates, choose
 
 # Relative error ||kernel - dense (fp32)|| / ||dense (fp32)|| allowed, outputs and gradients:
 # about 10x what bf16 rounding alone costs (README "Benchmark" has the errors). A
@@ -85,26 +84,24 @@ def probe(name: str, *, num_heads: int, num_kv_heads: int, head_dim: int, seq_le
 
 
 def choose_for_devices(requested: str, model_cfg, seq_len: int, devices, *,
-                       check: bool = True) -> Choice:
-    """kernel_choice.choose for these devices. check: run the start-up probe on this
-    process's first device of them (False for an AOT compile: the devices are described,
-    not attached). With several processes, all use the most portable kernel any of them
-    chose, so every process compiles the same program."""
+                       check: bool = True, probe: Probe | None = None) -> Choice:
+    """kernel_choice.choose for these devices (ValueError naming the fix for a kernel that
+    cannot serve them). check: run the start-up probe on this process's first device of them
+    (False for an AOT compile: the devices are described, not attached). probe: used instead
+    of the start-up probe when given. With several processes, all use the most portable
+    kernel any of them chose, so every process compiles the same program."""
     devices = list(devices)
     platform = devices[0].platform
     local = [d for d in devices if d.process_index == jax.process_index()] or devices
     capability = getattr(local[0], "compute_capability", None)
-    run_probe = None
-    if check:
+    run_probe = probe
+    if check and probe is None:
         run_probe = lambda name: probe(
             name, num_heads=int(model_cfg.num_heads), num_kv_heads=int(model_cfg.num_kv_heads),
             head_dim=int(model_cfg.head_dim), seq_len=seq_len,
             dtype=str(model_cfg.compute_dtype), device=local[0])
-    try:
-        choice = choose(requested, platform, seq_len, compute_capability=capability,
-                        probe=run_probe)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    choice = choose(requested, platform, seq_len, compute_capability=capability,
+                    probe=run_probe)
     if check and requested == AUTO and jax.process_count() > 1:
         choice = _agree(choice, [n for n, _ in auto_candidates(platform, capability)])
     return choice
@@ -122,18 +119,3 @@ def _agree(choice: Choice, candidates: list[str]) -> Choice:
     return Choice(candidates[agreed], AUTO, f"another process could not use {choice.kernel}; "
                   "every process runs the same kernel", choice.passed_over)
 
-
-def resolve_attention(config, devices, *, check: bool = True):
-    """(a copy of the run config with model.attention and model.remat resolved, Choice).
-
-    model.attention "auto" becomes the kernel chosen for `devices` and data.seq_len; an
-    explicit kernel is checked against the platform and seq_len (ConfigError naming the
-    fix). model.remat "auto" becomes "attention" for flash kernels, else "full".
-    """
-    m = config.model
-    choice = choose_for_devices(m.attention, m, int(config.data.seq_len), devices, check=check)
-    resolved = apply_overrides(config.copy_and_resolve_references(), {
-        "model.attention": choice.kernel, "model.remat": remat_for(m.remat, choice.kernel)})
-    if config.is_locked:
-        resolved.lock()
-    return resolved, choice

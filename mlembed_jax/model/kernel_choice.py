@@ -10,7 +10,7 @@ printed with the reason, and `dense` ends every list, so a run always starts, ne
 silently slow:
   TPU:  splash (seq_len a multiple of 128), dense
   GPU:  tokamax_mosaic (tokamax installed, Hopper or newer), cudnn, dense
-  CPU:  dense
+  CPU:  dense_blocks (seq_len > DENSE_BLOCK), dense
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import importlib.util
 import os
 from typing import Callable
 
-KERNELS = ("dense", "xla_sdpa", "cudnn", "splash", "tokamax_mosaic", "tokamax_triton",
-           "tokamax_xla")
+KERNELS = ("dense", "dense_blocks", "xla_sdpa", "cudnn", "splash", "tokamax_mosaic",
+           "tokamax_triton", "tokamax_xla")
 AUTO = "auto"
 
 # Kernels that only compile for NVIDIA GPUs; `check_platform` turns a mismatch into one error.
@@ -44,6 +44,11 @@ TOKAMAX_MISSING = ("the tokamax attention kernels need the tokamax package; inst
 # time), so a seq_len splash serves is a multiple of 128.
 SPLASH_LANES = 128
 SPLASH_BLOCK = 512  # the largest block tried: big enough to amortise, small enough for VMEM
+
+
+# dense_blocks' query block. Blocks of 128 beat 256 on CPU (README "Performance" has
+# tools/bench_attention.py's figures against dense).
+DENSE_BLOCK = 128
 
 
 def pallas_interpret() -> bool:
@@ -71,6 +76,9 @@ def seq_len_problem(name: str, seq_len: int) -> str | None:
             splash_block(seq_len)
         except ValueError as e:
             return str(e)
+    if name == "dense_blocks" and seq_len <= DENSE_BLOCK:
+        return (f"rows of {seq_len} tokens are one block of {DENSE_BLOCK}: nothing to skip; "
+                "use 'dense'")
     return None
 
 
@@ -120,6 +128,8 @@ def auto_candidates(platform: str, compute_capability: str | None = None,
             out.append(("tokamax_mosaic", "tokamax's Pallas Mosaic GPU flash kernel "
                                           "(Hopper or newer)"))
         out.append(("cudnn", "cuDNN's fused flash kernel"))
+    else:
+        out.append(("dense_blocks", "dense with the causal upper half skipped"))
     out.append(("dense", f"the portable XLA reference on {platform}"))
     return out
 

@@ -59,7 +59,7 @@ class EncoderConfig:
         kw = {k: model_cfg[k] for k in fields if k in model_cfg}
         kw["exits"] = model_exits(model_cfg.exits, model_cfg.num_layers)
         # remat "auto" follows the kernel (kernel_choice.remat_for); both stay "auto" until
-        # the run resolves the kernel for its devices (kernel_check.resolve_attention).
+        # the run resolves the kernel for its devices (attention_choice.resolve_attention).
         kw["remat"] = remat_for(kw.get("remat", "none"), kw.get("attention", "dense"))
         return cls(**kw)
 

@@ -33,9 +33,9 @@ import jaxlib
 import numpy as np
 from jax.experimental import topologies
 
+from mlembed_jax.attention_choice import resolve_attention
 from mlembed_jax.batch import geometry_from_config, row_buckets
 from mlembed_jax.model.encoder import abstract_params
-from mlembed_jax.model.kernel_check import resolve_attention
 from mlembed_jax.model.kernel_choice import Choice
 from mlembed_jax.model.qwen3 import param_count
 from mlembed_jax.perf import flops as flops_lib
@@ -345,6 +345,13 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
         p("  (XLA:TPU often expresses FSDP all-gathers as all-reduce of a dynamic-update-slice)")
         if target.num_slices > 1:
             p("  (each slice runs its own copy of this program: these stay inside a slice)")
+    if hlo_text is not None:
+        cp = hlo.copy_ops(hlo_text)
+        trips = (f"; {cp.unknown_trips} loops of unknown trip count counted once"
+                 if cp.unknown_trips else "")
+        p(f"copy/transpose ops in the compiled HLO: {cp.ops} ({cp.in_loop} in loops), run "
+          f"{cp.per_step} times per step, {_gb(cp.bytes_per_step)} written per step (loop "
+          f"bodies times their trip count{trips})")
     if hlo_text is not None and target.num_slices > 1:
         dcn_report(hlo.dcn_transfers(hlo_text), enc.num_layers, p)
     if hlo_text is not None and target.nodes > 1:

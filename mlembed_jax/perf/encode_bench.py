@@ -111,22 +111,3 @@ def time_st(st_model, texts: list[str], batch_size: int, repeats: int = 1) -> di
         best = min(best, time.perf_counter() - t0)
     return {"seconds": best, "texts_per_s": len(texts) / best, "embeddings": emb}
 
-
-def make_model(workdir: str, out_dir: str, overrides: dict, config_path: str) -> str:
-    """An exported model of the training config at `config_path` (e.g. the repository's
-    configs/demo.py), changed by `overrides`: one training step from random weights on that
-    config's data, then tools/export_hf's export in fp32. Only its speed matters here; the
-    export path is the one users run."""
-    from mlembed_jax.config import load_config_file  # the training stack: only this path
-    from mlembed_jax.export import export_checkpoint
-    from mlembed_jax.train import run
-
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"config file {config_path!r} not found; pass the path of a "
-                                "training config such as configs/demo.py")
-    config = load_config_file(config_path, {
-        "train.max_steps": 1, "train.validation_every": 0, "eval.retrieval_every": 0,
-        "train.log_every": 1, "mesh.num_devices": 1, "data.prefetch": 0, **overrides})
-    if run(config, workdir) != 0:
-        raise RuntimeError(f"training the benchmark model in {workdir} failed")
-    return export_checkpoint(workdir, out_dir, dtype="fp32", overwrite=True)["out_dir"]

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
 
-from mlembed_jax.config import ConfigError, apply_overrides
-from mlembed_jax.model.kernel_choice import AUTO, choose, remat_for
+from mlembed_jax import attention_choice
+from mlembed_jax.config import apply_overrides
+from mlembed_jax.model.kernel_choice import AUTO
 from mlembed_jax.perf import gpu_target, hlo
 from mlembed_jax.perf.aot_target import AotError, Target
 
@@ -90,19 +91,17 @@ def compile_problem(name: str, model_cfg, seq_len: int, device) -> str | None:
 
 
 def resolve_attention(config, devices):
-    """kernel_check.resolve_attention for described GPUs: model.attention "auto" takes the
-    first candidate that compiles for this GPU (`compile_problem`, where a run would run its
-    start-up check), an explicit kernel must compile (AotError naming the fix), and
+    """attention_choice.resolve_attention for described GPUs: model.attention "auto" takes
+    the first candidate that compiles for this GPU (`compile_problem`, where a run would run
+    its start-up check), an explicit kernel must compile (AotError naming the fix), and
     model.remat "auto" follows the kernel. Returns (resolved config, kernel_choice.Choice)."""
-    m, device = config.model, list(devices)[0]
+    devices = list(devices)
+    m, device = config.model, devices[0]
     seq_len = int(config.data.seq_len)
     gpu = device.device_kind
     check = lambda name: compile_problem(name, m, seq_len, device)
-    try:
-        choice = choose(m.attention, "gpu", seq_len, compute_capability=device.compute_capability,
-                        probe=check)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    resolved, choice = attention_choice.resolve_attention(config, devices, check=False,
+                                                         probe=check)
     if m.attention == AUTO:
         choice = dataclasses.replace(choice, reason=choice.reason.replace(
             "matched dense on this run's devices", f"compiles for the {gpu} (not run: compile "
@@ -117,10 +116,6 @@ def resolve_attention(config, devices):
             raise AotError(f"model.attention={choice.kernel!r} does not compile for the {gpu}: "
                            f"{problem}; pick another kernel (model.attention=auto takes the "
                            "first that compiles)")
-    resolved = apply_overrides(config.copy_and_resolve_references(), {
-        "model.attention": choice.kernel, "model.remat": remat_for(m.remat, choice.kernel)})
-    if config.is_locked:
-        resolved.lock()
     return resolved, choice
 
 

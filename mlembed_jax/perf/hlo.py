@@ -211,3 +211,70 @@ def memory_line(compiled) -> str:
     gib = 2 ** 30
     return (f"per device: arguments {m.argument / gib:.3f} GiB, outputs {m.output / gib:.3f} "
             f"GiB, temporaries {m.temp / gib:.3f} GiB, aliased {m.alias / gib:.3f} GiB")
+
+
+@dataclasses.dataclass
+class CopyOps:
+    """The copy and transpose work of a compiled program, as run per step: plain copy and
+    transpose ops, and the fusions XLA names after them."""
+
+    ops: int  # distinct instructions
+    in_loop: int  # of them, inside a while body
+    per_step: int  # executions per step (loop bodies times their trip count)
+    bytes_per_step: int  # their output bytes, summed over executions
+    unknown_trips: int  # while loops without a known trip count (counted once)
+
+
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_RELAYOUT_OPS = ("copy", "transpose")
+_RELAYOUT_NAME = re.compile(r"copy|transpose")
+
+
+def _result_bytes(type_text: str) -> int:
+    return sum(_array_bytes(type_text))
+
+
+def copy_ops(hlo_text: str) -> CopyOps:
+    """Copy and transpose ops, and fusions named after them, of an optimized HLO module,
+    walked from ENTRY through while loops (times the loop's known trip count), calls and
+    conditionals. Bytes are the ops' output bytes."""
+    comps = computations(hlo_text)
+    entry = re.search(r"^ENTRY\s+%?([\w.\-]+)", hlo_text, re.M)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+
+    ops = in_loop = per_step = nbytes = unknown = 0
+    stack = [(entry.group(1), 1, False)]  # the call graph is acyclic
+    while stack:
+        name, mult, looped = stack.pop()
+        if name not in comps:
+            continue
+        for line in comps[name]:
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            op = m.group(2)
+            if op == "while":
+                trips = _TRIPS.search(line)
+                unknown += trips is None
+                n = mult * (int(trips.group(1)) if trips else 1)
+                for key in ("body", "condition"):
+                    called = re.search(rf"\b{key}=%?([\w.\-]+)", line)
+                    if called:
+                        stack.append((called.group(1), n, True))
+                continue
+            # XLA names a fusion after its hero ops (XLA:CPU copy_bitcast_fusion,
+            # transpose_copy_fusion; XLA:GPU loop_transpose_fusion, input_convert_transpose_
+            # fusion), as the profile's copy/transpose category does.
+            hit = op in _RELAYOUT_OPS or (op == "fusion" and _RELAYOUT_NAME.search(
+                line.split("=", 1)[0]) is not None)
+            if op in ("call", "conditional", "async-start"):  # run as part of this one
+                for group in _CALLS.findall(line):
+                    stack.extend((n.strip().lstrip("%"), mult, looped)
+                                 for n in group.split(",") if n.strip())
+            if hit:
+                ops += 1
+                in_loop += looped
+                per_step += mult
+                nbytes += mult * _result_bytes(m.group(1))
+    return CopyOps(ops, in_loop, per_step, nbytes, unknown)

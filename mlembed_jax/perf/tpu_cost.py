@@ -31,10 +31,13 @@ OPTIMAL_SECONDS = "optimal_seconds"
 
 # Custom calls XLA's cost analysis cannot see into count -1 s each (HloCostAnalysis'
 # "unknown" marker) instead of their time. With libtpu 0.0.42 these are bookkeeping that
-# moves no data worth counting: a crop of a zero-padded buffer and the start/done markers of
-# work offloaded to the SparseCores. Their -1s are added back; any other negative total is
-# refused.
-ZERO_COST_CUSTOM_CALLS = ("ZeroCrop", "PrepareAsyncCallStart", "PrepareAsyncCallDone")
+# moves no data worth counting: a crop of a zero-padded buffer, the start/done markers of
+# work offloaded to the SparseCores, and (v6e, around splash) ConcatBitcast, which joins
+# the results of async slices into one buffer in place: the slices' copies are costed
+# ops of their own. Their -1s are added back; any other negative total is refused. The
+# splash kernel itself (tpu_custom_call) carries Pallas' cost estimate and counts as time.
+ZERO_COST_CUSTOM_CALLS = ("ZeroCrop", "PrepareAsyncCallStart", "PrepareAsyncCallDone",
+                          "ConcatBitcast")
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 
