@@ -1,6 +1,7 @@
-"""LoRA through `python -m mlembed_jax.train` and the checkpoint reader: the base comes from
-train.init_from, the checkpoints hold the adapters plus the base's fingerprint, a resume
-or a read with another base is refused, and the tools read the merged model."""
+"""LoRA through `python -m mlembed_jax.train`, the checkpoint reader and the export: the base
+comes from train.init_from, the checkpoints hold the adapters plus the base's fingerprint, a
+resume or a read with another base is refused, the tools read the merged model, and the
+merged export equals base + adapter loaded by peft itself."""
 
 import json
 import os
@@ -33,8 +34,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_run")
     _train(root / "base", 2)
     _train(root / "other", 2, seed=1)
+    # lr 1e-3 from step 1, so 4 steps move B well past the fp32 tolerance of the tests.
     _train(root / "lora", 4, **LORA, **{"train.init_from": str(root / "base"),
-                                        "train.checkpoint_every": 2})
+                                        "train.checkpoint_every": 2,
+                                        "optim.warmup_steps": 0, "optim.lr": 1e-3})
     return root
 
 
@@ -103,3 +106,86 @@ def test_reader_refuses_a_base_that_changed(runs, tmp_path):
     shutil.rmtree(base)
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_trained(str(tmp_path / "lora"))
+
+
+# ------------------------------------------------------------------------------------------
+# Export: merged, and as a peft adapter beside the base, checked against peft's own loading.
+
+TEXTS = ["der Montag", "jeudi", "an unrelated sentence about cats", "日曜日"]
+TOL = 1e-5  # fp32, the issue's bound for merged vs adapted
+
+
+def _st(path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path), device="cpu").encode(TEXTS, convert_to_numpy=True)
+
+
+def _peft_last_token(base_dir, adapter_dir, tokenizer_dir):
+    """peft.PeftModel over transformers' Qwen3Model, fp32: the normalised last-token state of
+    each text, one text per forward (no padding), tokenised as the export's tokenizer does."""
+    import peft
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    model = peft.PeftModel.from_pretrained(
+        AutoModel.from_pretrained(str(base_dir), dtype=torch.float32), str(adapter_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    out = []
+    with torch.no_grad():
+        for t in TEXTS:
+            ids = torch.tensor([tok(t)["input_ids"]])
+            out.append(model(input_ids=ids).last_hidden_state[0, -1].numpy())
+    out = np.stack(out)
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def exports(runs):
+    from mlembed_jax.export import export_checkpoint
+
+    out = runs / "exports"
+    export_checkpoint(str(runs / "lora"), str(out / "merged"), dtype="fp32")
+    summary = export_checkpoint(str(runs / "lora"), str(out / "peft"), dtype="fp32", peft=True)
+    export_checkpoint(str(runs / "base"), str(out / "base"), dtype="fp32")
+    return out, summary
+
+
+def test_peft_export_writes_peft_names_and_config(exports):
+    import safetensors.numpy
+
+    out, summary = exports
+    assert "adapter/adapter_model.safetensors" in summary["files"]
+    with open(out / "peft" / "adapter" / "adapter_config.json") as f:
+        cfg = json.load(f)
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0 and cfg["lora_dropout"] == 0.0
+    assert cfg["base_model_name_or_path"] == str(out / "peft" / "base")
+    tensors = safetensors.numpy.load_file(str(out / "peft" / "adapter" /
+                                              "adapter_model.safetensors"))
+    # peft's names and Linear layouts, as peft.save_pretrained writes them for Qwen3Model.
+    a = tensors["base_model.model.layers.1.self_attn.o_proj.lora_A.weight"]
+    b = tensors["base_model.model.layers.1.mlp.down_proj.lora_B.weight"]
+    assert a.shape == (4, 64) and b.shape == (64, 4)  # [r, heads * head_dim], [hidden, r]
+    assert len(tensors) == 2 * 2 * len(lora.TARGETS)  # A and B, 2 layers
+
+
+def test_merged_export_equals_base_plus_peft_adapter(exports):
+    out, _ = exports
+    merged = _st(out / "merged")
+    via_peft = _peft_last_token(out / "peft" / "base", out / "peft" / "adapter", out / "merged")
+    assert np.abs(merged - via_peft).max() <= TOL  # measured 3e-7
+    # sentence-transformers loads the adapter directory as base + adapter itself.
+    assert np.abs(_st(out / "peft" / "adapter") - merged).max() <= TOL
+    # The peft export's base is the base run's own export, and LoRA changed the embeddings
+    # (Qwen3-Embedding#167: "the trained LoRA gives the same results as the base").
+    base = _st(out / "base")
+    np.testing.assert_allclose(_st(out / "peft" / "base"), base, atol=1e-6)
+    assert np.abs(merged - base).max() > 100 * TOL  # measured 6e-3
+
+
+def test_peft_export_of_a_full_model_is_refused(runs, tmp_path):
+    from mlembed_jax.export import ExportError, export_checkpoint
+
+    with pytest.raises(ExportError, match="--peft needs a LoRA checkpoint"):
+        export_checkpoint(str(runs / "base"), str(tmp_path / "x"), peft=True)
+    assert not os.path.exists(tmp_path / "x")
