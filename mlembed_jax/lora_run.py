@@ -48,8 +48,10 @@ def load_base(config, step_fns, log: Callable[[str], None]) -> LoraBase | None:
     record = {"path": storage.absolute(path), "fingerprint": source_fingerprint(path)}
     params = step_fns.place_base(host)
     del host
+    trained = sum(x.size for x in jax.tree_util.tree_leaves(step_fns.abstract_state.params))
     log(f"LoRA: frozen base {record['path']} (fingerprint {record['fingerprint']}); rank "
-        f"{lcfg.rank}, alpha {lcfg.alpha:g}, targets {','.join(lcfg.targets)}")
+        f"{lcfg.rank}, alpha {lcfg.alpha:g}, targets {','.join(lcfg.targets)}: {trained:,} "
+        "trained parameters")
     # The base as an argument, not a closure: a captured array would be baked into the HLO.
     merged = jax.jit(lambda base, ad: merge_adapters(base, ad, lcfg),
                      out_shardings=step_fns.base_shardings)

@@ -81,6 +81,26 @@ def test_reader_merges_the_adapters_into_the_base(runs):
     np.testing.assert_array_equal(reader.read(q), base["layers"]["self_attn"]["q_proj"])
 
 
+def test_hf_directory_base(tmp_path):
+    """A base from a Hugging Face directory (imported, MEL factors by SVD): fingerprinted
+    from its safetensors tensors, so a re-saved model with other weights is another base."""
+    from hf_helpers import make_hf_qwen3
+
+    shapes = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    hf = tmp_path / "hf"
+    make_hf_qwen3(hf, **shapes)
+    _train(tmp_path / "lora", 1, **LORA, **{"train.init_from": str(hf)})
+    rec = _integrity(tmp_path / "lora", 1)["lora_base"]
+    assert rec == {"path": str(hf), "fingerprint": source_fingerprint(str(hf))}
+    config, merged, _ = load_trained(str(tmp_path / "lora"))
+    assert merged["layers"]["mlp"]["up_proj"].shape == (2, 64, 128)
+    make_hf_qwen3(hf, seed=1, **shapes)  # same shapes, other weights, same path
+    assert source_fingerprint(str(hf)) != rec["fingerprint"]
+    with pytest.raises(CheckpointError, match="changed since training"):
+        load_trained(str(tmp_path / "lora"))
+
+
 def test_resume_on_another_base_is_refused(runs, tmp_path):
     work = shutil.copytree(runs / "lora", tmp_path / "lora")
     cfg = small_config(**LORA, **{"train.max_steps": 6, "train.init_from": str(runs / "other")})
