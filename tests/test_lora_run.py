@@ -32,12 +32,13 @@ def _train(workdir, steps, seed=0, **kw):
 def runs(tmp_path_factory):
     """Two 2-step base runs (seeds 0 and 1) and a 4-step LoRA run on the first."""
     root = tmp_path_factory.mktemp("lora_run")
-    _train(root / "base", 2)
+    evals = {"train.validation_every": 2, "eval.retrieval_every": 2, "eval.heldout": True}
+    _train(root / "base", 2, **evals)
     _train(root / "other", 2, seed=1)
     # lr 1e-3 from step 1, so 4 steps move B well past the fp32 tolerance of the tests.
-    _train(root / "lora", 4, **LORA, **{"train.init_from": str(root / "base"),
-                                        "train.checkpoint_every": 2,
-                                        "optim.warmup_steps": 0, "optim.lr": 1e-3})
+    _train(root / "lora", 4, **LORA, **evals, **{"train.init_from": str(root / "base"),
+                                                 "train.checkpoint_every": 2,
+                                                 "optim.warmup_steps": 0, "optim.lr": 1e-3})
     return root
 
 
@@ -49,6 +50,27 @@ def _integrity(workdir, step):
 def test_lora_needs_init_from(tmp_path):
     with pytest.raises(ConfigError, match="model.lora.rank > 0 needs train.init_from"):
         run(small_config(**LORA, **{"train.max_steps": 1}), str(tmp_path / "w"))
+
+
+def test_evaluators_see_the_base_then_the_adapted_model(runs):
+    """Validation (adapted forward, base as the step's argument) and retrieval (merged
+    weights) run in a LoRA run; at step 0 (B = 0) validation scores the base exactly as the
+    base run scored its own final params."""
+    from mlembed_jax.metrics_log import read_metrics
+
+    def rows(name):  # a step's rows (train, val, eval) merged
+        out: dict = {}
+        for m in read_metrics(str(runs / name)):
+            out.setdefault(m["step"], {}).update(m)
+        return out
+
+    base, tuned = rows("base"), rows("lora")
+    assert abs(tuned[0]["val/total"] - base[2]["val/total"]) <= 1e-5 * base[2]["val/total"]
+    assert tuned[4]["val/total"] != tuned[0]["val/total"]
+    for step in (2, 4):
+        assert "val/total" in tuned[step]
+        ndcg = [v for k, v in tuned[step].items() if k.startswith("eval/") and "ndcg@10" in k]
+        assert ndcg and all(np.isfinite(ndcg)), tuned[step]
 
 
 def test_checkpoint_holds_adapters_and_the_base_fingerprint(runs):
