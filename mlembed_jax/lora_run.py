@@ -27,11 +27,6 @@ class LoraBase:
     record: dict  # {"path", "fingerprint"}: saved with every checkpoint
     merge: Callable  # adapters -> merged params (the base's shardings)
 
-    @property
-    def step_args(self) -> tuple:
-        """The extra, last argument of the compiled LoRA train and eval steps."""
-        return (self.params,)
-
 
 def load_base(config, step_fns, log: Callable[[str], None]) -> LoraBase | None:
     """The LoRA base of a run (None with LoRA off): train.init_from's params, placed.

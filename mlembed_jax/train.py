@@ -130,7 +130,8 @@ def run(config, workdir: str, allow_config_change: bool = False,
                  f"{enc.exits}, MEL {'r_max ' + str(enc.mel_r_max) if enc.mel else 'off'}")
 
             lora = load_base(config, step_fns, _log)
-            base_args = lora.step_args if lora else ()  # the steps' last argument with LoRA
+            base = lora.params if lora else None
+            base_args = (base,) if lora else ()  # the steps' last argument with LoRA
             ckpt = Checkpointer(workdir, keep=t.keep_checkpoints,
                                 lora_base=lora.record if lora else None)
             stack.callback(_close_checkpointer, ckpt)
@@ -144,7 +145,6 @@ def run(config, workdir: str, allow_config_change: bool = False,
             # One compiled step per row bucket, all before the first step (a step of another
             # shape would be an error, never a recompile).
             t0 = time.time()
-            base = lora.params if lora else None
             compiled = step_fns.compile_train(state, teacher_params,
                                               rows=plan.shapes_used()["train"], base_params=base)
             n_eval = (validation.compile(step_fns, state.params, teacher_params, base)

@@ -209,6 +209,9 @@ def test_peft_export_writes_peft_names_and_config(exports):
     b = tensors["base_model.model.layers.1.mlp.down_proj.lora_B.weight"]
     assert a.shape == (4, 64) and b.shape == (64, 4)  # [r, heads * head_dim], [hidden, r]
     assert len(tensors) == 2 * 2 * len(lora.TARGETS)  # A and B, 2 layers
+    # The model cards say what the weights are: the bare base, or merged.
+    assert "without the LoRA adapters" in (out / "peft" / "base" / "README.md").read_text()
+    assert "merged into these weights" in (out / "merged" / "README.md").read_text()
 
 
 def test_merged_export_equals_base_plus_peft_adapter(exports):

@@ -257,6 +257,20 @@ def _write_factors(out_dir, reader, cut, dtype) -> None:
                       {"format": "pt", "rank": cut.rank})
 
 
+def _lora_note(reader, peft: bool) -> str:
+    """The model card's paragraph on a LoRA checkpoint's export: merged, or the bare base."""
+    rank, alpha, _ = reader.lora
+    base = reader.integrity.lora_base
+    if peft:
+        return (f"**These are the weights of the base model `{base['path']}` (fingerprint "
+                f"{base['fingerprint']}) without the LoRA adapters** (rank {rank}, alpha "
+                f"{alpha:g}) this checkpoint trained: they are in `../{ADAPTER_DIR}`, which "
+                "sentence-transformers and peft load together with this directory.\n\n")
+    return (f"LoRA (rank {rank}, alpha {alpha:g}) trained on the base `{base['path']}` "
+            f"(fingerprint {base['fingerprint']}); the adapters are merged into these weights "
+            "(W + alpha / r A B).\n\n")
+
+
 # ----------------------------------------------------------------------------- the export
 def _check_out_dir(out_dir: str, overwrite: bool, reader_dirs: list[str]) -> None:
     storage.check_location(out_dir, "--output_dir")
@@ -348,6 +362,9 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, rank: int | None = None,
             metrics=final_metrics(reader.workdir, reader.step),
             exits=model_exits(config.model.exits, config.model.num_layers),
             mrl_min_dim=int(config.loss.mrl_min_dim))
+        if reader.lora is not None:
+            card = card.replace("## Size (3D-ML choices)", _lora_note(reader, peft) +
+                                "## Size (3D-ML choices)", 1)
         storage.write_text_atomic(card, os.path.join(tmp, "README.md"))
         if peft:
             files = [f"{BASE_DIR}/{f}" for f in files] + write_adapter_dir(
