@@ -132,6 +132,8 @@ def test_resume_on_another_base_is_refused(runs, tmp_path):
     fp = source_fingerprint(str(runs / "other"))
     assert str(runs / "base") in msg and str(runs / "other") in msg and fp in msg, msg
     assert "\n" not in msg
+    with pytest.raises(CheckpointError, match="holds LoRA adapters, but this run has LoRA off"):
+        run(small_config(**{"train.max_steps": 6}), str(work))
 
 
 def test_reader_refuses_a_base_that_changed(runs, tmp_path):
