@@ -299,3 +299,27 @@ def test_demo_lora_run_resumes_exactly_and_exports(runs, exports, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     emb = np.load(tmp_path / "emb.npy")
     assert np.abs(emb - merged).max() <= 1e-4  # measured 2e-7
+
+
+def test_aot_compile_takes_the_base_as_an_argument():
+    """tools/aot_compile.py lowers the LoRA step with the frozen base beside the state: the
+    compiled program's arguments hold both (8 fake CPU devices, FSDP over all of them)."""
+    import re
+    import subprocess
+    import sys
+
+    from train_helpers import DEMO, ROOT, SMALL
+
+    args = [sys.executable, os.path.join(ROOT, "tools", "aot_compile.py"), f"--config={DEMO}",
+            "--topology=cpu:8"]
+    for k, v in {**SMALL, **LORA, "mesh.fsdp": 8, "mesh.data": 1}.items():
+        args.append(f"--config.{k}={v}")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"^LoRA: rank 4 on q_proj,.*: [\d,]+ trained params", r.stdout, re.M)
+    m = re.search(r"arguments\s+([\d.]+) MB\s+\(train state ([\d.]+) MB \+ frozen LoRA base "
+                  r"([\d.]+) MB \+ batch", r.stdout)
+    assert m, r.stdout
+    args_mb, state_mb, base_mb = map(float, m.groups())
+    assert base_mb > state_mb and args_mb >= state_mb + base_mb - 0.01
