@@ -16,6 +16,7 @@ Modules:
   train_step         the train state, the pure step functions, the one step builder
   train              `python -m mlembed_jax.train`: the training loop
   train_report       what the loop logs: each interval's metrics, epoch lines
+  lora_run           a LoRA run's frozen base: loaded once, placed, fingerprinted
   divergence         the parameter-norm divergence rule (train.divergence_factor)
   preemption         SIGTERM: save at the next step boundary, on every process at once
   run_summary        what a run prints at its start and end

@@ -43,6 +43,7 @@ from mlembed_jax.data.text_encoding import TokenizerError
 from mlembed_jax.divergence import DivergenceRule, param_norm
 from mlembed_jax.eval.periodic import make_periodic_evaluator
 from mlembed_jax.eval.validation import make_validation_evaluator
+from mlembed_jax.lora_run import load_base
 from mlembed_jax.metrics_log import MetricsWriter
 from mlembed_jax.model.encoder import abstract_params
 from mlembed_jax.model.qwen3 import param_count
@@ -108,7 +109,10 @@ def run(config, workdir: str, allow_config_change: bool = False,
                 make_train_iterator(config, packs, pack_range=pack_range, plan=plan)))
             # The evaluators before anything compiles: a bad eval.* setting fails in seconds.
             validation = make_validation_evaluator(config, plan, mesh, pack_range)
-            evaluators = [e for e in (validation, make_periodic_evaluator(config)) if e is not None]
+            lora = None  # LoRA: the frozen base (lora_run.py), loaded once the step is built
+            periodic = make_periodic_evaluator(config, to_params=(
+                (lambda ad: lora.merge(ad)) if config.model.lora.rank > 0 else None))
+            evaluators = [e for e in (validation, periodic) if e is not None]
             stack.enter_context(orbax_log(orbax_log_path(workdir) if primary else None))
 
             names = list(train_iter.dataset_names)
@@ -125,20 +129,26 @@ def run(config, workdir: str, allow_config_change: bool = False,
                  f"({param_count(abstract_params(enc), True):,} non-embedding), exits "
                  f"{enc.exits}, MEL {'r_max ' + str(enc.mel_r_max) if enc.mel else 'off'}")
 
-            ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
+            lora = load_base(config, step_fns, _log)
+            base = lora.params if lora else None
+            base_args = (base,) if lora else ()  # the steps' last argument with LoRA
+            ckpt = Checkpointer(workdir, keep=t.keep_checkpoints,
+                                lora_base=lora.record if lora else None)
             stack.callback(_close_checkpointer, ckpt)
             t_start = time.time()
             state, nonfinite_total = restore_or_init(
                 ckpt, config, step_fns.abstract_state, step_fns.init_state, train_iter,
-                ResumeOptions(allow_config_change, restart_from_scratch, log=_log))
+                ResumeOptions(allow_config_change, restart_from_scratch, log=_log,
+                              lora=lora is not None))
             if primary:
                 write_config(config, workdir)  # once accepted (a resume may refuse it)
             # One compiled step per row bucket, all before the first step (a step of another
             # shape would be an error, never a recompile).
             t0 = time.time()
             compiled = step_fns.compile_train(state, teacher_params,
-                                              rows=plan.shapes_used()["train"])
-            n_eval = validation.compile(step_fns, state.params, teacher_params) if validation else 0
+                                              rows=plan.shapes_used()["train"], base_params=base)
+            n_eval = (validation.compile(step_fns, state.params, teacher_params, base)
+                      if validation else 0)
             largest = max(compiled)
             _log(f"compiled {len(compiled)} train step shape(s) (rows per pack "
                  f"{sorted(compiled)}) and {n_eval} eval shape(s) in {time.time() - t0:.1f}s; "
@@ -159,6 +169,7 @@ def run(config, workdir: str, allow_config_change: bool = False,
 
             interval = Interval(config.model, names, len(mesh.local_devices))
             streak, budget = 0, int(t.max_nonfinite_steps)
+            # With LoRA state.params are the adapters: their norm is the one that can diverge.
             diverged = DivergenceRule(t, float(jax.device_get(param_norm(state.params))))
             step, exit_code = start, 0
             with step_fns.rules_context():
@@ -171,7 +182,8 @@ def run(config, workdir: str, allow_config_change: bool = False,
                         batch, stats = next(train_iter)
                         gb = sharding.to_global_batch(batch, plan.geometry(stats["rows"]), mesh,
                                                       rules)
-                        state, metrics = compiled[stats["rows"]](state, gb, teacher_params)
+                        state, metrics = compiled[stats["rows"]](state, gb, teacher_params,
+                                                                 *base_args)
                         step += 1
                         stopping = preempt.check(step)  # once per step: SIGTERM may come any time
                         if single:

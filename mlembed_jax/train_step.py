@@ -432,8 +432,8 @@ def teacher_config(config, enc: EncoderConfig):
 
 # A LoRA step takes the frozen base as its own argument (BuiltStep.place_base); a caller that
 # builds a state from host params or compiles without the base gets this line.
-_LORA_NEEDS_BASE = ("model.lora.rank > 0: the train loop does not run LoRA yet (the step's "
-                    "frozen base params are not passed to it); set model.lora.rank=0")
+_LORA_NEEDS_BASE = ("model.lora.rank > 0: a LoRA step takes the frozen base params as its last "
+                    "argument (BuiltStep.place_base, or abstract_base() to compile on shapes)")
 
 
 @dataclasses.dataclass

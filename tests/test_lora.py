@@ -285,7 +285,7 @@ def test_built_lora_step_shards_adapters_like_their_weights_and_keeps_the_base(l
                                                                jax.random.key(0)))
     base = built.place_base(host_base)
     state = built.init_state()
-    with pytest.raises(ConfigError, match="the train loop does not run LoRA yet"):
+    with pytest.raises(ConfigError, match="a LoRA step takes the frozen base params"):
         built.compile_train(state)  # no base: refused before anything is lowered
     with built.rules_context():
         gb = to_global_batch(batch, geometry, mesh, built.rules)

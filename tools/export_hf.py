@@ -2,11 +2,13 @@
 
     python tools/export_hf.py --model WORKDIR[/STEP] --output_dir DIR \\
         [--rank R] [--exit K] [--dim M] [--mode compat|factorized] \\
-        [--tokenizer_dir DIR] [--dtype bf16|fp32] [--overwrite]
+        [--tokenizer_dir DIR] [--dtype bf16|fp32] [--overwrite] [--peft]
 
 DIR then loads with `SentenceTransformer(DIR)` or `AutoModel.from_pretrained(DIR)`; see its
 README.md. Without --rank/--exit/--dim the trained full size is exported. The old flag names
---checkpoint, --out, --layers and --tokenizer are still accepted.
+--checkpoint, --out, --layers and --tokenizer are still accepted. A LoRA checkpoint exports
+merged into the weights, or with --peft as DIR/base (the base) + DIR/adapter (peft adapter,
+which `SentenceTransformer(DIR/adapter)` loads together with DIR/base).
 """
 
 import argparse
@@ -36,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                     help="weight dtype (default bf16)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    ap.add_argument("--peft", action="store_true",
+                    help="LoRA checkpoints: write the base's export to OUTPUT_DIR/base and a peft "
+                    "adapter directory to OUTPUT_DIR/adapter instead of the merged model")
     return ap
 
 
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
             summary = export_checkpoint(
                 args.model, args.output_dir, rank=args.rank, layers=args.exit, dim=args.dim,
                 mode=args.mode, tokenizer_dir=args.tokenizer_dir, dtype=args.dtype,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, peft=args.peft)
         except (ExportError, CheckpointError, StorageError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

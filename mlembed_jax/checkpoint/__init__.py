@@ -11,6 +11,8 @@
   and which config changes a resume accepts.
 - `verify`: the per-tensor fingerprints a save records and a restore checks;
   `CheckpointError`, `CheckpointDamaged`.
+- `lora_base`: a LoRA checkpoint's base: its fingerprint, the same-base check, merging the
+  adapters into it on the host.
 - `orbax_logs`: keeps Orbax's and TensorStore's failure noise off the console (log filters,
   Orbax's log file off the checkpoint disk, the closed-event-loop unraisable hook).
 
@@ -21,5 +23,6 @@ Modules:
   manager     the training run's Checkpointer: async save, verified restore, set-asides
   resume      restore_or_init and the resume-change policy
   verify      per-tensor fingerprints and their check
+  lora_base   a LoRA base's fingerprint and check; host-side merge of the adapters
   orbax_logs  Orbax's and TensorStore's failure noise kept off the console
 """

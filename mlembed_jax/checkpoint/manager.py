@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mlembed_jax import storage
+from mlembed_jax.checkpoint.lora_base import check_same_base
 from mlembed_jax.checkpoint.orbax_logs import quiet_task_noise
 from mlembed_jax.checkpoint.reader import (
     DAMAGED_DIR,
@@ -126,8 +127,12 @@ class Checkpointer:
     Until then it is unverified; a run stopped by a fault before confirming it sets it
     aside (`set_aside_unverified`), so a resume never starts from it."""
 
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
+                 lora_base: dict | None = None):
+        """lora_base: a LoRA run's frozen base, {"path", "fingerprint"} (lora_base.py):
+        recorded with every save, and a restore of adapters of another base is refused."""
         quiet_task_noise()
+        self.lora_base = lora_base
         self.workdir = storage.absolute(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self._sound_path = os.path.join(self.workdir, SOUND_FILE)
@@ -221,7 +226,8 @@ class Checkpointer:
             state=ocp.args.StandardSave(state),
             data=grain.PyGrainCheckpointSave(data_box),
             config=ocp.args.JsonSave(config_json(config)),
-            integrity=ocp.args.JsonSave(Integrity(tensors, nonfinite_total).to_json(step)),
+            integrity=ocp.args.JsonSave(
+                Integrity(tensors, nonfinite_total, self.lora_base).to_json(step)),
         )
         try:
             saved = self.manager.save(step, args=args, force=force)
@@ -329,6 +335,8 @@ class Checkpointer:
         step_dir = self.step_dir(step)
         check_complete(step_dir)
         check_same_model(self.saved_config(step)["model"], config.model.to_dict(), step_dir)
+        integrity = read_integrity(step_dir)
+        check_same_base(integrity.lora_base if integrity else None, self.lora_base, step_dir)
         saved, wanted = shapes(state_metadata(step_dir)), shapes(abstract_state)
         if saved != wanted:
             raise ConfigError(
@@ -336,7 +344,6 @@ class Checkpointer:
                 f"tensors, this config makes {len(wanted)}; optimizer settings such as "
                 "optim.mel_lr change it). Resume with the config it was saved with, or use a "
                 "fresh --workdir.")
-        integrity = read_integrity(step_dir)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),

@@ -20,6 +20,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mlembed_jax import storage
+from mlembed_jax.checkpoint.lora_base import (
+    adapted_leaf,
+    lora_settings,
+    merge_leaf,
+    source_fingerprint,
+)
 from mlembed_jax.checkpoint.orbax_logs import quiet_task_noise
 from mlembed_jax.checkpoint.verify import (
     CheckpointDamaged,
@@ -259,7 +265,49 @@ class TrainedParams:
         flat = jax.tree_util.tree_flatten_with_path(
             tree["params"], is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
         self.leaves = {tuple(k.key for k in p): (tuple(m.shape), m.dtype) for p, m in flat}
+        self._saved_leaves = self.leaves
         self._handler = ocp.PyTreeCheckpointHandler()
+        # LoRA: the saved params are adapters; `leaves` and `read` give the merged model.
+        self.lora = lora_settings(self.config.model)
+        self.merge = True  # False: `read` gives the base's params as they are (a PEFT export)
+        self.base = None
+        if self.lora is not None:
+            self.base = self._read_base()
+            self.leaves = {tuple(k.key for k in p): (tuple(x.shape), x.dtype)
+                           for p, x in jax.tree_util.tree_flatten_with_path(self.base)[0]}
+
+    def _read_base(self) -> dict:
+        """A LoRA checkpoint's base (host params in model.param_dtype), read from the path
+        the run recorded and checked against the recorded fingerprint."""
+        from mlembed_jax.model.qwen3 import EncoderConfig  # the model only for a LoRA base
+
+        record = (self.integrity.lora_base if self.integrity else None) or {}
+        path = record.get("path")
+        if not path:
+            raise CheckpointError(f"checkpoint {self.step_dir} holds LoRA adapters but no "
+                                  "record of their base (integrity/lora_base); it cannot be used")
+        enc = EncoderConfig.from_config(self.config.model)
+
+        def unreadable(e):
+            return CheckpointError(f"checkpoint {self.step_dir} holds LoRA adapters of the "
+                                   f"base {path}, which cannot be read ({reason(e)}); put the "
+                                   "base back at that path")
+
+        try:
+            found = source_fingerprint(path)
+        except (ConfigError, OSError, ValueError) as e:
+            raise unreadable(e) from None
+        if found != record["fingerprint"]:
+            raise CheckpointError(
+                f"checkpoint {self.step_dir} holds LoRA adapters of the base {path} with "
+                f"fingerprint {record['fingerprint']}, but {path} now has fingerprint {found} "
+                "(it changed since training); put the base it was trained on back at that path")
+        try:
+            host, _ = init_params_from(path, enc, self.config)
+        except (ConfigError, OSError, ValueError) as e:
+            raise unreadable(e) from None
+        dtype = np.dtype(jax.numpy.dtype(enc.param_dtype))  # as training placed it
+        return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype, copy=False), host)
 
     def read_all(self) -> dict:
         """Every param as host numpy arrays, nested like the params."""
@@ -272,11 +320,36 @@ class TrainedParams:
         return params
 
     def read(self, path: tuple[str, ...]):
-        """One param array (e.g. ("layers", "mlp", "up_proj")) as a host numpy array."""
+        """One param array (e.g. ("layers", "mlp", "up_proj")) as a host numpy array; of a
+        LoRA checkpoint, the base's with the adapters merged (W + alpha / r A @ B)."""
+        if self.lora is None:
+            return self._read_saved(path)
         if path not in self.leaves:
+            raise KeyError(f"the LoRA base of {self.step_dir!r} has no param {'/'.join(path)!r}")
+        w = self.base
+        for key in path:
+            w = w[key]
+        hit = adapted_leaf(path, self.lora[2])
+        if not self.merge or hit is None:
+            return w
+        a, b = (self._read_saved(("layers", *hit, k)) for k in ("A", "B"))
+        return merge_leaf(w, a, b, self.lora[1] / self.lora[0])
+
+    def read_adapters(self) -> dict:
+        """A LoRA checkpoint's adapters as saved: {"layers": {module: {target: {"A", "B"}}}}."""
+        out: dict = {}
+        for leaf_path in self._saved_leaves:
+            node = out
+            for key in leaf_path[:-1]:
+                node = node.setdefault(key, {})
+            node[leaf_path[-1]] = self._read_saved(leaf_path)
+        return out
+
+    def _read_saved(self, path: tuple[str, ...]):
+        if path not in self._saved_leaves:
             raise KeyError(f"checkpoint {self._state_dir!r} has no param {'/'.join(path)!r}; "
-                           f"it has {sorted('/'.join(p) for p in self.leaves)}")
-        shape, dtype = self.leaves[path]
+                           f"it has {sorted('/'.join(p) for p in self._saved_leaves)}")
+        shape, dtype = self._saved_leaves[path]
         target = jax.ShapeDtypeStruct(shape, dtype)  # a shape only: nothing allocated twice
         for key in reversed(("params",) + path):
             target = {key: target}
@@ -303,8 +376,8 @@ class TrainedParams:
 
     def verify(self) -> None:
         """Reads every param once; CheckpointDamaged if any does not read back as saved."""
-        for leaf_path in self.leaves:
-            self.read(leaf_path)
+        for leaf_path in self._saved_leaves:
+            self._read_saved(leaf_path)
 
     def _damaged(self, why: str) -> CheckpointDamaged:
         if not self._name_intact:

@@ -22,6 +22,7 @@ class ResumeOptions:
     allow_config_change: bool = False  # --allow_config_change
     restart_from_scratch: bool = False  # --restart_from_scratch
     log: Callable[[str], None] = print
+    lora: bool = False  # the state is LoRA adapters: train.init_from is their base, not state
 
 
 def restore_or_init(ckpt: Checkpointer, config, abstract_state, init_fn, data_iter,
@@ -52,6 +53,9 @@ def restore_or_init(ckpt: Checkpointer, config, abstract_state, init_fn, data_it
             log(f"note: checkpoint {step} has no fingerprints (saved by an older mlembed_jax): "
                 "checked for NaN/inf only")
         return state, (integrity.nonfinite_total if integrity else 0)
+    if options.lora:
+        log("LoRA: fresh adapters (B = 0, so step 0 is the base model)")
+        return init_fn(None), 0
     if config.train.init_from:
         enc = EncoderConfig.from_config(config.model)
         host, what = init_params_from(config.train.init_from, enc, config)

@@ -126,14 +126,19 @@ def compare(saved: dict, actual: dict) -> str | None:
 
 @dataclasses.dataclass
 class Integrity:
-    """The `integrity` item of a step: fingerprints plus the run's skip counters."""
+    """The `integrity` item of a step: fingerprints plus the run's skip counters; with LoRA
+    also the frozen base's {"path", "fingerprint"} (lora_base.py)."""
 
     tensors: dict
     nonfinite_total: int = 0
+    lora_base: dict | None = None
 
     def to_json(self, step: int) -> dict:
-        return {"format": FORMAT, "step": step, "tensors": self.tensors,
-                "nonfinite_total": self.nonfinite_total}
+        out = {"format": FORMAT, "step": step, "tensors": self.tensors,
+               "nonfinite_total": self.nonfinite_total}
+        if self.lora_base is not None:
+            out["lora_base"] = self.lora_base
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> Integrity:
@@ -141,4 +146,5 @@ class Integrity:
                 or not isinstance(data.get("tensors"), dict):
             raise ValueError(f"unknown integrity record (format {data.get('format')!r})"
                              if isinstance(data, dict) else "integrity record is not a mapping")
-        return cls(tensors=data["tensors"], nonfinite_total=int(data.get("nonfinite_total", 0)))
+        return cls(tensors=data["tensors"], nonfinite_total=int(data.get("nonfinite_total", 0)),
+                   lora_base=data.get("lora_base"))

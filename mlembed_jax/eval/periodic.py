@@ -41,6 +41,7 @@ class RetrievalEvaluator:
 
     name = "eval"  # the metrics prefix
     at_start = False  # not at step 0: a random model's retrieval says nothing
+    to_params = None  # LoRA: adapters -> merged params, once per call
 
     def __init__(self, every: int, sets: list, point: dict,
                  embed: Callable[[object, object], object]):
@@ -49,6 +50,8 @@ class RetrievalEvaluator:
     def __call__(self, params, step: int) -> dict:
         del step  # the caller logs under its own step
         t0 = time.time()
+        if self.to_params is not None:
+            params = self.to_params(params)
         out, sums = {}, {}
         for s in self.sets:
             m = rev.evaluate_embeddings(s, self._embed(params, s.queries),
@@ -62,7 +65,8 @@ class RetrievalEvaluator:
         return out
 
 
-def make_periodic_evaluator(config) -> RetrievalEvaluator | None:
+def make_periodic_evaluator(config, to_params: Callable | None = None
+                            ) -> RetrievalEvaluator | None:
     """The retrieval evaluator of a run, or None when eval.retrieval_every <= 0 or the config
     has no eval section.
 
@@ -70,6 +74,8 @@ def make_periodic_evaluator(config) -> RetrievalEvaluator | None:
     With several sets, eval/<metric> is their mean. Raises ConfigError for settings the
     model or the data cannot serve (unknown rank/exit/dim, missing BEIR directory...),
     so a bad setting fails before training starts rather than at the first evaluation.
+    to_params: maps what the evaluator is called with to the params it embeds with (LoRA:
+    adapters -> the merged weights); None: the params themselves.
     """
     if "eval" not in config or int(config.eval.retrieval_every) <= 0:
         return None
@@ -107,8 +113,10 @@ def make_periodic_evaluator(config) -> RetrievalEvaluator | None:
                                  rules=rules)
         return normalize(pooled[0], dim)
 
-    return RetrievalEvaluator(int(e.retrieval_every), sets,
-                              {"rank": rank, "exit": exit, "dim": dim}, embed)
+    ev = RetrievalEvaluator(int(e.retrieval_every), sets,
+                            {"rank": rank, "exit": exit, "dim": dim}, embed)
+    ev.to_params = to_params
+    return ev
 
 
 def _beir_set(config, e) -> "rev.RetrievalSet":

@@ -34,13 +34,16 @@ class ValidationEvaluator:
         self.batches = make_validation_iterator(config, plan.packs, pack_range=pack_range,
                                                 plan=plan)
         self.plan, self.mesh, self.rules = plan, mesh, config.mesh.logical_axis_rules
-        self._fns, self._teacher = None, None
+        self._fns, self._teacher, self._base = None, None, ()
 
-    def compile(self, step_fns, params, teacher_params) -> int:
-        """Compiles the eval step for each row bucket the split uses; returns how many."""
+    def compile(self, step_fns, params, teacher_params, base_params=None) -> int:
+        """Compiles the eval step for each row bucket the split uses; returns how many.
+        base_params: with LoRA, the frozen base (`params` are then the adapters)."""
         rows = self.plan.shapes_used()["validation"]
-        self._fns = step_fns.compile_eval(params, teacher_params, rows=rows)
+        self._fns = step_fns.compile_eval(params, teacher_params, rows=rows,
+                                          base_params=base_params)
         self._teacher = teacher_params
+        self._base = () if base_params is None else (base_params,)
         return len(self._fns)
 
     def __call__(self, params, step: int) -> dict:
@@ -52,7 +55,7 @@ class ValidationEvaluator:
         for batch, stats in self.batches:
             gb = sharding.to_global_batch(batch, self.plan.geometry(stats["rows"]), self.mesh,
                                           self.rules)
-            m = jax.device_get(self._fns[stats["rows"]](params, gb, self._teacher))
+            m = jax.device_get(self._fns[stats["rows"]](params, gb, self._teacher, *self._base))
             w = {"samples": float(m["num_samples"]), "retrieval": float(m["num_in_batch"])}
             if w["samples"] == 0:
                 continue

@@ -8,6 +8,7 @@ Modules:
   tokenizer_files              the exported tokenizer, appending EOS as training did
   sentence_transformers_files  Transformer -> last-token Pooling -> Normalize, prompts
   model_card                   the export's README.md
+  peft_files                   a LoRA checkpoint's adapters as a peft adapter directory
   errors                       ExportError and ExportWarning
 """
 

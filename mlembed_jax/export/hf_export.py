@@ -32,6 +32,7 @@ from mlembed_jax import storage
 from mlembed_jax.checkpoint.reader import ToolParams, TrainedParams, alternatives_hint
 from mlembed_jax.export.errors import ExportError, ExportWarning
 from mlembed_jax.export.model_card import final_metrics, render
+from mlembed_jax.export.peft_files import ADAPTER_DIR, BASE_DIR, write_adapter_dir
 from mlembed_jax.export.sentence_transformers_files import (
     prompts_from_manifest,
     write_sentence_transformers_files,
@@ -256,6 +257,20 @@ def _write_factors(out_dir, reader, cut, dtype) -> None:
                       {"format": "pt", "rank": cut.rank})
 
 
+def _lora_note(reader, peft: bool) -> str:
+    """The model card's paragraph on a LoRA checkpoint's export: merged, or the bare base."""
+    rank, alpha, _ = reader.lora
+    base = reader.integrity.lora_base
+    if peft:
+        return (f"**These are the weights of the base model `{base['path']}` (fingerprint "
+                f"{base['fingerprint']}) without the LoRA adapters** (rank {rank}, alpha "
+                f"{alpha:g}) this checkpoint trained: they are in `../{ADAPTER_DIR}`, which "
+                "sentence-transformers and peft load together with this directory.\n\n")
+    return (f"LoRA (rank {rank}, alpha {alpha:g}) trained on the base `{base['path']}` "
+            f"(fingerprint {base['fingerprint']}); the adapters are merged into these weights "
+            "(W + alpha / r A B).\n\n")
+
+
 # ----------------------------------------------------------------------------- the export
 def _check_out_dir(out_dir: str, overwrite: bool, reader_dirs: list[str]) -> None:
     storage.check_location(out_dir, "--output_dir")
@@ -273,7 +288,8 @@ def _check_out_dir(out_dir: str, overwrite: bool, reader_dirs: list[str]) -> Non
     if not storage.isdir(out):
         raise ExportError(f"--output_dir {out_dir!r} exists and is not a directory")
     entries = storage.listdir(out)
-    if entries and not {"config.json", "modules.json"} & set(entries):
+    if entries and not {"config.json", "modules.json"} & set(entries) \
+            and not storage.isfile(os.path.join(out, ADAPTER_DIR, "adapter_config.json")):
         raise ExportError(f"--output_dir {out_dir!r} is a non-empty directory that does not look "
                           "like an export (no config.json or modules.json); refusing to "
                           "delete it, even with --overwrite")
@@ -282,9 +298,12 @@ def _check_out_dir(out_dir: str, overwrite: bool, reader_dirs: list[str]) -> Non
 def export_checkpoint(checkpoint: str, out_dir: str, *, rank: int | None = None,
                       layers: int | None = None, dim: int | None = None, mode: str = "compat",
                       tokenizer_dir: str | None = None, dtype: str = "bf16",
-                      overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+                      overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                      peft: bool = False) -> dict:
     """Exports `checkpoint` (a training workdir or one of its checkpoints/<step> dirs) to
     `out_dir` at size (rank R, layers K, dim M); None keeps the trained full size.
+    A LoRA checkpoint exports merged (W + alpha / r A @ B), or with `peft` as the base's
+    export in out_dir/base and a peft adapter directory in out_dir/adapter (peft_files.py).
 
     Returns a summary: {"step", "cut": Cut, "files": [...], "out_dir"}.
     """
@@ -299,6 +318,9 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, rank: int | None = None,
     config = reader.config
     enc = EncoderConfig.from_config(config.model)
     cut = choose_cut(enc, int(config.loss.mrl_min_dim), rank, layers, dim)
+    if peft and reader.lora is None:
+        raise ExportError("--peft needs a LoRA checkpoint (trained with model.lora.rank > 0); "
+                          "this one trained the whole model: export it without --peft")
     if mode == "factorized" and not enc.mel:
         raise ExportError("--mode factorized needs a model trained with MEL (model.mel=True); "
                           "this one has a plain embedding table, use --mode compat")
@@ -313,6 +335,11 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, rank: int | None = None,
     tmp = out if remote else f"{out}.partial-{os.getpid()}"
     storage.rmtree(tmp)
     storage.makedirs(tmp)
+    final_tmp = tmp  # where the model files go: the base's own directory with --peft
+    if peft:
+        reader.merge = False  # the base as trained on; the adapters go beside it
+        tmp = os.path.join(final_tmp, BASE_DIR)
+        storage.makedirs(tmp)
     try:
         np_dtype = DTYPES[dtype]
         files = _write_weights(tmp, reader, enc, cut, np_dtype, max_shard_bytes)
@@ -335,12 +362,19 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, rank: int | None = None,
             metrics=final_metrics(reader.workdir, reader.step),
             exits=model_exits(config.model.exits, config.model.num_layers),
             mrl_min_dim=int(config.loss.mrl_min_dim))
+        if reader.lora is not None:
+            card = card.replace("## Size (3D-ML choices)", _lora_note(reader, peft) +
+                                "## Size (3D-ML choices)", 1)
         storage.write_text_atomic(card, os.path.join(tmp, "README.md"))
+        if peft:
+            files = [f"{BASE_DIR}/{f}" for f in files] + write_adapter_dir(
+                final_tmp, reader, cut.layers, np_dtype, os.path.join(out, BASE_DIR))
+            tmp = final_tmp
         if not remote:
             if os.path.lexists(out):
                 shutil.rmtree(out)  # _check_out_dir allowed it (--overwrite, an old export)
             os.rename(tmp, out)
     except BaseException:
-        storage.rmtree(tmp)
+        storage.rmtree(final_tmp)
         raise
     return {"step": reader.step, "cut": cut, "files": files, "out_dir": out}

@@ -97,7 +97,7 @@ def check_shape_matches(model_dir: str, cfg: EncoderConfig, allow_fewer_layers=F
                               "size, or override the model fields to match it")
 
 
-def _tensor_files(model_dir: str) -> dict[str, str]:
+def tensor_files(model_dir: str) -> dict[str, str]:
     """Tensor name -> file path, for single or sharded safetensors checkpoints."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
@@ -127,7 +127,7 @@ def load_hf_params(model_dir: str, cfg: EncoderConfig, dtype: str | None = None,
     """
     check_shape_matches(model_dir, cfg, allow_fewer_layers)
     ckpt_layers = hf_model_fields(read_hf_config(model_dir))["num_layers"]
-    files = _tensor_files(model_dir)
+    files = tensor_files(model_dir)
     np_dtype = _NP_DTYPES[dtype or cfg.param_dtype]
     L = cfg.num_layers
     seen: dict[str, set[int]] = {}
@@ -212,7 +212,7 @@ class CheckpointSummary:
 def summarize(model_dir: str) -> CheckpointSummary:
     hf = read_hf_config(model_dir)
     tensors = []
-    for name, path in sorted(_tensor_files(model_dir).items()):
+    for name, path in sorted(tensor_files(model_dir).items()):
         st = SafetensorsFile(path)
         tensors.append((name, st.shape(name), str(st.dtype(name))))
     total = sum(int(np.prod(s)) for _, s, _ in tensors)

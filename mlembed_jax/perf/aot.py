@@ -150,9 +150,10 @@ def build_lowered(config, devices, num_datasets: int = 1) -> Built:
     step = build_step(config, mesh, total_steps=max(int(config.train.max_steps), 1000),
                       num_datasets=num_datasets, geometries=geometries)
     t0 = time.time()
+    base = () if step.setup.lora is None else (step.abstract_base(),)  # LoRA: frozen argument
     with step.rules_context(), gpu_aot.tracing_for(mesh.devices.flat):
         lowered = step.train.lower(step.abstract_state, step.abstract_batch(),
-                                   step.abstract_teacher())
+                                   step.abstract_teacher(), *base)
     return Built(step, lowered, time.time() - t0, kernel, buckets_from)
 
 
@@ -246,6 +247,11 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
       f"{enc.num_layers} layers, exits {list(enc.exits)}, MEL "
       f"{'r_max ' + str(enc.mel_r_max) if enc.mel else 'off'}, remat {enc.remat}, "
       f"attention {enc.attention}, params {enc.param_dtype}, compute {enc.compute_dtype}")
+    if setup.lora is not None:
+        lc = setup.lora
+        p(f"LoRA: rank {lc.rank} on {','.join(lc.targets)}: "
+          f"{param_count(step.abstract_state.params):,} trained params, the base frozen (the "
+          "FLOPs below still count the base's weight gradients, which LoRA skips)")
     nominal = g.packs * g.samples_per_pack
     p(f"batch: {g.packs} packs x {g.samples_per_pack} samples = {nominal:,} samples/step "
       f"({nominal / n_dev:g} per chip), {g.max_negatives} negatives max; row buckets "
@@ -278,14 +284,16 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
     p()
     state_b = per_device_bytes(step.abstract_state)
     batch_b = per_device_bytes(step.abstract_batch())
+    base = step.abstract_base()  # LoRA's frozen base, an argument beside the state
+    base_part = "" if base is None else f" + frozen LoRA base {_gb(per_device_bytes(base))}"
     m = hlo.memory(compiled)
     fits = True
     p("per-chip memory (compiled.memory_analysis):")
     if m is None:
         p("  unavailable on this backend")
     else:
-        p(f"  arguments    {_gb(m.argument):>10}  (train state {_gb(state_b)} + batch "
-          f"{_gb(batch_b)}, by hand)")
+        p(f"  arguments    {_gb(m.argument):>10}  (train state {_gb(state_b)}{base_part} + "
+          f"batch {_gb(batch_b)}, by hand)")
         p(f"  outputs      {_gb(m.output):>10}  ({_gb(m.alias)} of it aliased to the donated "
           "state)")
         p(f"  temporaries  {_gb(m.temp):>10}  (activations, gradients, optimizer update)")
