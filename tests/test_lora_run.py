@@ -74,18 +74,26 @@ def test_evaluators_see_the_base_then_the_adapted_model(runs):
 
 
 def test_sharded_lora_run_matches_one_device(runs, tmp_path):
-    """The base placed by FSDP and tensor sharding on 8 devices, the adapters sharded like
-    the weights they adapt: the same losses as on one device (1e-4, test_train's bound)."""
+    """The base placed by FSDP and tensor sharding on 8 devices, or over two slices, the
+    adapters sharded like the weights they adapt: the same losses as on one device (1e-4,
+    test_train's bound)."""
     common = {**LORA, "train.init_from": str(runs / "base"), "data.packs_per_step": 4,
               "train.checkpoint_every": 100, "optim.warmup_steps": 0, "optim.lr": 1e-3}
     _train(tmp_path / "one", 4, **common, **{"mesh.num_devices": 1})
     _train(tmp_path / "eight", 4, **common, **{"mesh.data": 2, "mesh.fsdp": 2,
                                                "mesh.tensor": 2})
-    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "eight")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    # Two slices of 4 (tests/test_multislice.py's stand-in): data across, FSDP x tensor
+    # inside.
+    _train(tmp_path / "slices", 4, **common, **{"mesh.data": 1, "mesh.fsdp": 2,
+                                                "mesh.tensor": 2, "mesh.dcn_data": 2})
+    a = train_losses(tmp_path / "one")
+    assert sorted(a) == [1, 2, 3, 4]
     assert a[4] != a[1]  # the adapters trained
-    for step in a:
-        assert abs(a[step] - b[step]) <= 1e-4, (step, a[step], b[step])
+    for other in ("eight", "slices"):
+        b = train_losses(tmp_path / other)
+        assert sorted(b) == sorted(a), other
+        for step in a:
+            assert abs(a[step] - b[step]) <= 1e-4, (other, step, a[step], b[step])
 
 
 def test_checkpoint_holds_adapters_and_the_base_fingerprint(runs):
