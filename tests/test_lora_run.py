@@ -265,12 +265,10 @@ def test_peft_export_of_a_full_model_is_refused(runs, tmp_path):
 # A demo-scale LoRA run end to end: SIGTERM and exact resume, encode, both exports.
 
 def test_demo_lora_run_resumes_exactly_and_exports(runs, exports, tmp_path):
-    import signal
     import subprocess
     import sys
-    import time
 
-    from train_helpers import cli_args, run_cli, subprocess_env, train_losses
+    from train_helpers import run_cli, sigterm_then_resume_matches, subprocess_env
 
     steps = 12
     kw = {**LORA, "model.lora.rank": 8, "train.init_from": str(runs / "base"),
@@ -280,27 +278,7 @@ def test_demo_lora_run_resumes_exactly_and_exports(runs, exports, tmp_path):
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     work = tmp_path / "killed"
-    proc = subprocess.Popen(cli_args(work, **kw), env=subprocess_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and max(train_losses(work), default=0) < 3:
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    stopped_at, _ = final_params(work)
-    assert 3 <= stopped_at < steps, "SIGTERM must land mid-run for this test to mean anything"
-    resumed = run_cli(work, **kw)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
-    a, b = train_losses(tmp_path / "straight"), train_losses(work)
-    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
-    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
-    (sa, pa), (sb, pb) = final_params(tmp_path / "straight"), final_params(work)
-    assert sa == sb == steps
-    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    sigterm_then_resume_matches(tmp_path / "straight", work, steps, **kw)
 
     # Both exports through the command line; both load in sentence-transformers alike.
     tool = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "export_hf.py")

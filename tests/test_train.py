@@ -1,17 +1,14 @@
 """Training end to end: sharded equivalence, exact resume after SIGTERM, mesh changes,
 config errors, and the demo's validation loss falling."""
 
-import signal
 import subprocess
 import time
 
-import jax
-import numpy as np
 import pytest
 from train_helpers import (
     cli_args,
-    final_params,
     run_cli,
+    sigterm_then_resume_matches,
     small_config,
     subprocess_env,
     train_losses,
@@ -50,28 +47,7 @@ def test_sigterm_then_resume_equals_straight_run(tmp_path):
     assert len(set(rows.values())) == 2, rows
 
     work = tmp_path / "killed"
-    proc = subprocess.Popen(cli_args(work, **kw), env=subprocess_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and max(train_losses(work), default=0) < 3:
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    stopped_at, _ = final_params(work)
-    assert 3 <= stopped_at < steps, "SIGTERM must land mid-run for this test to mean anything"
-
-    resumed = run_cli(work, **kw)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
-    a, b = train_losses(tmp_path / "straight"), train_losses(work)
-    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
-    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
-    (sa, pa), (sb, pb) = final_params(tmp_path / "straight"), final_params(work)
-    assert sa == sb == steps
-    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    sigterm_then_resume_matches(tmp_path / "straight", work, steps, **kw)
 
 
 def test_restore_onto_another_mesh(tmp_path):

@@ -61,3 +61,37 @@ def final_params(workdir):
     step = mngr.latest_step()
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return step, restored["state"]["params"]
+
+
+def sigterm_then_resume_matches(straight, work, steps: int, **overrides) -> None:
+    """Trains `work` from the command line, SIGTERMs it after step 3, resumes it with the
+    same command, and asserts its losses and final params equal `straight`'s (a run of the
+    same `steps` and overrides without the interruption) exactly."""
+    import signal
+    import time
+
+    import jax
+    import numpy as np
+
+    proc = subprocess.Popen(cli_args(work, **overrides), env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and max(train_losses(work), default=0) < 3:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    stopped_at, _ = final_params(work)
+    assert 3 <= stopped_at < steps, "SIGTERM must land mid-run for this test to mean anything"
+
+    resumed = run_cli(work, **overrides)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a, b = train_losses(straight), train_losses(work)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    (sa, pa), (sb, pb) = final_params(straight), final_params(work)
+    assert sa == sb == steps
+    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
