@@ -87,7 +87,7 @@ def _check_utf8(col: pa.ChunkedArray, column: str, path: str) -> None:
         col.validate(full=True)
         return
     except pa.ArrowInvalid:
-        pass
+        pass  # invalid: find and name the first bad row below
     row = 0
     for chunk in col.chunks:
         for value in chunk.view(pa.binary() if chunk.type == pa.string() else pa.large_binary()):
