@@ -33,8 +33,10 @@ def test_bookkeeping_custom_calls_are_counted_and_kernels_are_not():
         '%slice-done.147), custom_call_target="ConcatBitcast"',
         '  %zc = f32[8]{0} custom-call(%x), custom_call_target="ZeroCrop"',
         '  %splash = f32[8]{0} custom-call(%q), custom_call_target="tpu_custom_call"',
+        # A two-slice program reads its slice's index once.
+        '  %sid = u32[] custom-call(), custom_call_target="SliceId"',
     ])
-    assert tpu_cost.unknown_cost_calls(text) == 2
+    assert tpu_cost.unknown_cost_calls(text) == 3
 
 
 def _target(spec):

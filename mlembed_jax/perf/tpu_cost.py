@@ -34,10 +34,11 @@ OPTIMAL_SECONDS = "optimal_seconds"
 # moves no data worth counting: a crop of a zero-padded buffer, the start/done markers of
 # work offloaded to the SparseCores, and (v6e, around splash) ConcatBitcast, which joins
 # the results of async slices into one buffer in place: the slices' copies are costed
-# ops of their own. Their -1s are added back; any other negative total is refused. The
+# ops of their own; in a multi-slice program, SliceId, which reads this slice's index (a
+# scalar). Their -1s are added back; any other negative total is refused. The
 # splash kernel itself (tpu_custom_call) carries Pallas' cost estimate and counts as time.
 ZERO_COST_CUSTOM_CALLS = ("ZeroCrop", "PrepareAsyncCallStart", "PrepareAsyncCallDone",
-                          "ConcatBitcast")
+                          "ConcatBitcast", "SliceId")
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 
