@@ -144,6 +144,12 @@ def test_hf_directory_base(tmp_path):
     assert source_fingerprint(str(hf)) != rec["fingerprint"]
     with pytest.raises(CheckpointError, match="changed since training"):
         load_trained(str(tmp_path / "lora"))
+    # Another shape no longer imports; the error still says the base changed.
+    shutil.rmtree(hf)
+    make_hf_qwen3(hf, **{**shapes, "intermediate_size": 96})
+    with pytest.raises(CheckpointError, match="changed since training") as e:
+        load_trained(str(tmp_path / "lora"))
+    assert source_fingerprint(str(hf)) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_resume_on_another_base_is_refused(runs, tmp_path):
