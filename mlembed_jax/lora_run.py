@@ -1,5 +1,6 @@
 """What a LoRA training run adds to the loop: the frozen base, loaded once from
-train.init_from, placed by the step's base shardings, and fingerprinted for the checkpoints.
+train.init_from, placed by the step's base shardings, and fingerprinted for the checkpoints
+from the same read.
 
 The train and eval steps take `base.params` as their last argument; the retrieval evaluator
 embeds with `base.merge(adapters)`, the merged weights an export writes (a transient
@@ -15,8 +16,7 @@ from typing import Any, Callable
 import jax
 
 from mlembed_jax import storage
-from mlembed_jax.checkpoint.lora_base import source_fingerprint
-from mlembed_jax.checkpoint.reader import init_params_from
+from mlembed_jax.checkpoint.reader import lora_base_from
 from mlembed_jax.config import ConfigError
 from mlembed_jax.model.lora import merge_adapters
 
@@ -39,8 +39,9 @@ def load_base(config, step_fns, log: Callable[[str], None]) -> LoraBase | None:
     if not path:
         raise ConfigError("model.lora.rank > 0 needs train.init_from: the base model the "
                           "adapters train on (a Hugging Face directory or a training workdir)")
-    host, _ = init_params_from(path, step_fns.setup.enc, config)  # ConfigError if unusable
-    record = {"path": storage.absolute(path), "fingerprint": source_fingerprint(path)}
+    # One read of the base gives both the params and the fingerprint. ConfigError if unusable.
+    host, fingerprint = lora_base_from(path, step_fns.setup.enc, config)
+    record = {"path": storage.absolute(path), "fingerprint": fingerprint}
     params = step_fns.place_base(host)
     del host
     trained = sum(x.size for x in jax.tree_util.tree_leaves(step_fns.abstract_state.params))

@@ -29,6 +29,37 @@ def test_flop_count_matches_hand_count():
     assert mfu(1e12, 1.0, "cpu") is None
 
 
+def test_lora_flop_count_matches_hand_count():
+    """With LoRA the frozen base costs 4 N per token (no weight gradients) and the adapters
+    6 A; the attention scores are counted as without LoRA (their backward is unchanged)."""
+    import jax
+
+    from mlembed_jax.model import lora
+    from mlembed_jax.model.encoder import abstract_params
+    from mlembed_jax.model.qwen3 import EncoderConfig
+    from mlembed_jax.perf.flops import lora_params
+
+    shapes = dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+                  num_kv_heads=2, head_dim=16)
+    m = ml_collections.ConfigDict(dict(shapes, lora=dict(rank=2, targets=tuple(lora.TARGETS))))
+    # r (in + out) per projection: q 64+64, k 64+32, v 64+32, o 64+64, gate 64+128,
+    # up 64+128, down 128+64 = 1,024; x rank 2 x 4 layers = 8,192.
+    assert lora_params(m) == 8_192
+    # The adapters model/lora.py actually makes for this model have that many parameters.
+    enc = EncoderConfig(vocab_size=256, **shapes)
+    ad = jax.eval_shape(lambda: lora.init_adapters(abstract_params(enc), lora.LoraConfig(
+        rank=2, alpha=8.0), jax.random.key(0)))
+    assert sum(x.size for x in jax.tree_util.tree_leaves(ad)) == 8_192
+    # Texts of 3 and 5 tokens: 8 x (4 x 148,160 + 6 x 8,192) = 8 x 641,792 = 5,134,336,
+    # plus the same 64,512 of attention as test_flop_count_matches_hand_count.
+    assert train_flops(m, [3, 5]) == 5_134_336 + 64_512
+    assert train_flops(m, [3, 5], lora=False) == 7_111_680 + 64_512  # the torch reference
+    m.lora.rank = 0
+    assert train_flops(m, [3, 5]) == 7_111_680 + 64_512
+    m.lora.rank, m.lora.targets = 2, ("q_proj", "v_proj")
+    assert lora_params(m) == 2 * 4 * (128 + 96)
+
+
 def test_benchmark_variant_rows_report_bad_fields_without_stopping(capsys):
     """A variant with a bad value becomes an error row; the syntax is checked up front.
     (The timed paths, baseline, plain, profile and variants, run in the script smoke test.)"""

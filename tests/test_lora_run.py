@@ -108,6 +108,31 @@ def test_checkpoint_holds_adapters_and_the_base_fingerprint(runs):
     assert rec["fingerprint"] != source_fingerprint(str(runs / "other"))
 
 
+def test_a_checkpoint_base_is_read_once_and_fingerprinted_as_before(runs, tmp_path,
+                                                                   monkeypatch):
+    """A training-checkpoint base: its fingerprint is the recorded checksums' (no param read
+    for it); of a checkpoint saved without them (integrity item removed, as older saves
+    were), the figures of the one read the import makes, equal to the recorded ones."""
+    from mlembed_jax.checkpoint.reader import lora_base_from
+    from mlembed_jax.model.qwen3 import EncoderConfig
+
+    config, _, step = load_trained(str(runs / "base"))
+    enc = EncoderConfig.from_config(config.model)
+    recorded = source_fingerprint(str(runs / "base"))
+    old = shutil.copytree(runs / "base", tmp_path / "base")
+    shutil.rmtree(old / "checkpoints" / str(step) / "integrity")
+    reads: list = []
+    read = TrainedParams._read_saved
+    monkeypatch.setattr(TrainedParams, "_read_saved",
+                        lambda self, p: reads.append(p) or read(self, p))
+    for path in (runs / "base", old):
+        reads.clear()
+        params, fp = lora_base_from(str(path), enc, config)
+        assert fp == recorded
+        assert sorted(reads) == sorted(set(reads))  # each param read once
+        assert len(reads) == len(jax.tree_util.tree_leaves(params))
+
+
 def test_reader_merges_the_adapters_into_the_base(runs):
     config, merged, step = load_trained(str(runs / "lora"))
     _, base, _ = load_trained(str(runs / "base"))
@@ -144,6 +169,12 @@ def test_hf_directory_base(tmp_path):
     assert source_fingerprint(str(hf)) != rec["fingerprint"]
     with pytest.raises(CheckpointError, match="changed since training"):
         load_trained(str(tmp_path / "lora"))
+    # Another shape no longer imports; the error still says the base changed.
+    shutil.rmtree(hf)
+    make_hf_qwen3(hf, **{**shapes, "intermediate_size": 96})
+    with pytest.raises(CheckpointError, match="changed since training") as e:
+        load_trained(str(tmp_path / "lora"))
+    assert source_fingerprint(str(hf)) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_resume_on_another_base_is_refused(runs, tmp_path):

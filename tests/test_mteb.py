@@ -279,6 +279,30 @@ def test_tool_bad_input_is_one_error_line(hf_dir, task_dirs, tmp_path, capsys, m
     assert not out.exists()  # the output directory it made is taken back
 
 
+def test_benchmark_is_mtebs_task_list_and_offline_names_the_task_it_cannot_load(
+        hf_dir, tmp_path, capsys, monkeypatch):
+    """--benchmark takes mteb's own task list for the paper's benchmark (MMTEB: "MTEB(
+    Multilingual, v2)" in mteb 2.26.24). Offline, the first task's data cannot be
+    downloaded: one error line naming that task and the fix, exit 2, before any encode."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mteb, _, mt = mods()
+    name = "MTEB(Multilingual, v2)"
+    want = [t.metadata.name for t in mteb.get_benchmark(name).tasks]
+    assert len(want) == 131  # mteb 2.26.24's MMTEB
+    assert [t.metadata.name for t in mt.resolve_tasks("", name)] == want
+    assert [t.metadata.name for t in mt.resolve_tasks("", "MMTEB")] == want  # mteb's alias
+    out = tmp_path / "out"
+    assert load_tool("eval_mteb").main([f"--model={hf_dir}", f"--benchmark={name}",
+                                        f"--output_dir={out}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert line.startswith(f"error: task {want[0]} (1 of 131): cannot load its dataset "
+                           f"'mteb/{want[0]}'"), line
+    assert "HF_HUB_OFFLINE is set" in line and "HF_DATASETS_CACHE" in line, line
+    assert not out.exists()
+
+
 def test_tool_refuses_nan_embeddings_and_writes_no_result_files(hf_dir, task_dirs, tmp_path,
                                                                  capsys):
     """A model whose weights hold NaN (bytes rewritten in its safetensors file): one error

@@ -116,8 +116,8 @@ def run(config):
 
         ref = run_reference(config, batches, FLAGS.warmup)
         free_device_memory()
-        # The same texts as our timed steps, so the same hand-counted useful FLOPs.
-        useful = sum(flops_lib.train_flops(config.model, text_lengths(b))
+        # The same texts as our timed steps; the reference trains every weight, LoRA or not.
+        useful = sum(flops_lib.train_flops(config.model, text_lengths(b), lora=False)
                      for b, _ in batches[FLAGS.warmup:])
         ref_mfu = flops_lib.mfu(useful, sum(ref["step_times"]), device.device_kind)
         print(_row(f"reference (torch {ref['torch']}, transformers {ref['transformers']})",

@@ -32,7 +32,8 @@ def source_fingerprint(path: str) -> str:
     tensor's checksums (read one at a time); of a training checkpoint, the per-tensor
     checksums its save recorded for the params (plus its own base's, for adapters trained
     on adapters). From the files, not the imported params: an HF base with MEL is factorised
-    by SVD on import, whose last bits may differ between machines."""
+    by SVD on import, whose last bits may differ between machines. A run or tool that also
+    imports the base gets this value from the same read (reader.lora_base_from)."""
     if storage.isfile(os.path.join(path, "config.json")):
         from mlembed_jax.model.hf_import import tensor_files  # the HF side, only here
         from mlembed_jax.model.safetensors_io import SafetensorsFile
@@ -45,10 +46,16 @@ def source_fingerprint(path: str) -> str:
         return digest(figures)
     from mlembed_jax.checkpoint.reader import TrainedParams
 
-    reader = TrainedParams(path, quiet=True)
+    return checkpoint_digest(TrainedParams(path, quiet=True))
+
+
+def checkpoint_digest(reader) -> str:
+    """`source_fingerprint` of the training checkpoint a reader.TrainedParams has open: the
+    recorded checksums; of a checkpoint saved without them, the figures of the params the
+    reader has read (reading the rest now)."""
     if reader.integrity is None:  # saved before fingerprints: compute them
-        figures = {"params/" + "/".join(p): host_fingerprint(reader._read_saved(p))
-                   for p in reader._saved_leaves}
+        figures = {"params/" + "/".join(p): reader.read_figures.get("params/" + "/".join(p))
+                   or host_fingerprint(reader._read_saved(p)) for p in reader._saved_leaves}
     else:
         figures = {k: v for k, v in reader.integrity.tensors.items() if k.startswith("params/")}
     if reader.integrity is not None and reader.integrity.lora_base:

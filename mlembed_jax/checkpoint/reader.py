@@ -22,6 +22,8 @@ from etils import epath
 from mlembed_jax import storage
 from mlembed_jax.checkpoint.lora_base import (
     adapted_leaf,
+    checkpoint_digest,
+    digest,
     lora_settings,
     merge_leaf,
     source_fingerprint,
@@ -38,7 +40,7 @@ from mlembed_jax.config import ConfigError
 
 __all__ = ["CheckpointDamaged", "CheckpointError", "TrainedParams", "ToolParams",
            "alternatives_hint", "check_same_model", "finished_steps", "init_params_from",
-           "intact_steps", "load_params", "load_trained", "other_intact_steps",
+           "intact_steps", "load_params", "load_trained", "lora_base_from", "other_intact_steps",
            "resolve_checkpoint"]
 
 ITEMS = ("state", "data", "config", "integrity")
@@ -156,11 +158,28 @@ def init_params_from(path: str, enc, config) -> tuple[dict, str]:
     optimizer state and data position are not taken). Raises ConfigError when it is neither
     or holds another model shape.
     """
+    params, what, _ = _import(path, enc, config)
+    return params, what
+
+
+def lora_base_from(path: str, enc, config) -> tuple[dict, str]:
+    """(host params, fingerprint) of a LoRA base: `init_params_from`'s params and
+    lora_base.source_fingerprint's value, from one read of the base (an HF directory's
+    tensors are checksummed as the import reads them)."""
+    figures: dict = {}
+    params, _, reader = _import(
+        path, enc, config, on_read=lambda name, x: figures.__setitem__(name, host_fingerprint(x)))
+    return params, (digest(figures) if reader is None else checkpoint_digest(reader))
+
+
+def _import(path: str, enc, config, on_read=None):
+    """init_params_from's (params, line), and the TrainedParams read (None for an HF base).
+    on_read: hf_import.load_hf_params's."""
     if storage.isfile(os.path.join(path, "config.json")):
         from mlembed_jax.model.hf_import import load_hf_params  # reads safetensors only
 
-        return (load_hf_params(path, enc, allow_fewer_layers=True),
-                f"initialised from HF checkpoint {path}")
+        return (load_hf_params(path, enc, allow_fewer_layers=True, on_read=on_read),
+                f"initialised from HF checkpoint {path}", None)
     try:
         reader = TrainedParams(path)
     except FileNotFoundError as e:
@@ -173,7 +192,7 @@ def init_params_from(path: str, enc, config) -> tuple[dict, str]:
                      fix="train.init_from needs a checkpoint of the configured model shape.")
     return reader.read_all(), (f"initialised from training checkpoint {where}: its params as "
                                "trained (MEL factors kept), a fresh optimizer state and data "
-                               "order")
+                               "order"), reader
 
 def resolve_checkpoint(path: str) -> tuple[str, int]:
     """WORKDIR, WORKDIR/STEP or WORKDIR/checkpoints/STEP -> (checkpoints dir, step)."""
@@ -267,6 +286,7 @@ class TrainedParams:
         self.leaves = {tuple(k.key for k in p): (tuple(m.shape), m.dtype) for p, m in flat}
         self._saved_leaves = self.leaves
         self._handler = ocp.PyTreeCheckpointHandler()
+        self.read_figures: dict = {}  # "params/..." -> host_fingerprint of what was read
         # LoRA: the saved params are adapters; `leaves` and `read` give the merged model.
         self.lora = lora_settings(self.config.model)
         self.merge = True  # False: `read` gives the base's params as they are (a PEFT export)
@@ -293,19 +313,22 @@ class TrainedParams:
                                    f"base {path}, which cannot be read ({reason(e)}); put the "
                                    "base back at that path")
 
-        try:
-            found = source_fingerprint(path)
-        except (ConfigError, OSError, ValueError) as e:
-            raise unreadable(e) from None
-        if found != record["fingerprint"]:
-            raise CheckpointError(
+        def changed(found):
+            return CheckpointError(
                 f"checkpoint {self.step_dir} holds LoRA adapters of the base {path} with "
                 f"fingerprint {record['fingerprint']}, but {path} now has fingerprint {found} "
                 "(it changed since training); put the base it was trained on back at that path")
+
         try:
-            host, _ = init_params_from(path, enc, self.config)
+            host, found = lora_base_from(path, enc, self.config)
         except (ConfigError, OSError, ValueError) as e:
-            raise unreadable(e) from None
+            try:  # a base that no longer imports (another shape) may just have been replaced
+                found = source_fingerprint(path)
+            except (ConfigError, OSError, ValueError):
+                raise unreadable(e) from None
+            raise (changed(found) if found != record["fingerprint"] else unreadable(e)) from None
+        if found != record["fingerprint"]:
+            raise changed(found)
         dtype = np.dtype(jax.numpy.dtype(enc.param_dtype))  # as training placed it
         return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype, copy=False), host)
 
@@ -369,9 +392,11 @@ class TrainedParams:
             restored = restored[key]
         name = "params/" + "/".join(path)
         saved = self.integrity.tensors if self.integrity else {}
-        why = compare(saved, {name: host_fingerprint(restored)})
+        figures = host_fingerprint(restored)
+        why = compare(saved, {name: figures})
         if why:
             raise self._damaged(why)
+        self.read_figures[name] = figures
         return restored
 
     def verify(self) -> None:

@@ -181,17 +181,21 @@ def resolve_tasks(tasks: str, benchmark: str) -> list:
 
 def load_task_data(tasks) -> None:
     """Loads every task's data now, so a missing download fails before hours of encoding."""
-    for t in tasks:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    for i, t in enumerate(tasks, 1):
         try:
             t.load_data()
         except (ConnectionError, OSError) as e:
             ds = t.metadata.dataset or {}
+            which = f" ({i} of {len(tasks)})" if len(tasks) > 1 else ""
+            fix = ("HF_HUB_OFFLINE is set, so only the local cache is read: unset it and run "
+                   "where the Hub is reachable" if offline else "run where the Hub is reachable")
             raise MTEBError(
-                f"task {t.metadata.name}: cannot load its dataset {ds.get('path')!r} "
+                f"task {t.metadata.name}{which}: cannot load its dataset {ds.get('path')!r} "
                 f"(revision {ds.get('revision')}) from the Hugging Face Hub: "
-                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; run where the Hub "
-                "is reachable once (datasets caches it), or use a local task directory"
-            ) from None
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; {fix} once (the "
+                "datasets cache, under HF_HOME or HF_DATASETS_CACHE, then serves it offline), "
+                "or use a local task directory") from None
 
 
 

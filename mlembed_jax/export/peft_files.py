@@ -47,7 +47,10 @@ def adapter_tensors(adapters: dict, targets, layers: int, dtype) -> dict[str, np
 
 
 def adapter_config(rank: int, alpha: float, targets, base_dir: str) -> dict:
-    """adapter_config.json: peft's LoraConfig with our settings (dropout 0, no bias)."""
+    """adapter_config.json: peft's LoraConfig with our settings (dropout 0, no bias).
+    base_dir is absolute: peft, transformers and sentence-transformers pass it to
+    from_pretrained unchanged, which reads a relative path against the working directory
+    (or as a Hub repo id), not against the adapter directory."""
     return {"peft_type": "LORA", "task_type": None, "r": int(rank), "lora_alpha": float(alpha),
             "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none",
             "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,

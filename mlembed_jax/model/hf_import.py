@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -117,13 +118,16 @@ def tensor_files(model_dir: str) -> dict[str, str]:
 
 
 def load_hf_params(model_dir: str, cfg: EncoderConfig, dtype: str | None = None,
-                   allow_fewer_layers: bool = False) -> dict:
+                   allow_fewer_layers: bool = False,
+                   on_read: Callable[[str, np.ndarray], None] | None = None) -> dict:
     """Params for `cfg` from an HF Qwen3 directory, as a nested dict of numpy arrays.
 
     With cfg.mel the pretrained embedding W is factorised by SVD into U [vocab, r_max] and
     V [r_max, embed]; W itself is not kept. `dtype` defaults to cfg.param_dtype. With
     `allow_fewer_layers`, a shallower cfg keeps the checkpoint's first cfg.num_layers layers
-    (how configs/140m.py is cut from 0.6B).
+    (how configs/140m.py is cut from 0.6B). `on_read(name, array as stored)` sees every
+    tensor of the directory once, those the import skips included (it reads them for it):
+    a LoRA base is fingerprinted from the same read as its import.
     """
     check_shape_matches(model_dir, cfg, allow_fewer_layers)
     ckpt_layers = hf_model_fields(read_hf_config(model_dir))["num_layers"]
@@ -140,14 +144,13 @@ def load_hf_params(model_dir: str, cfg: EncoderConfig, dtype: str | None = None,
     for name, path in files.items():
         short = hf_names.strip_prefix(name)
         found = hf_names.match(short)
-        if found is None:
-            if short not in hf_names.IGNORED:
-                extra.append(name)
-            continue
-        rule, layer = found
-        if layer is not None and layer >= L:
-            if layer >= ckpt_layers:
-                extra.append(name)
+        rule, layer = found if found is not None else (None, None)
+        skip = found is None or (layer is not None and layer >= L)
+        if found is None and short not in hf_names.IGNORED:
+            extra.append(name)
+        elif skip and layer is not None and layer >= ckpt_layers:
+            extra.append(name)
+        if skip and on_read is None:
             continue
         try:
             if path not in opened:
@@ -160,11 +163,16 @@ def load_hf_params(model_dir: str, cfg: EncoderConfig, dtype: str | None = None,
         except (SafetensorsError, FileNotFoundError) as e:
             problems.append(str(e))
             continue
+        if skip:
+            on_read(name, st.read(name))
+            continue
         want = hf_names.hf_shape(rule, cfg)
         if shape != want:
             problems.append(f"{name}: shape {list(shape)}, expected {list(want)}")
             continue
         x = st.read(name)
+        if on_read is not None:
+            on_read(name, x)
         if rule.hf == "embed_tokens.weight" and cfg.mel:
             embedding = x
             seen.setdefault(rule.hf, set()).add(0)

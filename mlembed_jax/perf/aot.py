@@ -312,7 +312,9 @@ def report(built: Built, compiled, target: Target, compile_s: float, max_fractio
             p(line)
     p()
     hf = hand_flops(c, g)
-    p("FLOPs per step (hand count, perf/flops.py: 6 N tokens + causal attention):")
+    counted = ("4 N + 6 A tokens, LoRA's frozen base and adapters" if
+               flops_lib.lora_params(c.model) else "6 N tokens")
+    p(f"FLOPs per step (hand count, perf/flops.py: {counted} + causal attention):")
     p(f"  every row one full text: {hf['full']:.3e} ({hf['full'] / n_dev:.3e} per chip; "
       f"{hf['capacity_tokens']:,} tokens)")
     over = hf["mix_tokens"] > hf["capacity_tokens"]

@@ -1,9 +1,13 @@
 """FLOPs of a train step, counted by hand (XLA's cost analysis counts a scanned body once),
 and the one table of accelerators (HBM and peak FLOP/s) that MFU and the AOT report use.
 
-Per real token: 6 * N_non_embedding (forward 2N, backward 4N). Per text of n tokens, causal
-attention adds per layer QK^T and PV over the n(n+1)/2 visible pairs: 2 matmuls x 2 FLOPs x
-n(n+1)/2 x heads x head_dim forward, times 3 for forward + backward.
+Per real token: 6 * N_non_embedding (forward 2N, backward 4N: the activation and the weight
+gradients). With LoRA (model.lora) the base is frozen, so its weight gradients are never
+formed: 4 N for the base (forward 2N, activation gradients 2N) plus 6 A for the A adapter
+params (x A and (x A) B forward, both gradients of each backward). Per text of n tokens,
+causal attention adds per layer QK^T and PV over the n(n+1)/2 visible pairs: 2 matmuls x 2
+FLOPs x n(n+1)/2 x heads x head_dim forward, times 3 for forward + backward (it has no
+weights: LoRA or not, its backward is the same).
 """
 
 from __future__ import annotations
@@ -57,10 +61,38 @@ def non_embedding_params(model_cfg) -> int:
     return L * (attn + 3 * d * f + 2 * d) + d
 
 
-def train_flops(model_cfg, text_lengths: Iterable[int]) -> float:
-    """FLOPs of forward + backward over texts of the given lengths (real tokens only)."""
+# model.lora.targets -> (input width, output width) of the projection, per layer.
+_LORA_SHAPES = {
+    "q_proj": lambda m: (m.hidden_size, m.num_heads * m.head_dim),
+    "k_proj": lambda m: (m.hidden_size, m.num_kv_heads * m.head_dim),
+    "v_proj": lambda m: (m.hidden_size, m.num_kv_heads * m.head_dim),
+    "o_proj": lambda m: (m.num_heads * m.head_dim, m.hidden_size),
+    "gate_proj": lambda m: (m.hidden_size, m.intermediate_size),
+    "up_proj": lambda m: (m.hidden_size, m.intermediate_size),
+    "down_proj": lambda m: (m.intermediate_size, m.hidden_size),
+}
+
+
+def lora_params(model_cfg) -> int:
+    """Adapter parameters of model.lora (0 with LoRA off): r x (in + out) per adapted
+    projection and layer."""
+    lora = getattr(model_cfg, "lora", None)
+    rank = int(getattr(lora, "rank", 0) or 0) if lora is not None else 0
+    if rank == 0:
+        return 0
+    return model_cfg.num_layers * rank * sum(
+        sum(_LORA_SHAPES[t](model_cfg)) for t in lora.targets)
+
+
+def train_flops(model_cfg, text_lengths: Iterable[int], lora: bool = True) -> float:
+    """FLOPs of forward + backward over texts of the given lengths (real tokens only):
+    6 N per token, or with model.lora 4 N + 6 A (module docstring). lora=False: the whole
+    model trained, whatever model.lora says (the torch reference of tools/benchmark.py)."""
     lengths = list(text_lengths)
-    dense = 6.0 * non_embedding_params(model_cfg) * sum(lengths)
+    adapters = lora_params(model_cfg) if lora else 0
+    per_token = (4.0 * non_embedding_params(model_cfg) + 6.0 * adapters if adapters
+                 else 6.0 * non_embedding_params(model_cfg))
+    dense = per_token * sum(lengths)
     return dense + model_cfg.num_layers * attention_flops(model_cfg.num_heads,
                                                           model_cfg.head_dim, lengths)
 
