@@ -116,10 +116,10 @@ def test_attention_bench_flags_a_kernel_that_crosses_texts(monkeypatch):
 
 
 @pytest.mark.integration
-@pytest.mark.slow  # ~3 min; run it (make test-all) before spending a GPU session
+@pytest.mark.slow  # ~3 min; run it (make test-all) before taking the script to a GPU
 def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
-    """tools/gpu_benchmark.sh runs once per GPU session, so its every stage runs here first
-    (tiny shapes, portable kernels standing in for the GPU ones)."""
+    """tools/gpu_benchmark.sh is meant to run once on a GPU machine, so its every stage runs
+    here first (tiny shapes, portable kernels standing in for the GPU ones)."""
     env = subprocess_env(1)
     env.update(MLEMBED_BENCH_SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable)
     out = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_benchmark.sh")], cwd=ROOT,
@@ -156,3 +156,16 @@ def test_benchmark_says_which_rows_per_pack_fits_the_mix():
     fits = apply_overrides(demo.copy_and_resolve_references(),
                            {"data.rows_per_pack": f"({need},)"})
     assert len(make_batches(fits, steps=2)[1]) == 2
+
+
+def test_a_lora_step_is_timed_on_a_random_base():
+    """With model.lora.rank > 0 the benchmark passes a random frozen base to every step, as
+    training passes the loaded one: the adapters train, the base does not."""
+    from train_helpers import small_config
+
+    from mlembed_jax.perf.benchmark import make_batches, run_jax
+
+    config = small_config(**{"model.lora.rank": 4, "mesh.num_devices": 1})
+    geometries, batches = make_batches(config, steps=3)
+    result = run_jax(config, batches, geometries, warmup=1)
+    assert len(result.step_times) == 2 and all(t > 0 for t in result.step_times)
