@@ -190,3 +190,45 @@ def test_benchmark_preflight_compiles_deviceless_and_fails_on_a_misfit(tmp_path)
     r, log = preflight(tmp_path / "over", XLA_PYTHON_CLIENT_MEM_FRACTION="0.0000001")
     assert r.returncode == 1, log + r.stderr[-2000:]
     assert "[exit 1]" in log and "RESULT: does NOT fit" in log and "== preflight FAILED" in log
+
+
+# Traces the gradient of a 3-layer encoder with tokamax's Mosaic GPU kernel for a described
+# H100 (no compile) and prints the per-layer stacks [layers=3, rows=5, 1, 128, 128] of the
+# same-text mask that the backward pass would keep, one line per remat policy.
+_MASK_STACKS = """
+import dataclasses, re, sys
+from mlembed_jax.perf import aot_target
+target = aot_target.parse_target("h100:1")
+aot_target.prepare_environment(target)
+import jax, jax.numpy as jnp
+from mlembed_jax.model.encoder import abstract_params, encode
+from mlembed_jax.model.qwen3 import EncoderConfig
+from mlembed_jax.perf import gpu_aot
+dev = gpu_aot.devices(target)
+sh = jax.sharding.SingleDeviceSharding(dev[0])
+cfg = EncoderConfig(vocab_size=128, hidden_size=256, intermediate_size=256, num_layers=3,
+                    num_heads=2, num_kv_heads=1, head_dim=128, exits=(1, 3),
+                    compute_dtype="bfloat16", attention="tokamax_mosaic")
+params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      abstract_params(cfg))
+rows = jax.ShapeDtypeStruct((5, 128), jnp.int32, sharding=sh)
+pool = jax.ShapeDtypeStruct((1, 5), jnp.int32, sharding=sh)
+for remat in ("none", "attention", "full"):
+    c = dataclasses.replace(cfg, remat=remat)
+    loss = lambda p, *a: jnp.sum(encode(p, c, *a)["pooled"])
+    with gpu_aot.tracing_for(dev):
+        text = str(jax.make_jaxpr(jax.grad(loss))(params, rows, rows, rows, pool))
+    assert "bool[5,1,128,128]" in text  # the mask is there to be found
+    print(remat, sorted(set(re.findall(r"bool\\[3,5,1,128,128\\]", text))))
+"""
+
+
+@needs_plugin
+def test_mosaic_backward_keeps_no_per_layer_copy_of_the_mask():
+    # The mask is the same for every layer; before it was built once outside the layer loop
+    # (and handed to tokamax as itself, not its batching wrapper's copy), remat none and
+    # attention saved one per layer: pred[28, 24, 1, 1024, 1024], 0.70 GB, at 0.6B.
+    r = subprocess.run([sys.executable, "-c", _MASK_STACKS], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[:3] == ["none []", "attention []", "full []"], r.stdout

@@ -276,3 +276,49 @@ def test_remat_attention_with_a_per_shard_kernel_under_a_mesh(params):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def _eqns(jaxpr, top=True):
+    """(equation, at the top level) for every equation of a jaxpr and the jaxprs nested in
+    it (the layer scan's body, remat and custom-VJP calls)."""
+    for eqn in jaxpr.eqns:
+        yield eqn, top
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub, top=False)
+
+
+def test_tokamax_mask_is_built_once_outside_the_layer_loop(params):
+    """The same-text mask [rows, 1, seq, seq] comes from one comparison before the layer
+    scan, not one inside its body (which would run once per layer)."""
+    import dataclasses
+
+    tok, seg, pos, pool = _pack(_texts([5, 11, 3, 8, 13, 7]), rows=4, seq=16)
+    cfg = dataclasses.replace(CFG, attention="tokamax_xla")
+    jaxpr = jax.make_jaxpr(lambda p: encode(p, cfg, tok, seg, pos, pool)["pooled"])(params)
+    builds = [top for eqn, top in _eqns(jaxpr.jaxpr) if eqn.primitive.name == "eq"
+              and eqn.outvars[0].aval.shape == (4, 1, 16, 16)]
+    assert builds == [True], builds
+
+
+@pytest.mark.parametrize("remat", ["none", "attention"])
+def test_tokamax_encoder_matches_dense_outputs_and_gradients(params, remat):
+    """tokamax_xla (mask prepared once, handed to every layer) against dense attention
+    through the whole encoder, at the tolerances of the per-kernel tests."""
+    import dataclasses
+
+    tok, seg, pos, pool = _pack(_texts([5, 11, 3, 8, 13, 7]), rows=4, seq=16)
+    w = jax.random.normal(jax.random.key(1), (len(CFG.exits), 6, CFG.hidden_size))
+
+    def run(cfg):
+        f = lambda p: jnp.sum(encode(p, cfg, tok, seg, pos, pool)["pooled"] * w)
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    (got, g_got), (want, g_want) = run(dataclasses.replace(
+        CFG, attention="tokamax_xla", remat=remat)), run(CFG)
+    np.testing.assert_allclose(float(got), float(want), rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 2e-5 * np.abs(b).max()

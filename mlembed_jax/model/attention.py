@@ -10,6 +10,11 @@ and must equal `dense_masked_attention`: a query attends to keys at or before it
 that carry the same segment id. Texts are contiguous in a row, so column causality inside a
 segment is causality by position inside the text. Faster kernels register here by name and
 are tested against the dense reference, including that no text sees another.
+
+A kernel may split into prepare(segment_ids) -> mask and attend(q, k, v, mask)
+(`layer_attention`): the encoder prepares once per forward pass, outside its layer loop, and
+every layer attends with the same mask, which is built once and never saved per layer for
+the backward pass.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from mlembed_jax.model.kernel_choice import (
 )
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+MaskFn = Callable[[jax.Array], jax.Array]
 
 
 def packed_causal_mask(segment_ids: jax.Array) -> jax.Array:
@@ -190,8 +196,16 @@ def _import_tokamax():
     return tokamax
 
 
-def tokamax_attention(implementation: str) -> AttentionFn:
-    """tokamax.dot_product_attention with a same-text bool mask [b, 1, s, s] and is_causal.
+def same_text_mask(segment_ids: jax.Array) -> jax.Array:
+    """[batch, seq] segment ids -> [batch, 1, seq_q, seq_k] bool: query and key in the same
+    text (padding with padding). Causality is left to the kernel."""
+    segment_ids = jnp.asarray(segment_ids)
+    return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+
+
+def tokamax_masked(implementation: str) -> AttentionFn:
+    """tokamax.dot_product_attention(q, k, v) with is_causal and a prepared same-text mask:
+    attn(q, k, v, mask [b, 1, s, s] bool from `same_text_mask`) -> [b, s, h, d].
 
     "mosaic" is the Pallas Mosaic GPU flash kernel for Hopper and newer; "triton" is its
     Pallas Triton kernel; "xla" runs everywhere and is what CPU tests check the wiring with.
@@ -199,39 +213,60 @@ def tokamax_attention(implementation: str) -> AttentionFn:
     same as real ones: one reason rows stay short (1024) rather than long.
     """
 
-    def local(q, k, v, segment_ids):
+    def local(q, k, v, mask):
         tokamax = _import_tokamax()
-        q, k, v, segment_ids = (jnp.asarray(x) for x in (q, k, v, segment_ids))  # type-checked
-        same_text = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-        return tokamax.dot_product_attention(q, k, v, mask=same_text, is_causal=True,
+        q, k, v, mask = (jnp.asarray(x) for x in (q, k, v, mask))  # tokamax type-checks arrays
+        return tokamax.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                              implementation=implementation)
 
-    return per_batch_shard(local)
+    return per_batch_shard(local)  # the mask shards on its batch axis like segment_ids
 
 
-def with_named_residuals(fn: AttentionFn, name: str = "attn_res") -> AttentionFn:
+def prepared(prepare: MaskFn, attend: AttentionFn) -> AttentionFn:
+    """The plain attn(q, k, v, segment_ids) of a kernel split into prepare and attend."""
+    return lambda q, k, v, segment_ids: attend(q, k, v, prepare(segment_ids))
+
+
+def with_named_residuals(fn: AttentionFn, name: str | None = "attn_res") -> AttentionFn:
     """`fn` whose backward residuals carry a checkpoint name, so a remat policy can keep them.
 
     For a flash kernel the residuals are q, k, v, the output and the softmax statistics
     ([batch, heads, seq] floats), and keeping them means the backward pass never reruns the
     kernel's forward, which a policy that only names the output would (custom-VJP residuals
     are otherwise recomputed). For `dense` they are the [s, s] probabilities: large.
+
+    The mask input is never saved: a residual that holds it, or a bool copy of it of its
+    shape (tokamax passes its inputs through a batching wrapper), is the input itself, which
+    JAX forwards instead of saving. In the layer loop the mask is the same for every layer,
+    so no per-layer [layers, b, 1, s, s] copy is kept. name None: that alone, names nothing.
     """
 
-    @jax.custom_vjp
-    def attn(q, k, v, segment_ids):
-        return fn(q, k, v, segment_ids)
+    def residual(r, mask):
+        if r is mask or (r.dtype == jnp.bool_ and mask.dtype == jnp.bool_
+                         and r.shape == mask.shape):
+            return mask
+        return r if name is None else checkpoint_name(r, name)
 
-    def fwd(q, k, v, segment_ids):
-        out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, segment_ids), q, k, v)
-        return out, jax.tree.map(lambda r: checkpoint_name(r, name), pullback)
+    @jax.custom_vjp
+    def attn(q, k, v, mask):
+        return fn(q, k, v, mask)
+
+    def fwd(q, k, v, mask):
+        out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+        return out, jax.tree.map(lambda r: residual(r, mask), pullback)
 
     def bwd(pullback, g):
-        return (*pullback(g), None)  # segment ids are integers: no cotangent
+        return (*pullback(g), None)  # the mask is integers or bools: no cotangent
 
     attn.defvjp(fwd, bwd)
     return attn
 
+
+# Kernels split into (prepare, attend); see `layer_attention`.
+PREPARED: dict[str, tuple[MaskFn, AttentionFn]] = {
+    f"tokamax_{impl}": (same_text_mask, with_named_residuals(tokamax_masked(impl), None))
+    for impl in ("mosaic", "triton", "xla")
+}
 
 ATTENTION_IMPLS: dict[str, AttentionFn] = {
     "dense": dense_masked_attention,
@@ -239,9 +274,7 @@ ATTENTION_IMPLS: dict[str, AttentionFn] = {
     "xla_sdpa": sdpa_attention("xla"),
     "cudnn": sdpa_attention("cudnn"),
     "splash": splash_attention,
-    "tokamax_mosaic": tokamax_attention("mosaic"),
-    "tokamax_triton": tokamax_attention("triton"),
-    "tokamax_xla": tokamax_attention("xla"),
+    **{name: prepared(*parts) for name, parts in PREPARED.items()},
 }
 
 assert set(ATTENTION_IMPLS) == set(KERNELS), "kernel_choice.KERNELS lists every kernel"
@@ -255,3 +288,13 @@ def get_attention(name: str) -> AttentionFn:
         raise ValueError(f"unknown attention implementation {name!r}; "
                          f"choose one of {sorted(ATTENTION_IMPLS)}")
     return ATTENTION_IMPLS[name]
+
+
+def layer_attention(name: str) -> tuple[MaskFn, AttentionFn]:
+    """(prepare, attend) of kernel `name`: prepare(segment_ids [b, s]) runs once per forward
+    pass, outside the layer loop; attend(q, k, v, prepare's result) runs in every layer and
+    equals get_attention(name)(q, k, v, segment_ids). Kernels with nothing to precompute get
+    the identity and take the segment ids themselves."""
+    if name in PREPARED:
+        return PREPARED[name]
+    return (lambda segment_ids: segment_ids), get_attention(name)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mlembed_jax.model.attention import get_attention, with_named_residuals
+from mlembed_jax.model.attention import layer_attention, with_named_residuals
 from mlembed_jax.model.factorized_embed import FactorizedEmbed, PlainEmbed
 from mlembed_jax.model.kernel_choice import remat_for
 from mlembed_jax.recipe import model_exits, recipe_exits
@@ -156,10 +156,13 @@ def _linear(module, x, name, shape, axes, dtype, param_dtype, contract=1):
 
 
 class Attention(nn.Module):
+    """x [rows, seq, embed] -> [rows, seq, embed]. mask: the kernel's mask input, prepared
+    once for all layers from the segment ids (attention.layer_attention)."""
+
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, x, segment_ids, positions):
+    def __call__(self, x, mask, positions):
         c, dt, pdt = self.cfg, _DTYPES[self.cfg.compute_dtype], _DTYPES[self.cfg.param_dtype]
         d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         q = _linear(self, x, "q_proj", (d, h, hd), ("embed", "heads", "head_dim"), dt, pdt)
@@ -170,10 +173,10 @@ class Attention(nn.Module):
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-        attend = get_attention(c.attention)
+        attend = layer_attention(c.attention)[1]
         if c.remat in _KEEPS_ATTENTION_RESIDUALS:
             attend = with_named_residuals(attend)
-        out = attend(q, k, v, segment_ids).astype(dt)
+        out = attend(q, k, v, mask).astype(dt)
         out = checkpoint_name(out, "attn_out")
         return _linear(self, out, "o_proj", (h, hd, d), ("heads", "head_dim", "embed"), dt, pdt,
                        contract=2)
@@ -193,16 +196,17 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One Qwen3 block. As a scan body: carry h [rows, seq, embed] -> (h, per-layer outputs)."""
+    """One Qwen3 block. As a scan body: carry h [rows, seq, embed] -> (h, per-layer outputs).
+    mask: the attention kernel's mask input (see Attention), the same for every layer."""
 
     cfg: EncoderConfig
     return_hidden: bool = False
 
     @nn.compact
-    def __call__(self, h, segment_ids, positions, pool_index):
+    def __call__(self, h, mask, positions, pool_index):
         c, pdt = self.cfg, _DTYPES[self.cfg.param_dtype]
         x = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", pdt, name="input_layernorm")(h)
-        h = h + Attention(c, name="self_attn")(x, segment_ids, positions)
+        h = h + Attention(c, name="self_attn")(x, mask, positions)
         x = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", pdt,
                     name="post_attention_layernorm")(h)
         h = h + MLP(c, name="mlp")(x)
@@ -261,7 +265,13 @@ class Qwen3Encoder(nn.Module):
             unroll=c.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.return_hidden, name="layers")
-        h, per_layer = stack(h, segment_ids, positions, pool_index)
+        # The kernel's mask is built here, once, and enters the loop as a loop invariant, so
+        # the backward pass keeps no per-layer copy of it (README "Performance").
+        prepare = layer_attention(c.attention)[0]
+        mask = prepare(segment_ids)
+        if mask is not segment_ids:
+            mask = nn.with_logical_constraint(mask, ("batch",) + (None,) * (mask.ndim - 1))
+        h, per_layer = stack(h, mask, positions, pool_index)
 
         final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", pdt, name="norm")
         exit_idx = jnp.asarray([e - 1 for e in c.exits], jnp.int32)
