@@ -63,9 +63,11 @@ def _attend(q, k, v, seg_q, seg_k, offset: int = 0):
     # Grouped-query attention without copying k/v: a kv head's query group is one [g*sq]
     # row dim, so both matmuls are plain batched [rows, d] x [d, cols] products. With (g, q)
     # as two free dims XLA:CPU relaid the [sq, sk] logits out between the ops, twice a layer.
-    # The 1/sqrt(d) scale goes on q, inside the relayout that builds qg: on the [sq, sk]
-    # logits XLA:CPU materialised the scalar as a logits-sized buffer, forward and backward.
-    qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, sq, kv, groups, d)
+    # In fp32 the 1/sqrt(d) scale goes on q, inside the relayout that builds qg: on the
+    # [sq, sk] logits XLA:CPU materialised the scalar as a logits-sized buffer, forward and
+    # backward. A bf16 q would round once more, so there it stays on the fp32 logits.
+    scale_q = q.dtype == jnp.float32
+    qg = (q * jnp.float32(d ** -0.5) if scale_q else q).reshape(b, sq, kv, groups, d)
     qg = qg.transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * sq, d)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, sk, d]
     logits = jnp.einsum("bkmd,bksd->bkms", qg, kt, preferred_element_type=jnp.float32)
@@ -75,7 +77,8 @@ def _attend(q, k, v, seg_q, seg_k, offset: int = 0):
     same = seg_q[:, :, None] == seg_k[:, None, :]
     causal = jnp.arange(offset, offset + sq)[:, None] >= jnp.arange(sk)[None, :]
     bias = jnp.where(same & causal, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
-    logits = logits.reshape(b, kv, groups, sq, sk) + bias
+    logits = logits.reshape(b, kv, groups, sq, sk)
+    logits = (logits if scale_q else logits * (d ** -0.5)) + bias
     # Softmax normalised after the value product: the division runs over [sq, d] outputs
     # instead of [sq, sk] probabilities. The max is a constant for the gradient (as in
     # jax.nn.softmax): the normalised result does not depend on it.
