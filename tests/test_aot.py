@@ -159,6 +159,7 @@ def test_the_memory_report_stands_without_the_hlo_text():
     assert "HLO text is unavailable (XlaRuntimeError: RET_CHECK failure)" in text
 
 
+@pytest.mark.slow  # ~25 s; tests/test_benchmark.py checks the same count by hand
 def test_xla_counts_a_lora_step_as_the_hand_count_does():
     """XLA:CPU's cost analysis of the compiled LoRA and full steps (no remat, so no
     recomputed forward) falls by the ratio perf/flops.py counts (measured 0.708 vs 0.703);

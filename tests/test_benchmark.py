@@ -158,6 +158,7 @@ def test_benchmark_says_which_rows_per_pack_fits_the_mix():
     assert len(make_batches(fits, steps=2)[1]) == 2
 
 
+@pytest.mark.integration  # compiles and runs the LoRA step (~10 s)
 def test_a_lora_step_is_timed_on_a_random_base():
     """With model.lora.rank > 0 the benchmark passes a random frozen base to every step, as
     training passes the loaded one: the adapters train, the base does not."""
