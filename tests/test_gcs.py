@@ -168,7 +168,7 @@ def test_missing_bucket_object_and_bad_credentials_are_one_line_errors(gcs, tmp_
         (lambda: encode.main(["--model", missing, "--input", str(texts), "--output",
                               str(tmp_path / "e.npy")]), f"model path '{missing}' does not"),
         (lambda: prepare_data.main(["--input_dir", f"gs://{BUCKET}/no-such-dir", "--manifest",
-                                    DEMO_MANIFEST, "--tokenizer", DEMO_TOKENIZER,
+                                    DEMO_MANIFEST, "--tokenizer_dir", DEMO_TOKENIZER,
                                     "--output_dir", str(tmp_path / "p")]),
          f"input directory 'gs://{BUCKET}/no-such-dir' does not exist"),
     ]

@@ -72,7 +72,7 @@ def test_make_manifest_over_502_empty_reference_files(tmp_path):
         pq.write_table(schema.empty_table(), str(raw / f"{name}.parquet"))
     manifest = tmp_path / "manifest.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_manifest.py"),
-                        f"--input_dir={raw}", f"--out={manifest}"], env=subprocess_env(),
+                        f"--input_dir={raw}", f"--output={manifest}"], env=subprocess_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     specs = manifest_lib.load_manifest(str(manifest))

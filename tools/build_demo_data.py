@@ -19,7 +19,7 @@ within a couple of minutes of CPU training.
 It then trains the demo's byte-level BPE tokenizer on these texts and prepares the tokenised
 form with tools/prepare_data's code. Output is deterministic for a given Babel version.
 
-  python tools/build_demo_data.py [--out mlembed_jax/demo_data]
+  python tools/build_demo_data.py [--output_dir mlembed_jax/demo_data]
 """
 
 from __future__ import annotations
@@ -269,7 +269,9 @@ not a separate file: the pipeline holds out a seeded share of each dataset
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join("mlembed_jax", "demo_data"))
+    ap.add_argument("--output_dir", "--out", dest="output_dir",
+                    default=os.path.join("mlembed_jax", "demo_data"),
+                    help="where the demo data goes (--out: its old name)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max_seq_length", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=PAIR_ROUNDS)
@@ -303,7 +305,7 @@ def main(argv=None):
                 "cldr_calendar": {"task_type": "classification",
                                   "query_prefix": "calendar: "}}
 
-    out = args.out
+    out = args.output_dir
     for sub in ("raw", "tokenizer", "prepared"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     os.makedirs(os.path.join(out, "raw"), exist_ok=True)

@@ -5,7 +5,7 @@ dataset names (mlembed_jax/data/reference_task_types.json), or from --task_types
 same form ({"task_types": {name: task type}}). A file whose name is not in the table is an
 error that lists every such file.
 
-  python tools/make_manifest.py --input_dir parquet/ --out manifest.json
+  python tools/make_manifest.py --input_dir parquet/ --output manifest.json
   python tools/prepare_data.py --input_dir parquet/ --manifest manifest.json ...
 """
 
@@ -34,10 +34,11 @@ def _negative_count(path: str) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--input_dir", required=True, help="one <name>.parquet per dataset")
-    ap.add_argument("--out", required=True, help="the manifest JSON to write")
+    ap.add_argument("--output", "--out", dest="output", required=True,
+                    help="the manifest JSON to write (--out: its old name)")
     ap.add_argument("--task_types", default="", help="JSON {task_types: {name: type}}; "
                     "default: the reference code's 502 names")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = ap.parse_args(argv)
 
     from mlembed_jax.data import manifest as manifest_lib
@@ -47,8 +48,8 @@ def main(argv=None) -> int:
         if not os.path.isdir(args.input_dir):
             raise manifest_lib.ManifestError(f"input directory {args.input_dir!r} does not "
                                              "exist")
-        if os.path.exists(args.out) and not args.overwrite:
-            raise manifest_lib.ManifestError(f"{args.out} exists; pass --overwrite to "
+        if os.path.exists(args.output) and not args.overwrite:
+            raise manifest_lib.ManifestError(f"{args.output} exists; pass --overwrite to "
                                              "replace it")
         types = manifest_lib.reference_task_types(
             args.task_types or manifest_lib.REFERENCE_TASK_TYPES)
@@ -59,13 +60,13 @@ def main(argv=None) -> int:
     except (manifest_lib.ManifestError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with open(args.out, "w") as f:
+    with open(args.output, "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
     counts = {}
     for entry in manifest.values():
         counts[entry["task_type"]] = counts.get(entry["task_type"], 0) + 1
-    print(f"wrote {args.out}: {len(manifest)} datasets ("
+    print(f"wrote {args.output}: {len(manifest)} datasets ("
           + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + ")")
     fewer = [f"{n} ({e['num_negatives']})" for n, e in manifest.items() if "num_negatives" in e]
     if fewer:

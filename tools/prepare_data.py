@@ -18,7 +18,8 @@ def main(argv=None):
     ap.add_argument("--input_dir", required=True,
                     help="one <name>.parquet per dataset (local or gs://)")
     ap.add_argument("--manifest", required=True, help="JSON/YAML: name -> task_type, prefixes")
-    ap.add_argument("--tokenizer", required=True, help="local HF tokenizer directory")
+    ap.add_argument("--tokenizer_dir", "--tokenizer", dest="tokenizer_dir", required=True,
+                    help="local HF tokenizer directory (--tokenizer: its old name)")
     ap.add_argument("--output_dir", required=True, help="local or gs://")
     ap.add_argument("--max_seq_length", type=int, default=1024, help="EOS included")
     ap.add_argument("--workers", type=int, default=None, help="default: all cores")
@@ -39,7 +40,7 @@ def main(argv=None):
     try:
         check_max_seq_length(args.max_seq_length)  # before --output_dir is created
         writable_dir(args.output_dir, "--output_dir")
-        prepare_data(args.input_dir, args.manifest, args.tokenizer, args.output_dir,
+        prepare_data(args.input_dir, args.manifest, args.tokenizer_dir, args.output_dir,
                      max_seq_length=args.max_seq_length, workers=args.workers,
                      max_rows_per_dataset=args.max_rows_per_dataset,
                      sample_seed=args.sample_seed)
