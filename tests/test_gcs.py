@@ -80,7 +80,8 @@ def test_prepare_train_sigterm_resume_export_encode_all_on_gcs(gcs, tmp_path, ca
 
     # The reference: the same run uninterrupted, its workdir local (data still in the bucket).
     # The three runs share the session's compilation cache (conftest), so only one compiles.
-    steps = 30
+    # Enough steps that 0.3 s after compiling is mid-run: 30 once all ran within it.
+    steps = 150
     kw = {**data, "train.max_steps": steps, "train.checkpoint_every": 1000}
     env = subprocess_env()
     straight = subprocess.run(cli_args(tmp_path / "straight", **kw), env=env,
@@ -91,7 +92,7 @@ def test_prepare_train_sigterm_resume_export_encode_all_on_gcs(gcs, tmp_path, ca
     proc = subprocess.Popen(cli_args(work, **kw), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # metrics.jsonl only reaches the bucket at saves (or once a minute), so the stdout line
-    # after compiling says when the steps begin; 0.3 s is a few of the 30 steps.
+    # after compiling says when the steps begin; 0.3 s is a few of the steps.
     for line in proc.stdout:
         if line.startswith("compiled"):
             break
