@@ -85,9 +85,13 @@ def _check_utf8(col: pa.ChunkedArray, column: str, path: str) -> None:
     """Parquet does not validate string bytes; name the first row that is not UTF-8."""
     try:
         col.validate(full=True)
-        return
     except pa.ArrowInvalid:
-        pass  # invalid: find and name the first bad row below
+        _name_invalid_utf8(col, column, path)
+
+
+def _name_invalid_utf8(col: pa.ChunkedArray, column: str, path: str) -> None:
+    """Raises DataError naming the first row of `col` (which failed validation) that is not
+    UTF-8, or the column when no single row is to blame."""
     row = 0
     for chunk in col.chunks:
         for value in chunk.view(pa.binary() if chunk.type == pa.string() else pa.large_binary()):
@@ -100,7 +104,7 @@ def _check_utf8(col: pa.ChunkedArray, column: str, path: str) -> None:
                                 f"({e.reason} at byte {e.start}: {raw[e.start:e.start + 4]!r}); "
                                 "write the file with UTF-8 text") from None
             row += 1
-    raise DataError(f"{path}: column {column!r} does not validate as UTF-8 text")
+    raise DataError(f"{path}: column {column!r} does not validate as UTF-8 text") from None
 
 
 def list_array(arrays: list[np.ndarray]) -> pa.Array:
