@@ -334,13 +334,9 @@ class TrainedParams:
 
     def read_all(self) -> dict:
         """Every param as host numpy arrays, nested like the params."""
-        params: dict = {}
-        for leaf_path in self.leaves:
-            node = params
-            for key in leaf_path[:-1]:
-                node = node.setdefault(key, {})
-            node[leaf_path[-1]] = self.read(leaf_path)
-        return params
+        from flax import traverse_util  # on use: the tools import this module for one param
+
+        return traverse_util.unflatten_dict({p: self.read(p) for p in self.leaves})
 
     def read(self, path: tuple[str, ...]):
         """One param array (e.g. ("layers", "mlp", "up_proj")) as a host numpy array; of a
@@ -360,13 +356,9 @@ class TrainedParams:
 
     def read_adapters(self) -> dict:
         """A LoRA checkpoint's adapters as saved: {"layers": {module: {target: {"A", "B"}}}}."""
-        out: dict = {}
-        for leaf_path in self._saved_leaves:
-            node = out
-            for key in leaf_path[:-1]:
-                node = node.setdefault(key, {})
-            node[leaf_path[-1]] = self._read_saved(leaf_path)
-        return out
+        from flax import traverse_util
+
+        return traverse_util.unflatten_dict({p: self._read_saved(p) for p in self._saved_leaves})
 
     def _read_saved(self, path: tuple[str, ...]):
         if path not in self._saved_leaves:
