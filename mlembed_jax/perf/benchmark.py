@@ -95,25 +95,24 @@ def run_jax(config, batches, geometries, warmup: int, name: str = "mlembed_jax",
     step = build_step(config, mesh, total_steps=max(len(batches), 1), geometries=geometries)
     state = step.init_state()
     # With LoRA the frozen base is random weights too, an argument of every step as in training.
-    base = (() if step.setup.lora is None else
-            (step.place_base(init_params(step.setup.enc, jax.random.key(1))),))
+    base = (None if step.setup.lora is None else
+            step.place_base(init_params(step.setup.enc, jax.random.key(1))))
+    extra = () if base is None else (base,)
     # Batches go to the device before timing: the step is what is measured here.
     device_batches = [to_global_batch(b, _geometry_of(geometries, s["rows"]), mesh, step.rules)
                       for b, s in batches]
     times, tokens, cells, flops = [], [], [], []
-    compiled = step.compile_train(state, base_params=base[0] if base else None)
+    compiled = step.compile_train(state, base_params=base)
     with step.rules_context():
-        first_run = {}  # bucket -> its first batch among the timed steps' warm-up
-        for (_, st), batch in list(zip(batches, device_batches))[warmup:]:
-            first_run.setdefault(st["rows"], batch)
-        for _, st in batches[:warmup]:
-            first_run.pop(st["rows"], None)  # the warm-up steps run these buckets anyway
-        for rows, batch in first_run.items():
-            state, metrics = compiled[rows](state, batch, None, *base)
+        warm = {st["rows"] for _, st in batches[:warmup]}  # the warm-up steps run these
+        for (_, st), batch in zip(batches[warmup:], device_batches[warmup:]):
+            if st["rows"] not in warm:
+                warm.add(st["rows"])
+                state, metrics = compiled[st["rows"]](state, batch, None, *extra)
         jax.block_until_ready(state)
         for i, ((host, st), batch) in enumerate(zip(batches, device_batches)):
             t0 = time.perf_counter()
-            state, metrics = compiled[st["rows"]](state, batch, None, *base)
+            state, metrics = compiled[st["rows"]](state, batch, None, *extra)
             jax.block_until_ready(metrics)
             dt = time.perf_counter() - t0
             if i >= warmup:
@@ -126,7 +125,7 @@ def run_jax(config, batches, geometries, warmup: int, name: str = "mlembed_jax",
             try:
                 jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
                 for (_, st), batch in zip(batches[-3:], device_batches[-3:]):
-                    state, metrics = compiled[st["rows"]](state, batch, None, *base)
+                    state, metrics = compiled[st["rows"]](state, batch, None, *extra)
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
             except Exception as e:  # noqa: BLE001 - e.g. no CUPTI: keep the timings
